@@ -1,0 +1,1 @@
+"""BrainG3N ingest, preprocessing, synthetic cohort and splits -> volumes shards."""

@@ -1,0 +1,1 @@
+"""BrainG3N conditional flow-matching DiT, guidance, forecasting, counterfactuals."""

@@ -1,0 +1,1 @@
+"""BrainG3N evaluation: reconstruction, controllability, fidelity, memorisation, report."""

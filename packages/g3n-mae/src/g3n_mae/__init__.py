@@ -1,0 +1,1 @@
+"""BrainG3N 3D masked-autoencoder pretraining and encoding -> tokens shards."""

@@ -1,0 +1,1 @@
+"""BrainG3N torch-free clinical linear-probe panel."""

@@ -1,0 +1,308 @@
+"""ShardSet: open, iterate, look up, select and verify a shard set, defensively and without torch.
+
+Every shard is read whole (shards are size-capped, 256 MiB by default) and checked against the
+manifest's byte count before any sample is decoded: a truncated or padded shard is an error
+naming the shard, never a silent short read. ``verify=True`` adds the SHA-256 check.
+Distributed reading splits *shards* across (rank, worker) readers, so every sample is seen
+exactly once per epoch; the shuffle is a pure function of (seed, epoch, rank, worker) and each
+sample carries a cursor from which a resumed job continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .codec import decode_array
+from .errors import ChecksumError, MetadataError, ShardError, ShardFormatError
+from .manifest import INDEX_NAME, MANIFEST_NAME, Manifest, ShardInfo, kind_spec, parse_manifest, sha256_hex
+from .meta import SampleMeta
+from .tario import group_samples, iter_members
+
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_JSON_BYTES = 1 << 20
+
+
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name if is_url(base) else str(Path(base) / name)
+
+
+def read_limited(location: str, limit: int, where: str) -> bytes:
+    """Read at most ``limit`` bytes (one more to detect excess) from a path or a WebDataset URL."""
+    try:
+        if is_url(location):
+            from webdataset.gopen import gopen
+
+            with gopen(location, "rb") as f:
+                return f.read(limit + 1)
+        with open(location, "rb") as f:
+            return f.read(limit + 1)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: missing file {location}") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read {location} ({e})") from None
+
+
+@dataclass
+class Sample:
+    """One decoded sample: key, validated metadata, arrays (float32 / uint8), its shard, a cursor."""
+
+    key: str
+    meta: SampleMeta
+    arrays: dict[str, np.ndarray]
+    shard: str
+    cursor: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class ShardSet:
+    """A read-only view of one shard set. Open with ``ShardSet.open(path_or_url)``."""
+
+    def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]]) -> None:
+        self.location = location
+        self.manifest = manifest
+        self._index = index
+        self._by_key = {row["key"]: row for row in index}
+        self._meta: dict[str, SampleMeta] | None = None
+
+    # ---- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, location: str | os.PathLike[str], kind: str | None = None) -> "ShardSet":
+        loc = str(location)
+        if not is_url(loc) and not (Path(loc) / MANIFEST_NAME).is_file():
+            if Path(loc).is_dir():
+                raise ShardError(f"{loc}: no manifest.json: not a shard set (or its writer did not finish)")
+            raise ShardError(f"{loc}: no such shard set")
+        raw = read_limited(_join(loc, MANIFEST_NAME), MAX_MANIFEST_BYTES, loc)
+        manifest = parse_manifest(raw, f"{loc}/{MANIFEST_NAME}")
+        if kind is not None:
+            kind_spec(kind)
+            if manifest.kind != kind:
+                raise ShardFormatError(f"{loc}: is a {manifest.kind!r} set, expected {kind!r}")
+        index_raw = read_limited(_join(loc, INDEX_NAME), manifest.index.bytes, loc)
+        if len(index_raw) != manifest.index.bytes or sha256_hex(index_raw) != manifest.index.sha256:
+            raise ChecksumError(f"{loc}/{INDEX_NAME}: size or SHA-256 differs from the manifest: edited or corrupt")
+        index = [json.loads(line) for line in index_raw.splitlines() if line.strip()]
+        counts = Counter(row["shard"] for row in index)
+        for s in manifest.shards:
+            if counts.get(s.name, 0) != s.samples:
+                raise ShardFormatError(f"{loc}/{INDEX_NAME}: lists {counts.get(s.name, 0)} samples for {s.name}, manifest says {s.samples}")
+        return cls(loc, manifest, index)
+
+    # ---- index-only queries ------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def __repr__(self) -> str:
+        return f"ShardSet({self.location!r}, kind={self.kind}, samples={len(self)}, shards={len(self.manifest.shards)})"
+
+    def keys(self) -> list[str]:
+        return [row["key"] for row in self._index]
+
+    def metadata(self) -> dict[str, SampleMeta]:
+        """key -> SampleMeta for every sample, from the index (no shard is read)."""
+        if self._meta is None:
+            out = {}
+            for row in self._index:
+                try:
+                    out[row["key"]] = SampleMeta.model_validate(row["meta"])
+                except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                    raise ShardError(f"{self.location}/{INDEX_NAME}: sample {row['key']!r}: {e}") from None
+            self._meta = out
+        return self._meta
+
+    def select(self, predicate: Callable[[SampleMeta], bool] | None = None, **filters: Any) -> list[str]:
+        """Keys whose metadata match: ``select(modality="T1", diagnosis=["HC", "AD"])`` or a predicate."""
+        for name in filters:
+            if name not in SampleMeta.model_fields:
+                raise ValueError(f"select: unknown metadata field {name!r}")
+        out = []
+        for key, meta in self.metadata().items():
+            ok = True
+            for name, want in filters.items():
+                have = getattr(meta, name)
+                ok = have in want if isinstance(want, (list, tuple, set, frozenset)) else have == want
+                if not ok:
+                    break
+            if ok and (predicate is None or predicate(meta)):
+                out.append(key)
+        return out
+
+    def label_counts(self, field_name: str) -> Counter:
+        return Counter(getattr(m, field_name) for m in self.metadata().values())
+
+    # ---- shards ------------------------------------------------------------------------
+    def shard_location(self, shard: ShardInfo | str) -> str:
+        return _join(self.location, shard if isinstance(shard, str) else shard.name)
+
+    def _shard_info(self, name: str) -> ShardInfo:
+        for s in self.manifest.shards:
+            if s.name == name:
+                return s
+        raise ShardError(f"{self.location}: no shard named {name!r} in the manifest")
+
+    def _load_shard(self, info: ShardInfo, verify: bool) -> bytes:
+        where = self.shard_location(info)
+        data = read_limited(where, info.bytes, where)
+        if len(data) < info.bytes:
+            raise ChecksumError(f"{where}: truncated: {len(data)} bytes, the manifest records {info.bytes}")
+        if len(data) > info.bytes:
+            raise ChecksumError(f"{where}: larger than the {info.bytes} bytes the manifest records")
+        if verify and sha256_hex(data) != info.sha256:
+            raise ChecksumError(f"{where}: SHA-256 mismatch: the shard was modified or corrupted")
+        return data
+
+    def _raw_samples(self, info: ShardInfo, verify: bool) -> list[tuple[str, dict[str, bytes]]]:
+        where = self.shard_location(info)
+        samples = list(group_samples(iter_members(self._load_shard(info, verify), where), where))
+        if len(samples) != info.samples:
+            raise ShardError(f"{where}: holds {len(samples)} samples, the manifest records {info.samples}")
+        return samples
+
+    def decode(self, key: str, parts: dict[str, bytes], shard: str) -> Sample:
+        """Turn one sample's raw members into a Sample, checking everything against the kind."""
+        where = f"{self.shard_location(shard)}:{key}"
+        parts = dict(parts)
+        doc_raw = parts.pop("json", None)
+        if doc_raw is None:
+            raise ShardError(f"{where}: sample has no .json member")
+        if len(doc_raw) > MAX_JSON_BYTES:
+            raise ShardError(f"{where}: sample JSON larger than {MAX_JSON_BYTES} bytes")
+        try:
+            doc = json.loads(doc_raw)
+            meta = SampleMeta.validate_record(doc["meta"], source=where)
+            desc = doc["arrays"]
+            if doc.get("key") != key or not isinstance(desc, dict):
+                raise ValueError("key or arrays field does not match the member names")
+        except MetadataError as e:
+            raise ShardError(str(e)) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{where}: malformed sample JSON ({e})") from None
+        spec = kind_spec(self.kind)
+        expected = {f"{name}.zst" for name in desc}
+        if set(parts) != expected:
+            raise ShardError(f"{where}: members {sorted(parts)} do not match the declared arrays {sorted(expected)}")
+        arrays = {}
+        for name, d in desc.items():
+            a = spec.arrays.get(name)
+            if a is None:
+                raise ShardError(f"{where}: kind {self.kind!r} has no array {name!r}")
+            if not isinstance(d, dict) or d.get("dtype") not in a.stored or not isinstance(d.get("shape"), list) or len(d["shape"]) not in a.ndim:
+                raise ShardError(f"{where}: array {name!r} declared as {d!r}, not allowed for kind {self.kind!r}")
+            arr = decode_array(parts[f"{name}.zst"], d["dtype"], d["shape"], f"{where}.{name}")
+            arrays[name] = arr.astype(a.returned, copy=arr.dtype != np.dtype(a.returned))
+        return Sample(key=key, meta=meta, arrays=arrays, shard=shard)
+
+    # ---- iteration ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Sample]:
+        return self.iter_split(shuffle=False)
+
+    def get(self, key: str, verify: bool = False) -> Sample:
+        row = self._by_key.get(key)
+        if row is None:
+            raise KeyError(f"{self.location}: no sample with key {key!r}")
+        info = self._shard_info(row["shard"])
+        for k, parts in self._raw_samples(info, verify):
+            if k == key:
+                return self.decode(k, parts, info.name)
+        raise ShardError(f"{self.shard_location(info)}: sample {key!r} listed in the index but not in the shard")
+
+    def readers_check(self, world_size: int, num_workers: int) -> None:
+        readers = world_size * num_workers
+        if len(self.manifest.shards) < readers:
+            raise ShardError(
+                f"{self.location}: {len(self.manifest.shards)} shards for {world_size} ranks x {num_workers} workers = "
+                f"{readers} readers; each reader needs at least one shard. Write the set with smaller shards "
+                f"(max_shard_samples) or use fewer workers."
+            )
+
+    def assigned_shards(self, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                        seed: int = 0, epoch: int = 0, shuffle: bool = True) -> list[ShardInfo]:
+        """The shards one (rank, worker) reader gets this epoch: a seeded shuffle, then a stride."""
+        if not (0 <= rank < world_size and 0 <= worker < num_workers):
+            raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
+        self.readers_check(world_size, num_workers)
+        order = np.arange(len(self.manifest.shards))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(order)
+        g = rank * num_workers + worker
+        return [self.manifest.shards[i] for i in order[g :: world_size * num_workers]]
+
+    def iter_split(self, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                   seed: int = 0, epoch: int = 0, shuffle: bool = True, cursor: dict[str, Any] | None = None,
+                   verify: bool = False) -> Iterator[Sample]:
+        """This reader's samples for one epoch; resume mid-epoch by passing a sample's ``cursor``."""
+        mine = self.assigned_shards(rank, world_size, worker, num_workers, seed, epoch, shuffle)
+        start_pos, start_sample = 0, 0
+        ident = {"set": self.digest, "epoch": epoch, "rank": rank, "world_size": world_size,
+                 "worker": worker, "num_workers": num_workers, "seed": seed, "shuffle": shuffle}
+        if cursor is not None:
+            mismatched = {k: (cursor.get(k), v) for k, v in ident.items() if cursor.get(k) != v}
+            if mismatched:
+                raise ShardError(f"{self.location}: cursor does not belong to this reader: {mismatched} (saved, now)")
+            start_pos, start_sample = int(cursor["shard_pos"]), int(cursor["sample"])
+        for pos in range(start_pos, len(mine)):
+            info = mine[pos]
+            raw = self._raw_samples(info, verify)
+            order = np.arange(len(raw))
+            if shuffle:
+                order = np.random.default_rng([seed, epoch, rank, worker, pos]).permutation(order)
+            for j in range(start_sample if pos == start_pos else 0, len(raw)):
+                key, parts = raw[order[j]]
+                sample = self.decode(key, parts, info.name)
+                sample.cursor = {**ident, "shard": info.name, "shard_pos": pos, "sample": j + 1}
+                yield sample
+
+    def webdataset(self, shuffle: bool = True, seed: int = 0, epoch: int = 0, verify: bool = False) -> Any:
+        """A WebDataset pipeline over this set's shard URLs (split by node and worker by WebDataset)
+        that yields decoded Samples. For streaming from object storage into a torch DataLoader."""
+        import webdataset as wds
+
+        infos = {self.shard_location(s): s for s in self.manifest.shards}
+        urls = list(infos)
+        if shuffle:
+            urls = [urls[i] for i in np.random.default_rng([seed, epoch]).permutation(len(urls))]
+
+        def expand(src: Iterator[dict[str, Any]]) -> Iterator[Sample]:
+            for item in src:
+                info = infos[item["url"]]
+                for key, parts in self._raw_samples(info, verify):
+                    yield self.decode(key, parts, info.name)
+
+        return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, expand)
+
+    # ---- integrity ---------------------------------------------------------------------
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check every shard's size, SHA-256 and sample count. Raises ChecksumError listing each bad shard."""
+        problems: list[str] = []
+        shards = self.manifest.shards
+        if progress:
+            from tqdm import tqdm
+
+            shards = tqdm(shards, desc="verify", unit="shard")
+        for info in shards:
+            try:
+                self._raw_samples(info, verify=True)
+            except ShardError as e:
+                problems.append(str(e))
+        if problems:
+            raise ChecksumError(f"{self.location}: {len(problems)} bad shard(s):\n  " + "\n  ".join(problems))
+        return [s.name for s in self.manifest.shards]

@@ -1,0 +1,80 @@
+"""Deterministic tar writing and defensive tar reading.
+
+Shards may come from elsewhere, so the reader trusts nothing: member names must be flat and
+safe (no absolute paths, no ``..``, no directories), only regular files are accepted, no
+member may be larger than the shard itself, and nothing is ever extracted to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Iterator
+
+from .errors import ShardError
+
+_MEMBER = re.compile(r"^[A-Za-z0-9_-]{1,200}\.[A-Za-z0-9_.]{1,40}$")
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one file with fixed mtime/owner/mode so equal inputs give byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def check_member_name(name: str, where: str) -> tuple[str, str]:
+    """Split ``key.suffix``; refuse anything that is not a flat, safe member name."""
+    if name.startswith("/") or "\\" in name or "/" in name or ".." in name.split(".") or name.startswith(".."):
+        raise ShardError(f"{where}: refused hostile member name {name!r}")
+    if not _MEMBER.match(name):
+        raise ShardError(f"{where}: refused member name {name!r} (expected KEY.SUFFIX with safe characters)")
+    key, suffix = name.split(".", 1)
+    return key, suffix
+
+
+def iter_members(data: bytes, where: str) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, suffix, bytes) for each member of an in-memory tar, refusing anything odd."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isreg():
+                    raise ShardError(f"{where}: refused non-regular member {info.name!r} (type {info.type!r})")
+                key, suffix = check_member_name(info.name, where)
+                if info.size > len(data):
+                    raise ShardError(f"{where}: member {info.name!r} claims {info.size} bytes, more than the shard")
+                f = tar.extractfile(info)
+                assert f is not None
+                payload = f.read()
+                if len(payload) != info.size:
+                    raise ShardError(f"{where}: truncated member {info.name!r}")
+                yield key, suffix, payload
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{where}: unreadable tar ({e}): truncated or corrupt shard") from None
+
+
+def group_samples(members: Iterator[tuple[str, str, bytes]], where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key (the WebDataset layout). A key may not reappear later."""
+    seen: set[str] = set()
+    current: str | None = None
+    parts: dict[str, bytes] = {}
+    for key, suffix, payload in members:
+        if key != current:
+            if current is not None:
+                yield current, parts
+            if key in seen:
+                raise ShardError(f"{where}: key {key!r} appears in two places")
+            seen.add(key)
+            current, parts = key, {}
+        if suffix in parts:
+            raise ShardError(f"{where}: duplicate member {key}.{suffix}")
+        parts[suffix] = payload
+    if current is not None:
+        yield current, parts

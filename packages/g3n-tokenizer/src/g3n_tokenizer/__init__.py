@@ -1,0 +1,1 @@
+"""BrainG3N tokenizers (MAE-CNN, AutoencoderKL baseline), registry, latents shards."""
