@@ -136,3 +136,11 @@ def test_merge_equals_single_write(tmp_path):
     merged = gs.merge_shard_sets(parts, tmp_path / "merged", max_shard_samples=4)
     assert merged.digest == whole.digest
     assert [s.sha256 for s in merged.shards] == [s.sha256 for s in whole.manifest.shards]
+
+
+def test_stored_dtype_hands_out_float16(volumes_set):
+    as_f32 = gs.ShardSet.open(volumes_set)
+    as_f16 = gs.ShardSet.open(volumes_set, stored_dtype=True)
+    a, b = as_f32.get(as_f32.keys()[0]), as_f16.get(as_f32.keys()[0])
+    assert b.arrays["volume"].dtype == np.float16
+    assert np.array_equal(b.arrays["volume"].astype(np.float32), a.arrays["volume"])

@@ -68,8 +68,9 @@ class Sample:
 class ShardSet:
     """A read-only view of one shard set. Open with ``ShardSet.open(path_or_url)``."""
 
-    def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]]) -> None:
+    def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]], stored_dtype: bool = False) -> None:
         self.location = location
+        self.stored_dtype = stored_dtype
         self.manifest = manifest
         self._index = index
         self._by_key = {row["key"]: row for row in index}
@@ -77,7 +78,10 @@ class ShardSet:
 
     # ---- opening ---------------------------------------------------------------------
     @classmethod
-    def open(cls, location: str | os.PathLike[str], kind: str | None = None) -> "ShardSet":
+    def open(cls, location: str | os.PathLike[str], kind: str | None = None, stored_dtype: bool = False) -> "ShardSet":
+        """Open a set. ``stored_dtype=True`` hands arrays out as stored (e.g. float16 volumes) instead
+        of converting to float32: numpy's float16 conversion costs more than decompression, so a torch
+        loader that converts on the device (or in torch) should ask for the stored dtype."""
         loc = str(location)
         if not is_url(loc) and not (Path(loc) / MANIFEST_NAME).is_file():
             if Path(loc).is_dir():
@@ -97,7 +101,7 @@ class ShardSet:
         for s in manifest.shards:
             if counts.get(s.name, 0) != s.samples:
                 raise ShardFormatError(f"{loc}/{INDEX_NAME}: lists {counts.get(s.name, 0)} samples for {s.name}, manifest says {s.samples}")
-        return cls(loc, manifest, index)
+        return cls(loc, manifest, index, stored_dtype)
 
     # ---- index-only queries ------------------------------------------------------------
     @property
@@ -208,7 +212,7 @@ class ShardSet:
             if not isinstance(d, dict) or d.get("dtype") not in a.stored or not isinstance(d.get("shape"), list) or len(d["shape"]) not in a.ndim:
                 raise ShardError(f"{where}: array {name!r} declared as {d!r}, not allowed for kind {self.kind!r}")
             arr = decode_array(parts[f"{name}.zst"], d["dtype"], d["shape"], f"{where}.{name}")
-            arrays[name] = arr.astype(a.returned, copy=arr.dtype != np.dtype(a.returned))
+            arrays[name] = arr if self.stored_dtype else arr.astype(a.returned, copy=arr.dtype != np.dtype(a.returned))
         return Sample(key=key, meta=meta, arrays=arrays, shard=shard)
 
     # ---- iteration ---------------------------------------------------------------------
