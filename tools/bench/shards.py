@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def main() -> int:
         "ours_bytes_per_volume": int(b_ours), "nifti_bytes_per_volume": int(b_nii),
         "size_ratio_ours_over_nifti": round(b_ours / b_nii, 3),
         "target_met": bool(t_nii / t_ours >= 10 and b_ours <= b_nii),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if args.json:
         print(json.dumps(fig))

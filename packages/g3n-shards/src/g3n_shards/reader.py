@@ -174,14 +174,14 @@ class ShardSet:
             raise ChecksumError(f"{where}: SHA-256 mismatch: the shard was modified or corrupted")
         return data
 
-    def _raw_samples(self, info: ShardInfo, verify: bool) -> list[tuple[str, dict[str, bytes]]]:
+    def _raw_samples(self, info: ShardInfo, verify: bool) -> list[tuple[str, dict[str, memoryview]]]:
         where = self.shard_location(info)
         samples = list(group_samples(iter_members(self._load_shard(info, verify), where), where))
         if len(samples) != info.samples:
             raise ShardError(f"{where}: holds {len(samples)} samples, the manifest records {info.samples}")
         return samples
 
-    def decode(self, key: str, parts: dict[str, bytes], shard: str) -> Sample:
+    def decode(self, key: str, parts: dict[str, memoryview], shard: str) -> Sample:
         """Turn one sample's raw members into a Sample, checking everything against the kind."""
         where = f"{self.shard_location(shard)}:{key}"
         parts = dict(parts)
@@ -191,7 +191,7 @@ class ShardSet:
         if len(doc_raw) > MAX_JSON_BYTES:
             raise ShardError(f"{where}: sample JSON larger than {MAX_JSON_BYTES} bytes")
         try:
-            doc = json.loads(doc_raw)
+            doc = json.loads(bytes(doc_raw))
             meta = SampleMeta.validate_record(doc["meta"], source=where)
             desc = doc["arrays"]
             if doc.get("key") != key or not isinstance(desc, dict):

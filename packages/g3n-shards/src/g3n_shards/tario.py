@@ -38,33 +38,31 @@ def check_member_name(name: str, where: str) -> tuple[str, str]:
     return key, suffix
 
 
-def iter_members(data: bytes, where: str) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (key, suffix, bytes) for each member of an in-memory tar, refusing anything odd."""
+def iter_members(data: bytes, where: str) -> Iterator[tuple[str, str, memoryview]]:
+    """Yield (key, suffix, bytes) for each member of an in-memory tar, refusing anything odd.
+    Payloads are zero-copy views into ``data`` (tarfile only parses the headers)."""
+    view = memoryview(data)
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for info in tar:
                 if not info.isreg():
                     raise ShardError(f"{where}: refused non-regular member {info.name!r} (type {info.type!r})")
                 key, suffix = check_member_name(info.name, where)
-                if info.size > len(data):
-                    raise ShardError(f"{where}: member {info.name!r} claims {info.size} bytes, more than the shard")
-                f = tar.extractfile(info)
-                assert f is not None
-                payload = f.read()
-                if len(payload) != info.size:
-                    raise ShardError(f"{where}: truncated member {info.name!r}")
-                yield key, suffix, payload
+                end = info.offset_data + info.size
+                if info.size < 0 or end > len(data):
+                    raise ShardError(f"{where}: truncated member {info.name!r} ({info.size} bytes claimed)")
+                yield key, suffix, view[info.offset_data : end]
     except ShardError:
         raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{where}: unreadable tar ({e}): truncated or corrupt shard") from None
 
 
-def group_samples(members: Iterator[tuple[str, str, bytes]], where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def group_samples(members: Iterator[tuple[str, str, memoryview]], where: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Group consecutive members by key (the WebDataset layout). A key may not reappear later."""
     seen: set[str] = set()
     current: str | None = None
-    parts: dict[str, bytes] = {}
+    parts: dict[str, memoryview] = {}
     for key, suffix, payload in members:
         if key != current:
             if current is not None:

@@ -1,0 +1,87 @@
+"""Run every benchmark in tools/bench/ and write one table (Markdown + JSON).
+
+Each benchmark script prints, with ``--json``, one JSON object per line of figures (the last
+JSON line of its output is taken). Scripts run one after another in fresh processes so that
+peak-memory figures are per benchmark.
+
+    uv run python tools/bench/run_all.py [--out bench-results] [--only shards,probe] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+#: benchmark -> extra arguments for a quick run (what CI-sized machines finish in minutes)
+QUICK_ARGS: dict[str, list[str]] = {"shards": ["-n", "12"]}
+
+
+def discover() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in ("run_all", "__init__") and not p.stem.startswith("_"))
+
+
+def run_one(name: str, quick: bool) -> dict:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", *(QUICK_ARGS.get(name, []) if quick else [])]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    rows = []
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return {"benchmark": name, "ok": proc.returncode == 0 and bool(rows), "wall_s": round(wall, 1),
+            "figures": rows, "error": None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-5:]}
+
+
+def to_markdown(results: list[dict]) -> str:
+    lines = ["| benchmark | figure | value |", "|---|---|---|"]
+    for r in results:
+        if not r["ok"]:
+            lines.append(f"| {r['benchmark']} | FAILED | {' / '.join(r['error'] or ['no figures printed'])} |")
+            continue
+        for i, fig in enumerate(r["figures"]):
+            label = r["benchmark"] if len(r["figures"]) == 1 else f"{r['benchmark']} [{fig.get('name', i)}]"
+            for k, v in fig.items():
+                lines.append(f"| {label} | {k} | {v} |")
+        lines.append(f"| {r['benchmark']} | wall time (s) | {r['wall_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-results", help="folder for results.md and results.json")
+    ap.add_argument("--only", default=None, help="comma-separated benchmark names (default: all)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes where a benchmark offers them")
+    args = ap.parse_args()
+    names = discover()
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            ap.error(f"unknown benchmark(s) {unknown}; available: {names}")
+        names = [n for n in names if n in wanted]
+    results = []
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        results.append(run_one(name, args.quick))
+        print(f"[bench] {name}: {'ok' if results[-1]['ok'] else 'FAILED'} in {results[-1]['wall_s']} s", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = to_markdown(results)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
