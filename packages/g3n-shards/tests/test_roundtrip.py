@@ -144,3 +144,14 @@ def test_stored_dtype_hands_out_float16(volumes_set):
     a, b = as_f32.get(as_f32.keys()[0]), as_f16.get(as_f32.keys()[0])
     assert b.arrays["volume"].dtype == np.float16
     assert np.array_equal(b.arrays["volume"].astype(np.float32), a.arrays["volume"])
+
+
+def test_subset_keeps_order_vocab_and_names_parent(volumes_set, tmp_path):
+    src = gs.ShardSet.open(volumes_set)
+    keys = src.keys()[::3]
+    m = gs.subset_shard_set(src, keys, tmp_path / "sub")
+    sub = gs.ShardSet.open(tmp_path / "sub")
+    assert sub.keys() == keys and m.parents[0].digest == src.digest and m.vocab == src.manifest.vocab
+    assert np.array_equal(sub.get(keys[1]).arrays["volume"], src.get(keys[1]).arrays["volume"])
+    with pytest.raises(gs.ShardError, match="not in"):
+        gs.subset_shard_set(src, ["nope"], tmp_path / "sub2")

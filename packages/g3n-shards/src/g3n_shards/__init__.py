@@ -29,7 +29,7 @@ from .manifest import (
     ShardInfo,
     config_digest,
 )
-from .merge import merge_shard_sets
+from .merge import merge_shard_sets, subset_shard_set
 from .meta import CDR_VALUES, DIAGNOSES, MODALITIES, SampleMeta, sample_key, sanitize_key
 from .reader import Sample, ShardSet
 from .rejects import RejectLog
@@ -40,5 +40,5 @@ __all__ = [
     "KINDS", "KindSpec", "MANIFEST_NAME", "MODALITIES", "Manifest", "MetadataError", "ModelRef", "ParentRef",
     "Producer", "REJECTS_NAME", "RejectLog", "Sample", "SampleMeta", "ShardError", "ShardFormatError",
     "ShardInfo", "ShardSet", "ShardWriter", "VOCAB_FIELDS", "atomic_write_bytes", "config_digest",
-    "file_sha256", "merge_shard_sets", "sample_key", "sanitize_key",
+    "file_sha256", "merge_shard_sets", "sample_key", "sanitize_key", "subset_shard_set",
 ]  # fmt: skip

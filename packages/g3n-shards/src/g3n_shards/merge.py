@@ -69,3 +69,32 @@ def merge_shard_sets(
         atomic_write_bytes(Path(out_dir) / REJECTS_NAME, rejects)
     assert writer.manifest is not None
     return writer.manifest
+
+
+def subset_shard_set(
+    source: ShardSet | str | os.PathLike[str],
+    keys: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    producer: Producer | None = None,
+    **writer_kwargs: Any,
+) -> Manifest:
+    """Write the samples of ``source`` whose keys are in ``keys`` (e.g. one split) as a new set,
+    in the source's order, naming the source as its parent. Unknown keys are an error, so a
+    split file made for another set cannot silently select nothing."""
+    src = source if isinstance(source, ShardSet) else ShardSet.open(source)
+    wanted = set(keys)
+    missing = sorted(wanted - set(src.keys()))
+    if missing:
+        raise ShardError(f"subset: {len(missing)} key(s) not in {src.location}, e.g. {missing[:3]}")
+    m = src.manifest
+    writer = ShardWriter(
+        out_dir, kind=m.kind, producer=producer or m.producer, geometry=m.geometry, parents=[src],
+        vocab=m.vocab, encoder=m.encoder, tokenizer=m.tokenizer, generator=m.generator, extra=m.extra,
+        **writer_kwargs,
+    )  # fmt: skip
+    with writer:
+        for sample in src.iter_split(shuffle=False):
+            if sample.key in wanted:
+                writer.write(sample.key, sample.meta, sample.arrays)
+    assert writer.manifest is not None
+    return writer.manifest
