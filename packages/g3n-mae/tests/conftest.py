@@ -1,0 +1,65 @@
+"""Test setup for g3n-mae: one CPU thread, and the ``slow`` / ``deepspeed`` markers.
+
+``slow`` tests are skipped unless ``--runslow`` is given. The single ``deepspeed`` test runs by
+default (it takes ~15-25 s once DeepSpeed's communication op is in the torch extensions cache;
+its very first run on a machine JIT-compiles that op, ~90 s); deselect it with
+``-m "not deepspeed"``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    try:
+        parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    except ValueError:  # another conftest already added it
+        pass
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long test, skipped unless --runslow")
+    config.addinivalue_line("markers", "deepspeed: exercises DeepSpeed on CPU (one small test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow", default=False):
+        return
+    skip = pytest.mark.skip(reason="slow: use --runslow")
+    for item in items:
+        if "slow" in item.keywords and "g3n-mae" in str(item.fspath):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_volumes() -> dict[str, np.ndarray]:
+    from g3n_mae.data import brain_like_volumes
+
+    return brain_like_volumes(16, (32, 32, 32), seed=3)
+
+
+@pytest.fixture(scope="session")
+def volume_set(tmp_path_factory, small_volumes):
+    """A 'volumes' shard set of 16 brain-like 32^3 volumes, 4 per shard."""
+    import g3n_shards as gs
+
+    out = tmp_path_factory.mktemp("vols") / "set"
+    with gs.ShardWriter(out, kind="volumes", producer=gs.Producer(package="g3n-mae-tests"),
+                        geometry=gs.Geometry(shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0), patch_size=(8, 8, 8)),
+                        max_shard_samples=4) as w:
+        for i, (key, vol) in enumerate(sorted(small_volumes.items())):
+            meta = gs.SampleMeta(subject=f"sub-{i:02d}", session="ses-1", cohort="SYN", site=f"s{i % 2}",
+                                 modality="T1", age=30.0 + i, sex="F" if i % 2 else "M", diagnosis="HC")
+            w.write(gs.sample_key(meta), meta, {"volume": vol})
+    return out
