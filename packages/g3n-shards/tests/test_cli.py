@@ -30,3 +30,18 @@ def test_verify_fails_naming_shard(volumes_set, capsys):
 def test_not_a_set(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_merge_and_subset_commands(volumes_set, tmp_path, capsys):
+    import g3n_shards as gs
+
+    keys = gs.ShardSet.open(volumes_set).keys()
+    (tmp_path / "a.txt").write_text("\n".join(keys[:4]) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps(keys[4:]))
+    assert main(["subset", str(volumes_set), str(tmp_path / "a"), "--keys", str(tmp_path / "a.txt")]) == 0
+    assert main(["subset", str(volumes_set), str(tmp_path / "b"), "--keys", str(tmp_path / "b.json")]) == 0
+    assert main(["merge", str(tmp_path / "m"), str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    assert gs.ShardSet.open(tmp_path / "m").keys() == sorted(keys)
+    (tmp_path / "c.txt").write_text("not-a-key\n")
+    assert main(["subset", str(volumes_set), str(tmp_path / "c"), "--keys", str(tmp_path / "c.txt")]) == 2
+    assert "not in" in capsys.readouterr().err

@@ -111,6 +111,24 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_shard_sets
+
+    m = merge_shard_sets(args.inputs, args.out, overwrite=args.overwrite)
+    print(f"merged {len(args.inputs)} sets into {args.out}: {m.num_samples} samples, {len(m.shards)} shards ({m.digest})")
+    return 0
+
+
+def cmd_subset(args: argparse.Namespace) -> int:
+    from .merge import subset_shard_set
+
+    text = open(args.keys, encoding="utf-8").read()
+    keys = json.loads(text) if text.lstrip().startswith("[") else [k.strip() for k in text.splitlines() if k.strip()]
+    m = subset_shard_set(args.source, keys, args.out, overwrite=args.overwrite)
+    print(f"wrote {m.num_samples} samples of {args.source} to {args.out} ({m.digest})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g3n-shards", description="Inspect, verify and list BrainG3N shard sets.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", action="store_true", help="list samples instead of shards")
     p.add_argument("--where", action="append", metavar="FIELD=VALUE", help="filter samples (repeatable), e.g. modality=T1")
     p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("merge", help="merge sets of one kind (e.g. job-array parts) into one, sorted by key",
+                       description="Write the union of INPUT sets to OUT in key order; kind, geometry and models must agree.")
+    p.add_argument("out")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in OUT")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("subset", help="copy the samples whose keys are listed into a new set",
+                       description="Write the samples of SOURCE whose keys are in KEYS (one per line, or a JSON list) to OUT.")
+    p.add_argument("source")
+    p.add_argument("out")
+    p.add_argument("--keys", required=True, help="file with one key per line, or a JSON list of keys")
+    p.add_argument("--overwrite", action="store_true", help="replace a set already in OUT")
+    p.set_defaults(func=cmd_subset)
     return parser
 
 
