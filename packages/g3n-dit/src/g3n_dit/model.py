@@ -1,0 +1,186 @@
+"""The DiT: a transformer over a 3D token grid with adaLN-Zero conditioning.
+
+In the spirit of facebookresearch/DiT ``models.py``, adapted to latent tokens that are already
+patches: no patchify, a linear input projection, fixed 3D sin-cos positions of the token grid.
+The conditioning vector is the timestep embedding plus the *sum* of every condition's embedding
+(method.md §5). Each block's SiLU+Linear produces shift/scale/gate for attention and MLP; the
+LayerNorms have no affine parameters; that Linear and the final layer are zero-initialised, so
+every block starts as the identity and the network starts by predicting zero velocity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conditions import CondBatch, Condition, ConditionEmbedder, sinusoid
+from .config import DiTConfig
+
+
+def zero_(layer: nn.Linear) -> None:
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """(len(pos), dim) sin-cos features of positions (dim even)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_3d(hidden: int, grid: Sequence[int]) -> np.ndarray:
+    """(prod(grid), hidden) fixed positions of a 3D grid in C order (x slowest, z fastest).
+
+    Each axis gets the same even share of the width; the few leftover dimensions (hidden not a
+    multiple of 6, e.g. 1024) are zero.
+    """
+    per_axis = 2 * (hidden // 6)
+    gx, gy, gz = grid
+    ii, jj, kk = np.meshgrid(np.arange(gx), np.arange(gy), np.arange(gz), indexing="ij")
+    parts = [sincos_1d(per_axis, a.reshape(-1)) for a in (ii, jj, kk)]
+    emb = np.concatenate(parts, axis=1)
+    pad = hidden - emb.shape[1]
+    if pad:
+        emb = np.concatenate([emb, np.zeros((emb.shape[0], pad))], axis=1)
+    return emb.astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (scaled by ``time_scale``) -> sinusoid -> MLP, as in DiT."""
+
+    def __init__(self, hidden: int, freq_dim: int, time_scale: float):
+        super().__init__()
+        self.freq_dim, self.time_scale = freq_dim, time_scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoid(t * self.time_scale, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x + gate * f(modulate(norm(x), shift, scale)) for attention and MLP."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        zero_(self.adaLN_modulation[-1])  # adaLN-Zero: gates start at 0, so the block is the identity
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + g_a[:, None] * self.attn(modulate(self.norm1(x), sh_a, sc_a))
+        x = x + g_m[:, None] * self.mlp(modulate(self.norm2(x), sh_m, sc_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        zero_(self.adaLN_modulation[-1])
+        zero_(self.linear)  # the network starts by predicting zero velocity
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Velocity network v(x_t, t, conditions[, context]) over (B, N, channels) latent tokens."""
+
+    def __init__(self, cfg: DiTConfig, conditions: Sequence[Condition]):
+        super().__init__()
+        self.cfg = cfg
+        self.conditions = list(conditions)
+        self.x_embed = nn.Linear(cfg.channels + cfg.context_channels, cfg.hidden)
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_3d(cfg.hidden, cfg.grid))[None], persistent=False)
+        self.t_embed = TimestepEmbedder(cfg.hidden, cfg.freq_dim, cfg.time_scale)
+        self.c_embed = ConditionEmbedder(self.conditions, cfg.hidden)
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final = FinalLayer(cfg.hidden, cfg.channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: xavier Linears, N(0, 0.02) timestep MLP, zero adaLN and output."""
+
+        def _basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        # condition embedders keep their own init (tables N(0, .02), null vectors); the rest as DiT
+        for name, mod in self.named_modules():
+            if not name.startswith("c_embed"):
+                _basic(mod)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            zero_(blk.adaLN_modulation[-1])
+        zero_(self.final.adaLN_modulation[-1])
+        zero_(self.final.linear)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: CondBatch, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N, channels); t: (B,) in [0, 1]; cond: per condition (values, present);
+        context: (B, N, context_channels) or None. Returns the velocity, (B, N, channels)."""
+        b, n, ch = x.shape
+        if n != self.cfg.num_tokens or ch != self.cfg.channels:
+            raise ValueError(
+                f"latent shape {(n, ch)} does not match the model's grid {self.cfg.grid} "
+                f"({self.cfg.num_tokens} tokens) x {self.cfg.channels} channels"
+            )
+        if self.cfg.context_channels:
+            if context is None or context.shape != (b, n, self.cfg.context_channels):
+                raise ValueError(f"this model needs a context of shape {(b, n, self.cfg.context_channels)}")
+            x = torch.cat([x, context.to(x.dtype)], dim=-1)
+        h = self.x_embed(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embed(t.to(x.device).expand(b) if t.dim() == 0 else t.to(x.device))
+        c = c + self.c_embed(cond, b, c)
+        for blk in self.blocks:
+            h = blk(h, c)
+        return self.final(h, c)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

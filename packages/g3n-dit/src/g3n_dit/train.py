@@ -1,0 +1,394 @@
+"""A nanoGPT-like training loop for the DiT (generation) and the longitudinal bridge.
+
+- The learning rate is a pure function of the step (warm-up + cosine), so "restoring the schedule"
+  is restoring the step.
+- Every random draw of a step (t, noise, condition dropout) comes from a CPU generator seeded by
+  (seed, step, rank); the batch comes from a per-epoch permutation seeded by (seed, epoch) and a
+  cursor (epoch, position). Resume is therefore bit-exact on the CPU and independent of the device;
+  the global torch RNG state is saved and restored as well.
+- Latents are normalised per channel with statistics of the training set, stored in every
+  checkpoint (sampling de-normalises with them).
+- Engines: ``torch`` (one process, CPU or one GPU) and ``deepspeed`` (data parallel over ranks,
+  launched with the ``deepspeed`` launcher; ZeRO stage 0 so that the optimizer state is a plain
+  torch state that our safetensors checkpoints hold; DeepSpeed's own pickled checkpoints are
+  not used).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import g3n_shards as gs
+import torch
+from tqdm import tqdm
+
+from .bridge import bridge_loss
+from .checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_from_tensors,
+    restore_rng,
+    save_checkpoint,
+)
+from .conditions import Condition, ConditionError, CondBatch, cond_index, drop_conditions, encode, resolve_conditions
+from .config import RunConfig, TrainConfig
+from .data import LatentData, Pair, build_pairs, normalisation_stats
+from .flow import autocast_for, flow_matching_loss
+from .model import DiT
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, resume against a different data set, ...)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)
+    samples_per_s: float = 0.0
+
+
+#: TrainConfig fields a resume takes from the caller rather than from the checkpoint.
+RESUME_OVERRIDES = ("engine", "zero_stage", "precision", "num_threads", "log_every", "ckpt_every", "keep_last")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8191 + rank)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def next_batch(n: int, batch: int, cursor: dict[str, int], seed: int) -> tuple[torch.Tensor, dict[str, int]]:
+    """The next ``batch`` item indices from the cursor; an epoch's tail continues into the next."""
+    epoch, pos = int(cursor["epoch"]), int(cursor["pos"])
+    out: list[torch.Tensor] = []
+    need = batch
+    while need:
+        perm = epoch_permutation(n, seed, epoch)
+        take = perm[pos : pos + need]
+        out.append(take)
+        need -= len(take)
+        pos += len(take)
+        if pos >= n:
+            epoch, pos = epoch + 1, 0
+    return torch.cat(out), {"epoch": epoch, "pos": pos}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """nanoGPT: weight decay on matrices only (dim >= 2), never on biases or null vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1 - decay)
+
+
+def conditions_state(conds: Sequence[Condition]) -> list[dict[str, Any]]:
+    return [{"spec": c.spec.model_dump(mode="json"), "vocab": list(c.vocab)} for c in conds]
+
+
+def usable_records(
+    conds: Sequence[Condition], requests: Sequence[dict[str, Any]], on_reject: Callable[[int, str], None]
+) -> list[int]:
+    """Indices whose condition values the model can encode; the others go to ``on_reject``."""
+    ok = []
+    for i, r in enumerate(requests):
+        try:
+            encode(conds, [r])
+        except ConditionError as e:
+            on_reject(i, str(e))
+            continue
+        ok.append(i)
+    return ok
+
+
+class TorchEngine:
+    """One process: plain AdamW, gradient clipping, optional bf16 autocast."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+        self.module = model.to(device)
+        self.device = device
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DeepSpeedEngine:
+    """Data parallel over the ranks the ``deepspeed`` launcher started (or one CPU/GPU process).
+
+    ZeRO stage 0 with fp32 master weights (bf16 through autocast): the wrapped optimizer is our
+    torch AdamW, whose state is saved as safetensors like the torch engine's.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None):
+        import deepspeed
+        import torch.distributed as dist
+
+        if cfg.zero_stage != 0:
+            raise TrainingError(
+                f"zero_stage {cfg.zero_stage}: this trainer checkpoints optimizer state as safetensors, which "
+                "needs the unpartitioned state of ZeRO stage 0 (the DiT's 230M parameters fit one GPU)"
+            )
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_size % self.world_size:
+            raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by world size {self.world_size}")
+        if device is None:
+            device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device
+        self.cfg = cfg
+        model = model.to(device)
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        ds_config = {
+            "train_batch_size": cfg.batch_size,
+            "train_micro_batch_size_per_gpu": cfg.batch_size // self.world_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": 0},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+        self.module = self.engine.module
+        self.optimizer = opt
+        if self.engine.optimizer is not opt and getattr(self.engine.optimizer, "optimizer", None) is not opt:
+            raise TrainingError(f"DeepSpeed wrapped the optimizer in {type(self.engine.optimizer).__name__}; expected plain AdamW")
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def _select_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def train(
+    run_cfg: RunConfig,
+    data: LatentData,
+    run_dir: str | Path,
+    *,
+    resume: bool = True,
+    max_steps: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``. ``stop_after`` ends the call after that many steps
+    without changing the schedule (used to test resume); ``max_steps`` overrides the config's."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rejects = gs.RejectLog(run_dir / gs.REJECTS_NAME)
+    ck = None
+    if resume and list_checkpoints(run_dir):
+        ck = load_checkpoint(run_dir)
+        # architecture, conditions, data recipe and optimisation come from the checkpoint; only how
+        # the run is executed and logged may change on resume (e.g. CPU torch -> GPUs with DeepSpeed)
+        saved = ck.run_config
+        run_cfg = saved.model_copy(
+            update={"train": saved.train.model_copy(update={k: getattr(run_cfg.train, k) for k in RESUME_OVERRIDES})}
+        )
+        saved_digest = ck.state.get("data", {}).get("digest")
+        if saved_digest and data.digest and saved_digest != data.digest:
+            raise TrainingError(f"{run_dir}: resuming on latent set {data.digest}, the run was trained on {saved_digest}")
+    if max_steps:  # recorded in the checkpoint, so a later resume keeps the extended schedule
+        run_cfg = run_cfg.model_copy(update={"train": run_cfg.train.model_copy(update={"max_steps": max_steps})})
+    tcfg = run_cfg.train
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    longitudinal = run_cfg.task == "longitudinal"
+    data.check_model(run_cfg.model)
+
+    # ---- items and their conditions -------------------------------------------------
+    pairs: list[Pair] = []
+    if longitudinal:
+        assert run_cfg.bridge is not None
+        pairs = build_pairs(data, run_cfg.bridge, rejects if ck is None else None)
+        records = [p.record for p in pairs]
+    else:
+        records = list(data.metas)
+    if ck is not None:
+        conds = ck.conditions()
+    else:
+        conds = resolve_conditions(run_cfg.conditions, records, data.vocab)
+    requests = [{c.name: r.get(c.spec.field) for c in conds} for r in records]
+
+    def _reject(i: int, reason: str) -> None:
+        if ck is not None:  # logged when the run started; a resume does not log it again
+            return
+        key = data.keys[pairs[i].base] if longitudinal else data.keys[i]
+        rejects.add(data.location, records[i].get("subject"), "conditions", reason, key=key)
+
+    keep = usable_records(conds, requests, _reject)
+    if not keep:
+        raise TrainingError(f"{data.location}: no training {'pairs' if longitudinal else 'samples'} with usable conditions")
+    requests = [requests[i] for i in keep]
+    if longitudinal:
+        pairs = [pairs[i] for i in keep]
+        base_idx = torch.tensor([p.base for p in pairs])
+        follow_idx = torch.tensor([p.follow for p in pairs])
+    else:
+        item_idx = torch.tensor(keep)
+    cond_all: CondBatch = encode(conds, requests)
+    n_items = len(requests)
+
+    # ---- normalisation, model, engine ---------------------------------------------------
+    if ck is not None:
+        norm = (ck.norm_mean, ck.norm_std)
+    else:
+        used = torch.unique(torch.cat([base_idx, follow_idx])) if longitudinal else item_idx
+        norm = normalisation_stats(data.latents[used])
+    latents = (data.latents - norm[0]) / norm[1]
+
+    torch.manual_seed(tcfg.seed)
+    model = DiT(run_cfg.model, conds)
+    if ck is not None:
+        model.load_state_dict(ck.model, strict=True)
+    dev = _select_device(device)
+    engine = DeepSpeedEngine(model, tcfg, None if device is None else dev) if tcfg.engine == "deepspeed" else TorchEngine(model, tcfg, dev)
+    dev = engine.device
+    ema = copy.deepcopy(engine.module).eval().requires_grad_(False)
+    step, cursor = 0, {"epoch": 0, "pos": 0}
+    if ck is not None:
+        ema.load_state_dict(ck.ema, strict=True)
+        assert ck.train is not None
+        optimizer_from_tensors(engine.optimizer, ck.train, ck.state["optimizer_param_groups"])
+        restore_rng(ck.train)
+        step, cursor = ck.step, dict(ck.state["cursor"])
+
+    state_base = {
+        "run_config": run_cfg.model_dump(mode="json"),
+        "conditions": conditions_state(conds),
+        "data": {
+            "digest": data.digest,
+            "location": data.location,
+            "geometry": data.geometry,
+            "tokenizer": data.tokenizer,
+            "items": n_items,
+        },
+    }
+    metrics_path = run_dir / "metrics.jsonl"
+    rank, world = engine.rank, engine.world_size
+    per_rank = tcfg.batch_size // world
+
+    def save(at: int) -> Path | None:
+        if rank != 0:
+            return None
+        return save_checkpoint(
+            run_dir, at, engine.module.state_dict(), ema.state_dict(), engine.optimizer, norm,
+            {**state_base, "cursor": cursor}, keep_last=tcfg.keep_last,
+        )  # fmt: skip
+
+    end = tcfg.max_steps if stop_after is None else min(tcfg.max_steps, step + stop_after)
+    losses: list[float] = []
+    last_ckpt: Path | None = None
+    bar = tqdm(total=end - step, desc=f"train {run_cfg.task}", unit="step", disable=not progress or rank != 0)
+    t0, seen, window = time.perf_counter(), 0, []
+    engine.module.train()
+    while step < end:
+        lr = lr_at(step, tcfg)
+        engine.set_lr(lr)
+        idx, cursor = next_batch(n_items, tcfg.batch_size, cursor, tcfg.seed)
+        idx = idx[rank * per_rank : (rank + 1) * per_rank]
+        gen = step_generator(tcfg.seed, step, rank)
+        cond = drop_conditions(conds, cond_index(cond_all, idx), gen)
+        cond = {k: (v.to(dev), p.to(dev)) for k, (v, p) in cond.items()}
+        with autocast_for(dev, tcfg.precision):
+            if longitudinal:
+                assert run_cfg.bridge is not None
+                xb, xf = latents[base_idx[idx]].to(dev), latents[follow_idx[idx]].to(dev)
+                loss = bridge_loss(engine.module, xb, xf, cond, gen, run_cfg.bridge)
+            else:
+                loss = flow_matching_loss(engine.module, latents[item_idx[idx]].to(dev), cond, gen)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{run_dir}: non-finite loss {loss.item()} at step {step}; stopping")
+        engine.backward_step(loss)
+        ema_update(ema, engine.module, tcfg.ema_decay)
+        step += 1
+        seen += tcfg.batch_size
+        lv = float(loss.detach())
+        losses.append(lv)
+        window.append(lv)
+        bar.update(1)
+        if step % tcfg.log_every == 0 or step == end:
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            rec = {"step": step, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": rate, "epoch": cursor["epoch"]}
+            window = []
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if step % tcfg.ckpt_every == 0 or step == end:
+            last_ckpt = save(step)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return TrainResult(run_dir, step, last_ckpt, losses, seen / elapsed if elapsed > 0 else 0.0)
+
+
+def load_model(ck_path: str | Path, weights: str = "ema", device: str | torch.device | None = None):
+    """(model in eval mode, conditions, (mean, std), checkpoint) for sampling and forecasting."""
+    ck = load_checkpoint(ck_path, with_train_state=False)
+    conds = ck.conditions()
+    model = DiT(ck.run_config.model, conds)
+    try:
+        model.load_state_dict(ck.weights(weights), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck.path}: weights do not match the recorded config: {e}") from None
+    dev = _select_device(device)
+    return model.to(dev).eval(), conds, (ck.norm_mean.to(dev), ck.norm_std.to(dev)), ck

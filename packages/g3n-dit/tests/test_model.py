@@ -1,0 +1,77 @@
+"""The DiT: adaLN-Zero identity at init, shapes, positions, conditions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_testutil import perturb, tiny_model_config, toy_conditions
+from g3n_dit.conditions import encode
+from g3n_dit.config import DiTConfig, MODEL_PRESETS
+from g3n_dit.model import DiT, DiTBlock, count_parameters, sincos_3d
+
+
+def _cond(conds, n):
+    return encode(conds, [{"disease": "AD", "sex": "M", "modality": "T1", "age": 70.0}] * n)
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    torch.manual_seed(0)
+    blk = DiTBlock(64, 4, 4.0)
+    x, c = torch.randn(3, 64, 64), torch.randn(3, 64)
+    assert torch.equal(blk(x, c), x)
+    # and it stops being the identity once the modulation is non-zero (the test can fail)
+    perturb(blk)
+    assert not torch.allclose(blk(x, c), x)
+
+
+def test_model_starts_at_zero_velocity_and_every_block_is_identity():
+    conds = toy_conditions()
+    m = DiT(tiny_model_config(), conds)
+    x = torch.randn(2, 64, 4)
+    v = m(x, torch.rand(2), _cond(conds, 2))
+    assert v.shape == (2, 64, 4)
+    assert torch.count_nonzero(v) == 0
+    h, c = torch.randn(2, 64, 64), torch.randn(2, 64)
+    for blk in m.blocks:
+        assert torch.equal(blk(h, c), h)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    conds = toy_conditions()
+    m = DiT(tiny_model_config(), conds)
+    with pytest.raises(ValueError, match="grid"):
+        m(torch.randn(1, 63, 4), torch.rand(1), _cond(conds, 1))
+
+
+def test_conditions_change_the_velocity_and_missing_uses_null():
+    conds = toy_conditions()
+    m = perturb(DiT(tiny_model_config(), conds))
+    x, t = torch.randn(2, 64, 4), torch.full((2,), 0.3)
+    a = encode(conds, [{"disease": "AD", "sex": "M", "modality": "T1", "age": 70.0}] * 2)
+    b = encode(conds, [{"disease": "HC", "sex": "M", "modality": "T1", "age": 70.0}] * 2)
+    missing = encode(conds, [{"disease": None, "sex": "M", "modality": "T1", "age": 70.0}] * 2)
+    dropped = {k: (v, p.clone()) for k, (v, p) in a.items()}
+    dropped["disease"] = (dropped["disease"][0], torch.zeros(2, dtype=torch.bool))
+    assert not torch.allclose(m(x, t, a), m(x, t, b))
+    # a missing label and a dropped label are the same null embedding
+    assert torch.allclose(m(x, t, missing), m(x, t, dropped))
+    # missing age uses the age null vector, not some value
+    no_age = encode(conds, [{"disease": "AD", "sex": "M", "modality": "T1", "age": None}] * 2)
+    assert not torch.allclose(m(x, t, no_age), m(x, t, a))
+
+
+def test_positions_are_distinct_and_cover_width():
+    pe = sincos_3d(1024, (10, 12, 10))
+    assert pe.shape == (1200, 1024)
+    assert len({tuple(r.round(5)) for r in pe}) == 1200
+
+
+def test_paper_preset_size():
+    cfg = DiTConfig(**MODEL_PRESETS["paper"])
+    assert (cfg.depth, cfg.hidden, cfg.heads, cfg.num_tokens, cfg.channels) == (12, 1024, 16, 1200, 32)
+    with torch.device("meta"):
+        m = DiT(cfg, toy_conditions())
+    n = count_parameters(m)
+    # per block: attention 4h^2 + MLP 8h^2 + adaLN 6h^2 = 18h^2 (plus biases) -> ~226M for 12 x 1024
+    assert 12 * 18 * 1024**2 < n < 12 * 18 * 1024**2 + 8e6
