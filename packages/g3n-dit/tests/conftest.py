@@ -14,26 +14,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def pytest_addoption(parser):
-    try:
-        parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-    except ValueError:  # another package's conftest already added it
-        pass
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long test, skipped unless --runslow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow", default=False):
-        return
-    skip = pytest.mark.skip(reason="slow: use --runslow")
-    for item in items:
-        if "slow" in item.keywords and HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models gain nothing from threads, and the shared cores lose a lot to oversubscription."""

@@ -1,4 +1,4 @@
-"""Test setup for g3n-mae: one CPU thread, and the ``slow`` / ``deepspeed`` markers.
+"""Test setup for g3n-mae: one CPU thread and shared fixtures (markers: the root conftest.py).
 
 ``slow`` tests are skipped unless ``--runslow`` is given. The single ``deepspeed`` test runs by
 default (it takes ~15-25 s once DeepSpeed's communication op is in the torch extensions cache;
@@ -11,27 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-
-def pytest_addoption(parser):
-    try:
-        parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-    except ValueError:  # another conftest already added it
-        pass
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long test, skipped unless --runslow")
-    config.addinivalue_line("markers", "deepspeed: exercises DeepSpeed on CPU (one small test)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow", default=False):
-        return
-    skip = pytest.mark.skip(reason="slow: use --runslow")
-    for item in items:
-        if "slow" in item.keywords and "g3n-mae" in str(item.fspath):
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,215 @@
+"""``g3n-eval``: reconstruction, controllability, fidelity, memorisation, forecasts, report.
+
+Each subcommand is a thin layer over a ``run_*`` function and writes one metrics JSON file
+(with ``protocol_version``, ``settings`` and the inputs' manifest digests) plus its PNGs into
+``--out``; ``g3n-eval report`` gathers them into one HTML page.
+Exit codes: 0 ok, 1 memorisation found with ``--gate``, 2 bad input (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+
+def _tok_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tokenizer (reached through the g3n.tokenizers registry)")
+    g.add_argument("--tokenizer", default=None, help="registry name; default: the one a latents manifest names")
+    g.add_argument("--tokenizer-checkpoint", default=None, help="checkpoint file (default: the path the manifest records)")
+
+
+def _enc_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--encoder", required=required, default=None,
+                   help="g3n-mae weights (.safetensors, export or checkpoint dir) used to (re-)encode volumes")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (metrics JSON, PNGs, rejects.jsonl)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="g3n-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("recon", help="MSE / PSNR / 3D SSIM of a tokenizer on a volumes set",
+                       description="Reconstruction metrics, whole volume and brain mask, per volume and summarised.")
+    p.add_argument("--volumes", required=True, help="volumes shard set (real)")
+    p.add_argument("--recon", default=None, help="a volumes set of reconstructions (paired by key) instead of a tokenizer")
+    _tok_args(p)
+    p.add_argument("--limit", type=int, default=None, help="first N volumes (key order)")
+    p.add_argument("--data-range", type=float, default=None, help="fixed PSNR/SSIM data range (default: per volume)")
+    p.add_argument("--save-recon", action="store_true", help="also write the reconstructions as OUT/recon-volumes")
+    _common(p)
+
+    p = sub.add_parser("controllability", help="probe agreement on generated samples (Table 2a) and the age sweep")
+    p.add_argument("--real", required=True, help="real features: tokens set / feature table (or volumes set with --encoder)")
+    p.add_argument("--generated", required=True,
+                   help="generated samples: latents set (decoded and re-encoded) or tokens set / feature table")
+    p.add_argument("--task", action="append", default=None,
+                   help="FIELD:CLASS1,CLASS2[,...] (repeatable); default: the paper's Table 2a rows")
+    p.add_argument("--sweep", action="append", default=None, help="continuous condition to sweep (default: age)")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--folds", type=int, default=5, help="CV folds for the 'real' column")
+    p.add_argument("--limit", type=int, default=None)
+    _tok_args(p)
+    _enc_args(p)
+    _common(p)
+
+    p = sub.add_parser("fidelity", help="FID on central slices and encoder-space Frechet distance")
+    p.add_argument("--real", required=True, help="volumes set (or latents set to decode)")
+    p.add_argument("--generated", default=None, help="generated latents set (decoded) or volumes set")
+    p.add_argument("--recon", default=None, help="reconstructions of --real: a volumes set (e.g. from recon --save-recon), or 'auto' to run "
+                        "--real through the generated latents' tokenizer here")
+    p.add_argument("--inception-weights", default=None, help="Inception-V3 weights .safetensors (nothing downloads)")
+    p.add_argument("--inception-variant", choices=["fid", "torchvision"], default="fid")
+    p.add_argument("--skip-fid", action="store_true", help="only the encoder Frechet distance")
+    p.add_argument("--image-size", type=int, default=299)
+    p.add_argument("--slice-offsets", default="0", help="comma-separated plane offsets from the centre, e.g. -8,0,8")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--arm-field", default=None,
+                   help="also per generation arm: group by this metadata field (e.g. diagnosis) and average over arms")
+    p.add_argument("--limit", type=int, default=None)
+    _tok_args(p)
+    _enc_args(p)
+    _common(p)
+
+    p = sub.add_parser("memorisation", help="nearest-neighbour memorisation audit; --gate exits 1 when found")
+    p.add_argument("--synthetic", required=True, help="synthetic latents (latents set or .npy)")
+    p.add_argument("--train", required=True, help="training latents")
+    p.add_argument("--heldout", required=True, help="held-out real latents (never trained on)")
+    p.add_argument("--percentile", type=float, default=1.0)
+    p.add_argument("--max-fraction-below", type=float, default=0.05)
+    p.add_argument("--min-ratio", type=float, default=0.9)
+    p.add_argument("--gate", action="store_true", help="exit 1 when memorisation is found (to block sharing)")
+    _common(p)
+
+    p = sub.add_parser("forecast", help="brain-age recovery and difference maps of longitudinal forecasts")
+    p.add_argument("--forecasts", required=True, help="forecast latents set (from g3n-dit forecast)")
+    p.add_argument("--baselines", required=True, help="the latents (or volumes) set the forecasts started from")
+    p.add_argument("--age-probe", default=None, help="a g3n-probe brain-age probe folder")
+    p.add_argument("--real", default=None, help="real features with ages to fit the age probe (if no --age-probe)")
+    p.add_argument("--limit", type=int, default=None)
+    _tok_args(p)
+    _enc_args(p, required=True)
+    _common(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (index.html + PNGs) from metrics folders")
+    p.add_argument("runs", nargs="+", help="folders (or JSON files) written by the other subcommands")
+    p.add_argument("--probe-run", action="append", default=[], help="a g3n-probe run folder (results.csv) for the probe table")
+    p.add_argument("--volumes", action="append", default=[], metavar="LABEL=SET",
+                   help="extra montage: volumes or latents set (repeatable), e.g. real=data/volumes")
+    p.add_argument("--title", default="BrainG3N evaluation report")
+    _tok_args(p)
+    _common(p)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    try:
+        return _dispatch(args, progress)
+    except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for bad input
+        from .data import InputError
+        from .frechet import FrechetError
+        from .inception import WeightsError
+        from .records import MetricsFileError
+
+        known = (InputError, WeightsError, FrechetError, MetricsFileError, ValueError, FileNotFoundError, KeyError)
+        import g3n_shards as gs
+
+        if isinstance(e, (*known, gs.ShardError, gs.MetadataError)):
+            print(f"g3n-eval {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _tokenizers(args: argparse.Namespace):
+    from .sources import TokenizerCache
+
+    return TokenizerCache(args.tokenizer_checkpoint, args.tokenizer, args.device)
+
+
+def _encoder(args: argparse.Namespace):
+    if not getattr(args, "encoder", None):
+        return None
+    from .models import MAEFeatures
+
+    return MAEFeatures(args.encoder, args.device)
+
+
+def _dispatch(args: argparse.Namespace, progress: bool) -> int:
+    import json
+
+    if args.cmd == "recon":
+        from .models import TokenizerHandle
+        from .recon import run_recon
+
+        tok = None
+        if args.recon is None:
+            if not args.tokenizer or not args.tokenizer_checkpoint:
+                raise ValueError("give --recon SET, or --tokenizer NAME and --tokenizer-checkpoint FILE")
+            tok = TokenizerHandle(args.tokenizer, args.tokenizer_checkpoint, args.device)
+        doc = run_recon(args.volumes, args.out, tok, args.recon, args.limit, args.data_range, args.save_recon, progress=progress)
+        print(json.dumps({k: v["mean"] for k, v in doc["results"]["summary"].items()}, indent=1))
+        return 0
+    if args.cmd == "controllability":
+        from .controllability import PAPER_TASKS, run_controllability
+
+        sweeps = [] if args.no_sweep else (args.sweep or ["age"])
+        doc = run_controllability(args.real, args.generated, args.out, args.task or PAPER_TASKS, sweeps,
+                                  _encoder(args), _tokenizers(args), None, args.folds, args.limit, progress)
+        for name, row in doc["results"]["tasks"].items():
+            print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
+        for name, why in doc["results"]["skipped"].items():
+            print(f"{name}: skipped ({why})")
+        return 0
+    if args.cmd == "fidelity":
+        from .fidelity import run_fidelity
+
+        offsets = tuple(int(s) for s in str(args.slice_offsets).split(",") if s.strip())
+        doc = run_fidelity(args.real, args.out, args.generated, args.recon, _tokenizers(args), args.inception_weights,
+                           args.inception_variant, args.skip_fid, _encoder(args), args.image_size, offsets, args.limit,
+                           args.batch_size, args.device, progress, arm_field=args.arm_field)
+        print(json.dumps({"fid": doc["results"]["fid"], "encoder_fd": doc["results"]["encoder_fd"]}, indent=1))
+        return 0
+    if args.cmd == "memorisation":
+        from .memorisation import MemorisationConfig, run_memorisation
+
+        cfg = MemorisationConfig(percentile=args.percentile, max_fraction_below=args.max_fraction_below,
+                                 min_ratio=args.min_ratio)
+        doc = run_memorisation(args.synthetic, args.train, args.heldout, args.out, cfg)
+        r = doc["results"]
+        print(f"ratio of means {r['ratio_of_means']:.3f}; {r['fraction_below']:.3f} below the threshold; "
+              f"{r['n_copies']} copies -> {'MEMORISATION' if r['memorisation'] else 'no memorisation'}")
+        for reason in r["reasons"]:
+            print(f"  {reason}")
+        return 1 if (args.gate and r["memorisation"]) else 0
+    if args.cmd == "forecast":
+        from .forecast import run_forecast
+
+        doc = run_forecast(args.forecasts, args.baselines, args.out, _encoder(args), _tokenizers(args), args.real,
+                           args.age_probe, None, args.limit, progress=progress)
+        a = doc["results"]["age"]
+        print(f"{doc['results']['n_pairs']} forecasts: slope {a['slope']}, Pearson r {a['pearson_r']}")
+        return 0
+    if args.cmd == "report":
+        from .report import build_report
+
+        path = build_report(args.runs, args.out, probe_runs=args.probe_run, volumes=args.volumes, title=args.title,
+                            tokenizers=_tokenizers(args))
+        print(path)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

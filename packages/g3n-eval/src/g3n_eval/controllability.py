@@ -1,0 +1,263 @@
+"""Controllability (method.md §5, Table 2a): does the generator give what was asked for?
+
+A probe trained on *real* embeddings scores generated samples after they are decoded and
+re-encoded by the MAE encoder (exactly how real volumes are embedded). For a condition and a
+class pair (or the 4-way modality task) four columns are reported:
+
+* **real**: the probe's cross-validated agreement on real samples (its ceiling);
+* **cond**: agreement of the probe with the *requested* class on samples generated with that
+  request (and the AUC of the probe score against the request);
+* **null**: samples generated with the condition left out (the null embedding): the class the
+  probe mostly assigns and its fraction -- what the model does when not asked;
+* **prior**: the real training set's majority class among the task's classes and its
+  fraction -- what a generator that ignores the request would hit by chance.
+
+Continuous conditions (age) get a sweep: requested vs probe-predicted value, slope and Pearson r.
+The pure functions here take predictions; :func:`evaluate` fits the probes with g3n-probe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .stats import auc_ovr, line_fit
+
+
+@dataclass(frozen=True)
+class ClassTask:
+    """A metadata field and the classes compared, e.g. diagnosis HC vs AD."""
+
+    field: str
+    classes: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.field}:{'-vs-'.join(self.classes)}" if len(self.classes) == 2 else f"{self.field}:{len(self.classes)}-way"
+
+    @classmethod
+    def parse(cls, spec: str) -> "ClassTask":
+        """``diagnosis:HC,AD`` -> ClassTask('diagnosis', ('HC', 'AD'))."""
+        field, _, rest = spec.partition(":")
+        classes = tuple(c.strip() for c in rest.split(",") if c.strip())
+        if not field or len(classes) < 2 or len(set(classes)) != len(classes):
+            raise ValueError(f"task {spec!r}: expected FIELD:CLASS1,CLASS2[,...] with at least two distinct classes")
+        return cls(field.strip(), classes)
+
+
+def _majority(labels: Sequence[str]) -> dict[str, Any]:
+    if not labels:
+        return {"n": 0, "class": None, "fraction": math.nan, "counts": {}}
+    c = Counter(labels)
+    top, k = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return {"n": len(labels), "class": top, "fraction": k / len(labels), "counts": dict(sorted(c.items()))}
+
+
+def class_controllability(classes: Sequence[str], requested: Sequence[str | None], proba: np.ndarray,
+                          real_labels: Sequence[str] = (), real_cv_pred: Sequence[str] | None = None,
+                          real_cv_proba: np.ndarray | None = None) -> dict[str, Any]:
+    """Table-2a row from probe outputs on generated samples.
+
+    ``requested[i]``: the class sample i was generated for, or None when the condition was not
+    requested (null arm). ``proba``: (n, len(classes)) probe probabilities in ``classes`` order.
+    Requested values outside ``classes`` are ignored (they belong to another task).
+    """
+    classes = [str(c) for c in classes]
+    P = np.asarray(proba, dtype=np.float64)
+    if P.ndim != 2 or P.shape != (len(requested), len(classes)):
+        raise ValueError(f"proba must be ({len(requested)}, {len(classes)}), got {P.shape}")
+    pred = np.asarray(classes, dtype=object)[np.argmax(P, axis=1)] if len(P) else np.asarray([], dtype=object)
+    req = [None if r is None else str(r) for r in requested]
+    cond = [i for i, r in enumerate(req) if r in classes]
+    null = [i for i, r in enumerate(req) if r is None]
+    row: dict[str, Any] = {"classes": classes}
+    if cond:
+        want = [req[i] for i in cond]
+        row["cond"] = {
+            "n": len(cond),
+            "agreement": float(np.mean([pred[i] == req[i] for i in cond])),
+            "auc": auc_ovr(want, P[cond], classes),
+            "per_class": {c: {"n": sum(1 for w in want if w == c),
+                              "agreement": float(np.mean([pred[i] == c for i in cond if req[i] == c]))
+                              if any(w == c for w in want) else math.nan} for c in classes},
+        }
+    else:
+        row["cond"] = {"n": 0, "agreement": math.nan, "auc": math.nan, "per_class": {}}
+    row["null"] = _majority([str(pred[i]) for i in null])
+    real = [str(v) for v in real_labels if str(v) in classes]
+    row["prior"] = _majority(real)
+    if real_cv_pred is not None:
+        lab = [str(v) for v in real_labels]
+        keep = [i for i, v in enumerate(lab) if v in classes]
+        row["real"] = {
+            "n": len(keep),
+            "agreement": float(np.mean([str(real_cv_pred[i]) == lab[i] for i in keep])) if keep else math.nan,
+            "auc": auc_ovr([lab[i] for i in keep], np.asarray(real_cv_proba)[keep], classes)
+            if real_cv_proba is not None and keep else math.nan,
+        }
+    return row
+
+
+def value_sweep(requested: Sequence[float], predicted: Sequence[float]) -> dict[str, Any]:
+    """Requested vs predicted (e.g. age): line fit, and mean/std of predictions per requested level."""
+    r = np.asarray(requested, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    levels = {}
+    for v in np.unique(r):
+        sel = p[r == v]
+        levels[format(float(v), "g")] = {"n": int(sel.size), "mean": float(sel.mean()),
+                                         "std": float(sel.std(ddof=1)) if sel.size > 1 else 0.0}
+    return {**line_fit(r, p), "levels": levels}
+
+
+# ---- fitting probes through g3n-probe and applying them -------------------------------------
+
+
+def _labels(records: Sequence[Mapping[str, Any]], field: str) -> list[str | None]:
+    from .data import label_of
+
+    return [label_of(r.get(field)) for r in records]
+
+
+def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any,
+                   n_splits: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Subject-grouped cross-validated predictions on real data (the 'real' column)."""
+    from g3n_probe import assign_folds, fit_classifier
+
+    folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
+    classes = sorted(set(y))
+    proba = np.zeros((len(y), len(classes)))
+    yarr = np.asarray(y, dtype=object)
+    for k in range(n_splits):
+        test = folds == k
+        probe, _ = fit_classifier(X[~test], yarr[~test], protocol)
+        P = probe.predict_scores(X[test])
+        for j, c in enumerate(probe.classes):
+            proba[test, classes.index(c)] = P[:, j]
+    pred = np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)]
+    return pred, proba, classes
+
+
+def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequence[str] = (),
+             protocol: Any = None, n_splits: int = 5) -> dict[str, Any]:
+    """Fit one probe per task on the real FeatureSet, apply it to the generated FeatureSet.
+
+    ``real`` and ``generated`` are g3n_probe FeatureSets (the generated one from re-encoded
+    decoded samples). Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
+    """
+    from g3n_probe import fit_classifier, fit_regressor, protocol_preset
+
+    protocol = protocol or protocol_preset("paper")
+    if real.dim != generated.dim:
+        raise ValueError(f"real features are {real.dim}-d, generated {generated.dim}-d: not the same encoder")
+    out: dict[str, Any] = {"tasks": {}, "sweeps": {}, "skipped": {}}
+    for task in tasks:
+        y_all = _labels(real.records, task.field)
+        keep = [i for i, v in enumerate(y_all) if v in task.classes]
+        present = sorted({y_all[i] for i in keep})
+        if len(present) < 2:
+            out["skipped"][task.name] = f"real data have {present or 'no'} of classes {list(task.classes)}"
+            continue
+        X, y = real.X[keep], [y_all[i] for i in keep]
+        groups = [str(real.records[i].get("subject") or real.keys[i]) for i in keep]
+        probe, _ = fit_classifier(X, np.asarray(y, dtype=object), protocol)
+        real_pred = real_proba = None
+        k = min(n_splits, len(set(groups)), min(Counter(y).values()))
+        if k >= 2:
+            pred, proba, classes = cv_predictions(X, y, groups, protocol, k)
+            real_proba = np.zeros((len(y), len(task.classes)))
+            for j, c in enumerate(classes):
+                real_proba[:, task.classes.index(c)] = proba[:, j]
+            real_pred = list(pred)
+        gen_req = _labels(generated.records, task.field)
+        sel = [i for i, v in enumerate(gen_req) if v is None or v in task.classes]
+        Pg = probe.predict_scores(generated.X[sel]) if sel else np.zeros((0, len(probe.classes)))
+        proba_g = np.zeros((len(sel), len(task.classes)))  # classes absent from training keep p = 0
+        for j, c in enumerate(probe.classes):
+            proba_g[:, task.classes.index(c)] = Pg[:, j]
+        row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
+        row["field"] = task.field
+        out["tasks"][task.name] = row
+    for field in sweeps:
+        ys = [r.get(field) for r in real.records]
+        keep = [i for i, v in enumerate(ys) if v is not None]
+        if len(keep) < 3:
+            out["skipped"][f"{field}:sweep"] = f"only {len(keep)} real samples with {field}"
+            continue
+        groups = np.asarray([str(real.records[i].get("subject") or real.keys[i]) for i in keep])
+        probe, _ = fit_regressor(real.X[keep], np.asarray([ys[i] for i in keep], dtype=np.float64), protocol, groups)
+        req = [r.get(field) for r in generated.records]
+        gsel = [i for i, v in enumerate(req) if v is not None]
+        if len(gsel) < 2:
+            out["skipped"][f"{field}:sweep"] = f"only {len(gsel)} generated samples requested a {field}"
+            continue
+        pred = probe.predict_scores(generated.X[gsel])
+        out["sweeps"][field] = value_sweep([float(req[i]) for i in gsel], pred)
+    return out
+
+
+#: The rows of the paper's Table 2a, as (metadata field, classes).
+PAPER_TASKS = ("diagnosis:HC,AD", "diagnosis:HC,MCI", "diagnosis:MCI,AD", "diagnosis:HC,PD", "sex:F,M",
+               "modality:T1,T2,FLAIR,T1c", "idh1:wildtype,mutant")
+
+
+def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str] = PAPER_TASKS,
+                        sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
+                        protocol: Any = None, n_splits: int = 5, limit: int | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Table 2a from a real feature source and a generated set (tokens / feature table, or a
+    latents set that is decoded through the registry and re-encoded by the MAE encoder)."""
+    from pathlib import Path
+
+    from g3n_probe import protocol_preset
+
+    from .figures import volume_montage
+    from .records import input_ref, write_metrics
+    from .sources import features_of, request_settings
+
+    out = Path(out)
+    protocol = protocol or protocol_preset("paper")
+    real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
+    gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
+    parsed = [ClassTask.parse(t) for t in tasks]
+    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits)
+    figures: dict[str, str] = {}
+    if gen_vols is not None:  # condition sweeps as images: first sample per requested value
+        for field in [*sweeps, *dict.fromkeys(t.field for t in parsed)]:
+            by_value: dict[str, Any] = {}
+            for m, v in zip(gen_vols.metas, gen_vols.arrays):
+                val = m.get(field)
+                if val is not None and str(val) not in by_value:
+                    by_value[str(val)] = v
+            if len(by_value) >= 2:
+                order = sorted(by_value, key=lambda s: (float(s) if _isnum(s) else float("inf"), s))
+                name = f"sweep_{field}.png"
+                volume_montage([by_value[k] for k in order], [f"{field}={k}" for k in order], out / name)
+                figures[f"sweep_{field}"] = name
+    settings = {
+        "probe": {"kind": "g3n-probe linear (logistic / ridge)", "protocol": protocol.model_dump(mode="json"),
+                  "real_cv_folds": n_splits, "trained_on": "real features"},
+        "generated_path": "decoded by the tokenizer and re-encoded by the MAE encoder" if gen_vols is not None
+        else "features given",
+        "encoder": None if encoder is None else {"weights": encoder.weights, "digest": encoder.digest},
+        "tokenizers": tokenizers.provenance() if tokenizers is not None else [],
+        "generation": request_settings(gen_fs.records),
+        "tasks": list(tasks), "sweeps": list(sweeps), "limit": limit,
+        "arms": {"cond": "generated with the class requested", "null": "generated with the condition not requested",
+                 "prior": "majority class of the real training set"},
+    }
+    inputs = [input_ref(real, "real features"), input_ref(generated, "generated")]
+    return write_metrics(out / "controllability.json", "controllability", settings, inputs, {**res, "figures": figures})
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,139 @@
+"""Longitudinal forecast evaluation (method.md §6).
+
+A brain-age probe (trained on real embeddings) scores the decoded-and-re-encoded forecast and
+its baseline; the predicted ageing (forecast - baseline) is regressed on the *requested*
+interval: the slope is the fraction of the requested ageing the forecast recovers (paper: about
+0.27, positive Pearson r). The voxel difference map (forecast - baseline, in the baseline's
+brain z-units, averaged over subjects) shows where the change happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .stats import line_fit
+
+
+def ageing_recovery(requested_interval: Sequence[float], predicted_baseline_age: Sequence[float],
+                    predicted_forecast_age: Sequence[float]) -> dict[str, Any]:
+    """Slope and Pearson r of predicted ageing vs requested interval, plus per-interval means."""
+    dt = np.asarray(requested_interval, dtype=np.float64)
+    change = np.asarray(predicted_forecast_age, np.float64) - np.asarray(predicted_baseline_age, np.float64)
+    if dt.shape != change.shape:
+        raise ValueError(f"{dt.size} intervals but {change.size} predictions")
+    levels = {format(float(v), "g"): {"n": int((dt == v).sum()), "mean_predicted_change": float(change[dt == v].mean())}
+              for v in np.unique(dt)}
+    return {**line_fit(dt, change), "mean_requested": float(dt.mean()) if dt.size else float("nan"),
+            "mean_predicted_change": float(change.mean()) if change.size else float("nan"), "levels": levels}
+
+
+def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Mean (forecast - baseline) and mean |forecast - baseline| over subjects, voxel by voxel."""
+    if len(forecasts) != len(baselines) or not forecasts:
+        raise ValueError(f"need matching non-empty lists, got {len(forecasts)} forecasts and {len(baselines)} baselines")
+    diffs = []
+    for f, b in zip(forecasts, baselines):
+        f, b = np.asarray(f, np.float64), np.asarray(b, np.float64)
+        if f.shape != b.shape:
+            raise ValueError(f"forecast shape {f.shape} != baseline shape {b.shape}")
+        diffs.append(f - b)
+    d = np.stack(diffs)
+    return {"mean": d.mean(0).astype(np.float32), "mean_abs": np.abs(d).mean(0).astype(np.float32)}
+
+
+def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokenizers: Any = None,
+                 real: Any = None, age_probe: Any = None, protocol: Any = None, limit: int | None = None,
+                 montage_n: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Brain-age recovery and difference maps of a forecast set against its baselines.
+
+    Each forecast's ``meta.request`` names its source (``source.key``) and ``interval`` (years).
+    The age probe is a saved g3n-probe regression probe (``age_probe``) or is fitted here (ridge,
+    through g3n-probe) on the ``real`` features' ages.
+    """
+    from pathlib import Path
+
+    from g3n_probe import LinearProbe, fit_regressor, protocol_preset
+
+    from .figures import diff_montage, volume_montage
+    from .records import atomic_write_bytes, input_ref, write_metrics
+    from .rejects import Rejects
+    from .sources import features_of, request_settings, volumes_of
+
+    out = Path(out)
+    rejects = Rejects(out)
+    fc = volumes_of(forecasts, tokenizers, limit, progress)
+    base = volumes_of(baselines, tokenizers, None, progress)
+    base_by_key = {k: i for i, k in enumerate(base.keys)}
+    pairs = []  # (forecast index, baseline index, interval)
+    for i, (k, m) in enumerate(zip(fc.keys, fc.metas)):
+        req = m.get("request") or {}
+        src = (req.get("source") or {}).get("key")
+        dt = req.get("interval")
+        if src is None or dt is None:
+            rejects.add(k, "request has no source.key / interval: not a forecast")
+        elif src not in base_by_key:
+            rejects.add(k, f"baseline {src!r} is not in {baselines}")
+        else:
+            pairs.append((i, base_by_key[src], float(dt)))
+    if len(pairs) < 2:
+        raise ValueError(f"{forecasts}: {len(pairs)} forecast(s) could be paired with a baseline; need 2 (see {rejects.path})")
+    if age_probe is not None:
+        probe = LinearProbe.load(age_probe)
+        if probe.kind != "regression":
+            raise ValueError(f"{age_probe}: is a {probe.kind} probe; forecasts need a brain-age regression probe")
+        probe_src = {"probe": str(age_probe)}
+    else:
+        if real is None:
+            raise ValueError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
+        real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
+        keep = [i for i, r in enumerate(real_fs.records) if r.get("age") is not None]
+        if len(keep) < 3:
+            raise ValueError(f"{real}: only {len(keep)} samples with an age to fit the brain-age probe")
+        groups = np.asarray([str(real_fs.records[i].get("subject") or real_fs.keys[i]) for i in keep])
+        probe, _ = fit_regressor(real_fs.X[keep], np.asarray([real_fs.records[i]["age"] for i in keep], float),
+                                 protocol or protocol_preset("paper"), groups)
+        probe_src = {"fitted_on": str(real), "n": len(keep)}
+    fi, bi, dts = zip(*pairs)
+    f_feat = encoder([fc.arrays[i] for i in fi])
+    b_feat = encoder([base.arrays[i] for i in bi])
+    rec = ageing_recovery(dts, probe.predict_scores(b_feat), probe.predict_scores(f_feat))
+    maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, mean=maps["mean"], mean_abs=maps["mean_abs"])
+    atomic_write_bytes(out / "forecast_difference.npz", buf.getvalue())
+    figures = {}
+    diff_montage([maps["mean"]], ["mean forecast-baseline"], out / "forecast_difference.png")
+    figures["forecast_difference"] = "forecast_difference.png"
+    n = min(montage_n, len(pairs))
+    vols, labels, diffs = [], [], []
+    for j in range(n):
+        i, b, dt = pairs[j]
+        vols += [base.arrays[b], fc.arrays[i]]
+        labels += [f"baseline {base.keys[b][:10]}", f"+{dt:g}y forecast"]
+        diffs.append(fc.arrays[i] - base.arrays[b])
+    volume_montage(vols, labels, out / "forecast_montage.png")
+    diff_montage(diffs, [f"+{pairs[j][2]:g}y diff" for j in range(n)], out / "forecast_subject_differences.png")
+    figures["forecast_montage"] = "forecast_montage.png"
+    figures["forecast_subject_differences"] = "forecast_subject_differences.png"
+    settings = {
+        "age_probe": probe_src,
+        "encoder": {"weights": encoder.weights, "digest": encoder.digest},
+        "tokenizers": tokenizers.provenance() if tokenizers is not None else [],
+        "generation": request_settings(fc.metas),
+        "difference_space": "brain z-space (decoded)",
+        "limit": limit,
+    }
+    inputs = [input_ref(forecasts, "forecasts"), input_ref(baselines, "baselines")]
+    if real is not None and age_probe is None:
+        inputs.append(input_ref(real, "real features (age probe)"))
+    if age_probe is not None:
+        inputs.append(input_ref(age_probe, "age probe"))
+    results = {"n_pairs": len(pairs), "rejected": rejects.count, "age": rec,
+               "difference": {"mean_abs_change": float(maps["mean_abs"].mean()),
+                              "file": "forecast_difference.npz"}, "figures": figures}
+    return write_metrics(out / "forecast.json", "forecast", settings, inputs, results)

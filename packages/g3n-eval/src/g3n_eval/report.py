@@ -1,0 +1,273 @@
+"""``g3n-eval report``: one HTML page a person can read, with its PNGs beside it.
+
+The page is built only from the metrics JSON files the other subcommands wrote (and their
+PNGs, copied next to ``index.html``), optional g3n-probe run folders (``results.csv``) and
+optional extra volume montages. No script, no external resource: open ``index.html`` from
+disk anywhere. Every number is shown with the settings and the inputs' manifest digests that
+produced it (the provenance section).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .records import FORMAT, MetricsFileError, atomic_write_text, input_ref, read_metrics
+
+CSS = """
+body{font-family:sans-serif;margin:24px;max-width:1150px;color:#222}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:3px;margin-top:28px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}th,td{border:1px solid #bbb;padding:3px 7px;text-align:right}
+th{background:#eee}td.l,th.l{text-align:left}figure{display:inline-block;vertical-align:top;margin:6px 12px 6px 0}
+figcaption{font-size:12px;color:#555}img{border:1px solid #ddd;max-width:100%}
+.bad{color:#b00;font-weight:bold}.ok{color:#070;font-weight:bold}pre{font-size:11px;background:#f6f6f6;padding:6px;overflow:auto}
+code{font-size:12px}
+"""
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "—"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    h = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(c))}</th>' for i, c in enumerate(header))
+    body = []
+    for r in rows:
+        body.append("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(_fmt(c))}</td>'
+                                     for i, c in enumerate(r)) + "</tr>")
+    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+
+
+def _figure(src: str, caption: str) -> str:
+    return (f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def collect(runs: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Metrics documents from files or folders (the folder and its direct subfolders)."""
+    docs: list[tuple[Path, dict[str, Any]]] = []
+    for r in map(Path, runs):
+        if r.is_file():
+            docs.append((r, read_metrics(r)))
+            continue
+        if not r.is_dir():
+            raise MetricsFileError(f"{r}: no such metrics file or folder")
+        found = sorted([*r.glob("*.json"), *r.glob("*/*.json")])
+        n = 0
+        for f in found:
+            try:
+                doc = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and doc.get("format") == FORMAT:
+                docs.append((f, doc))
+                n += 1
+        if n == 0:
+            raise MetricsFileError(f"{r}: holds no g3n-eval metrics file")
+    return docs
+
+
+def _copy_figures(docs: list[tuple[Path, dict[str, Any]]], out: Path) -> dict[int, dict[str, str]]:
+    """Copy every figure beside index.html under a unique name; {doc index: {figure: new name}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    mapping: dict[int, dict[str, str]] = {}
+    for i, (path, doc) in enumerate(docs):
+        mapping[i] = {}
+        for name, rel in (doc.get("results", {}).get("figures") or {}).items():
+            src = path.parent / rel
+            if not src.is_file():
+                continue
+            dst = f"{doc['measurement']}-{i}-{Path(rel).name}"
+            shutil.copyfile(src, out / dst)
+            mapping[i][name] = dst
+    return mapping
+
+
+def _recon_section(doc: dict[str, Any]) -> str:
+    s = doc["results"]["summary"]
+    rows = []
+    for metric in ("mse", "psnr", "ssim"):
+        for region, key in (("whole volume", metric), ("brain mask", f"{metric}_brain")):
+            v = s[key]
+            rows.append([metric.upper(), region, v["mean"], v["std"], v["median"], v["min"], v["max"], v["n"]])
+    tok = doc["settings"].get("tokenizer") or {}
+    head = f"<p>Tokenizer: <code>{html.escape(str(tok.get('name', 'given reconstructions')))}</code>; " \
+           f"{doc['results']['n']} volumes, {doc['results'].get('rejected', 0)} rejected.</p>"
+    return head + _table(["metric", "region", "mean", "std", "median", "min", "max", "n"], rows, left=2)
+
+
+def _control_section(doc: dict[str, Any]) -> str:
+    res = doc["results"]
+    rows = []
+    for name, r in res["tasks"].items():
+        null = r["null"]
+        prior = r["prior"]
+        rows.append([name, (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
+                     f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
+                     f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
+    out = _table(["task", "real", "cond", "cond AUC", "n cond", "null", "n null", "prior"], rows)
+    for field, sw in res.get("sweeps", {}).items():
+        lv = [[f"{field} {k}", v["n"], v["mean"], v["std"]] for k, v in sw["levels"].items()]
+        out += f"<p>{html.escape(field)} sweep: slope {_fmt(sw['slope'])}, Pearson r {_fmt(sw['pearson_r'])}</p>"
+        out += _table(["requested", "n", "predicted mean", "std"], lv)
+    if res.get("skipped"):
+        out += "<p>Skipped: " + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in res["skipped"].items()) + "</p>"
+    gen = doc["settings"].get("generation") or {}
+    out += "<p>Generation: " + html.escape(", ".join(f"{k}={json.dumps(v)}" for k, v in gen.items() if k != "checkpoint")) + "</p>"
+    return out
+
+
+def _fidelity_section(doc: dict[str, Any]) -> str:
+    res = doc["results"]
+    pairs = sorted(set(res.get("fid", {})) | set(res.get("encoder_fd", {})))
+    rows = []
+    for p in pairs:
+        f = res.get("fid", {}).get(p, {})
+        rows.append([p.replace("_", " "), f.get("sagittal"), f.get("coronal"), f.get("axial"), f.get("pooled"),
+                     res.get("encoder_fd", {}).get(p)])
+    fid = doc["settings"].get("fid") or {}
+    note = (f"<p>FID: Inception-V3 ({html.escape(str(fid.get('variant')))}) weights "
+            f"<code>{html.escape(str(fid.get('weights_digest')))}</code>, image {fid.get('image_size')}, "
+            f"slice offsets {fid.get('slice_offsets')}. Samples: {html.escape(json.dumps(res['n']))}.</p>") if fid else \
+        "<p>FID not measured (no Inception weights given); encoder Frechet distance only.</p>"
+    out = note + _table(["pair", "FID sagittal", "FID coronal", "FID axial", "FID pooled", "encoder FD"], rows)
+    if res.get("arms"):
+        field = doc["settings"].get("arm_field")
+        arows = []
+        for val, arm in res["arms"].items():
+            for p in sorted(set(arm["fid_pooled"]) | set(arm["encoder_fd"])):
+                arows.append([f"{field}={val}", p.replace("_", " "), arm["fid_pooled"].get(p), arm["encoder_fd"].get(p),
+                              json.dumps(arm["n"])])
+        for p in sorted(set(res["arms_mean"]["fid_pooled"]) | set(res["arms_mean"]["encoder_fd"])):
+            arows.append(["mean over arms", p.replace("_", " "), res["arms_mean"]["fid_pooled"].get(p),
+                          res["arms_mean"]["encoder_fd"].get(p), ""])
+        out += _table(["arm", "pair", "FID pooled", "encoder FD", "n"], arows, left=2)
+    return out
+
+
+def _memo_section(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    verdict = '<span class="bad">MEMORISATION FOUND</span>' if r["memorisation"] else '<span class="ok">no memorisation</span>'
+    rows = [["synthetic → train", r["syn_to_train"]["mean"], r["syn_to_train"]["min"], r["syn_to_train"]["median"], r["n_synthetic"]],
+            ["held-out real → train", r["heldout_to_train"]["mean"], r["heldout_to_train"]["min"], r["heldout_to_train"]["median"], r["n_heldout"]]]
+    s = doc["settings"]
+    return (f"<p>{verdict}. Ratio of means {_fmt(r['ratio_of_means'])} (gate: ≥ {_fmt(s['min_ratio'])}); "
+            f"{_fmt(r['fraction_below'])} of synthetic samples below percentile {_fmt(s['percentile'])} of "
+            f"held-out distances ({_fmt(r['threshold'])}; chance {_fmt(r['expected_fraction'], 3)}, binomial p {_fmt(r['p_value'], 3)}; "
+            f"gate: ≤ {_fmt(s['max_fraction_below'])} and p < {_fmt(s['alpha'])}); {r['n_copies']} exact copies; "
+            f"{r['dim']}-d latents, {r['n_train']} training samples.</p>"
+            + "".join(f"<p class='bad'>{html.escape(x)}</p>" for x in r["reasons"])
+            + _table(["nearest-neighbour distance", "mean", "min", "median", "n"], rows))
+
+
+def _forecast_section(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    a = r["age"]
+    rows = [[f"+{k} y", v["n"], v["mean_predicted_change"]] for k, v in a["levels"].items()]
+    return (f"<p>{r['n_pairs']} forecasts. Brain-age probe on decoded forecasts vs requested interval: slope "
+            f"{_fmt(a['slope'])} (fraction of requested ageing recovered), Pearson r {_fmt(a['pearson_r'])}; "
+            f"mean |forecast − baseline| {_fmt(r['difference']['mean_abs_change'])} (z-units).</p>"
+            + _table(["requested interval", "n", "mean predicted ageing (y)"], rows))
+
+
+def _probe_section(run: Path) -> str:
+    f = run / "results.csv"
+    try:
+        rows = list(csv.DictReader(f.open()))
+    except OSError as e:
+        raise MetricsFileError(f"{f}: cannot read g3n-probe results: {e}") from None
+    if not rows:
+        return f"<p>{html.escape(str(f))}: no results.</p>"
+    cols = list(rows[0].keys())
+    return f"<p>From <code>{html.escape(str(run))}</code></p>" + _table(cols, [[r[c] for c in cols] for r in rows], left=3)
+
+
+SECTIONS = {
+    "reconstruction": ("Reconstruction", _recon_section),
+    "controllability": ("Controllability", _control_section),
+    "fidelity": ("Fidelity", _fidelity_section),
+    "memorisation": ("Memorisation audit", _memo_section),
+    "forecast": ("Longitudinal forecasts", _forecast_section),
+}
+FIGURE_CAPTIONS = {
+    "recon_montage": "real vs reconstructed (central planes)",
+    "fidelity_montage": "real / reconstructed / generated samples",
+    "memorisation_hist": "nearest-neighbour distances",
+    "forecast_difference": "mean forecast − baseline (red: brighter, blue: darker)",
+    "forecast_montage": "baselines and forecasts",
+    "forecast_subject_differences": "per-subject forecast − baseline",
+}
+
+
+def build_report(runs: Sequence[str | Path], out: str | Path, probe_runs: Sequence[str | Path] = (),
+                 volumes: Sequence[str] = (), title: str = "BrainG3N evaluation report", tokenizers: Any = None,
+                 montage_n: int = 4) -> Path:
+    """Write ``out/index.html`` and its PNGs; returns the page's path."""
+    from .figures import volume_montage
+
+    out = Path(out)
+    docs = collect(runs)
+    figs = _copy_figures(docs, out)
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>g3n-eval {html.escape(__version__)}; protocol version(s) "
+             f"{html.escape(', '.join(sorted({d['protocol_version'] for _, d in docs})))}; "
+             f"{len(docs)} metrics file(s).</p>"]
+    # images first: what a reader looks at
+    images = []
+    extra_inputs = []
+    for spec in volumes:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--volumes {spec!r}: expected LABEL=PATH")
+        from .sources import volumes_of
+
+        v = volumes_of(path, tokenizers, montage_n)
+        name = f"volumes-{len(images)}-{label}.png"
+        volume_montage(v.arrays, [f"{label} {k[:12]}" for k in v.keys], out / name)
+        images.append(_figure(name, f"{label}: {path}"))
+        extra_inputs.append(input_ref(path, f"montage: {label}"))
+    for i, (_, doc) in enumerate(docs):
+        for fname, dst in figs[i].items():
+            cap = FIGURE_CAPTIONS.get(fname, fname.replace("_", " ").replace("sweep ", "condition sweep: "))
+            images.append(_figure(dst, f"{doc['measurement']}: {cap}"))
+    if images:
+        parts.append("<h2>Images</h2>" + "".join(images))
+    if probe_runs:
+        parts.append("<h2>Linear probes</h2>" + "".join(_probe_section(Path(p)) for p in probe_runs))
+    for meas, (heading, render) in SECTIONS.items():
+        these = [(p, d) for p, d in docs if d["measurement"] == meas]
+        for p, d in these:
+            parts.append(f"<h2>{heading}</h2><p><code>{html.escape(str(p))}</code></p>" + render(d))
+    # provenance: every input of every metrics file, and the settings that change the figures
+    prov_rows = []
+    for p, d in docs:
+        for ref in d.get("inputs", []):
+            prov_rows.append([d["measurement"], ref.get("role"), ref.get("path"), ref.get("kind"), ref.get("digest"),
+                              ref.get("samples")])
+    for ref in extra_inputs:
+        prov_rows.append(["report", ref.get("role"), ref.get("path"), ref.get("kind"), ref.get("digest"), ref.get("samples")])
+    for p in probe_runs:
+        prov_rows.append(["probe", "g3n-probe run", str(p), "probe-run", None, None])
+    parts.append("<h2>Provenance</h2>" + _table(["measurement", "role", "path", "kind", "manifest digest", "samples"], prov_rows, left=5))
+    for p, d in docs:
+        parts.append(f"<details><summary>settings of {html.escape(d['measurement'])} "
+                     f"(<code>{html.escape(str(p))}</code>)</summary><pre>"
+                     f"{html.escape(json.dumps(d['settings'], indent=1, sort_keys=True))}</pre></details>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return atomic_write_text(out / "index.html", page)

@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+from g3n_eval import metrics as M
+from g3n_shards.testing import brain_like
+
+
+@pytest.fixture
+def vol():
+    return brain_like(np.random.default_rng(0), (16, 20, 16))
+
+
+def test_identical_volumes(vol):
+    s = M.score_volume(vol, vol.copy())
+    assert s.mse == 0 and s.mse_brain == 0
+    assert math.isinf(s.psnr) and math.isinf(s.psnr_brain)
+    assert s.ssim == pytest.approx(1.0, abs=1e-12)
+    assert s.ssim_brain == pytest.approx(1.0, abs=1e-12)
+    assert s.brain_voxels == int((vol != 0).sum())
+
+
+def test_known_mse_and_psnr(vol):
+    noisy = vol + 2.0
+    assert M.mse(vol, noisy) == pytest.approx(4.0)
+    L = float(vol.max() - vol.min())
+    assert M.psnr(vol, noisy) == pytest.approx(10 * math.log10(L * L / 4.0))
+    assert M.psnr(vol, noisy, data_range=10.0) == pytest.approx(10 * math.log10(100 / 4.0))
+    # masked MSE only sees the brain: an error outside the brain does not count there
+    bg_err = vol.copy()
+    bg_err[vol == 0] = 5.0
+    assert M.mse(vol, bg_err, vol != 0) == 0.0
+    assert M.mse(vol, bg_err) > 0
+
+
+def test_ssim_orders_degradation(vol):
+    rng = np.random.default_rng(1)
+    small = vol + rng.normal(0, 5, vol.shape)
+    big = vol + rng.normal(0, 100, vol.shape)
+    s_small, s_big = M.ssim3d(vol, small), M.ssim3d(vol, big)
+    assert 1.0 > s_small > s_big
+    # a constant shift of mean lowers luminance term only slightly; an inversion is very dissimilar
+    assert M.ssim3d(vol, vol.max() - vol) < 0.5
+
+
+def test_ssim_matches_direct_formula_for_global_window():
+    # window covering the whole (3x3x3) volume with huge sigma = global SSIM with uniform weights
+    rng = np.random.default_rng(2)
+    x, y = rng.random((3, 3, 3)), rng.random((3, 3, 3))
+    s = M.ssim3d(x, y, data_range=1.0, sigma=1e6, taps=3)
+    c1, c2 = (0.01) ** 2, (0.03) ** 2
+    mx, my = x.mean(), y.mean()
+    vx, vy = x.var(), y.var()
+    cxy = ((x - mx) * (y - my)).mean()
+    expected = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert s == pytest.approx(expected, rel=1e-6)
+
+
+def test_bad_inputs(vol):
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.mse(vol, vol[:-1])
+    bad = vol.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        M.mse(vol, bad)
+    with pytest.raises(ValueError, match="empty"):
+        M.mse(vol, vol, np.zeros(vol.shape, bool))
+
+
+def test_zscore_pair_keeps_background_and_scale(vol):
+    a, b = M.zscore_pair(vol, vol)
+    assert np.allclose(a, b)
+    m = vol != 0
+    assert a[m].mean() == pytest.approx(0, abs=1e-9) and a[m].std() == pytest.approx(1, abs=1e-9)
+    assert (a[~m] == 0).all()
+
+
+def test_summarise_counts_infinite():
+    s = M.summarise([1.0, 3.0, math.inf])
+    assert s["n"] == 3 and s["n_infinite"] == 1 and s["mean"] == 2.0
+
+
+def test_score_volume_consistent_with_parts(vol):
+    rng = np.random.default_rng(5)
+    test = vol + rng.normal(0, 20, vol.shape)
+    s = M.score_volume(vol, test)
+    m = vol != 0
+    assert s.ssim == pytest.approx(M.ssim3d(vol, test))
+    assert s.ssim_brain == pytest.approx(M.ssim3d(vol, test, m))
+    assert s.mse_brain == pytest.approx(M.mse(vol, test, m))
+
+
+def test_real_atlas_degradation_orders_metrics():
+    """On a real brain (the SRI24 atlas, downsampled), more blur gives worse MSE, PSNR and SSIM."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "real" / "sri24-atlas"
+    files = sorted(root.glob("*skullstripped*.nii*")) if root.is_dir() else []
+    if not files:
+        pytest.skip(f"real atlas not found under {root}")
+    nib = pytest.importorskip("nibabel")
+    from scipy.ndimage import gaussian_filter
+
+    v = np.squeeze(np.asarray(nib.load(str(files[0])).dataobj, dtype=np.float32))[::3, ::3, ::3]
+    v = np.clip(v, 0, None)
+    scores = [M.score_volume(v, np.where(v > 0, gaussian_filter(v, s), 0)) for s in (0.5, 1.5)]
+    assert scores[0].mse_brain < scores[1].mse_brain
+    assert scores[0].psnr_brain > scores[1].psnr_brain
+    assert scores[0].ssim_brain > scores[1].ssim_brain

@@ -1,0 +1,177 @@
+"""The g3n-eval commands end to end on tiny sets (through the CLI, in-process)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from g3n_eval import PROTOCOL_VERSION
+from g3n_eval.cli import main
+
+
+def _doc(path):
+    doc = json.loads(path.read_text())
+    assert doc["protocol_version"] == PROTOCOL_VERSION and isinstance(doc["settings"], dict)
+    for ref in doc["inputs"]:
+        assert ref["digest"] and ref["digest"].startswith("sha256:"), ref
+    return doc
+
+
+def test_recon_through_registry(runs):
+    out, codes = runs
+    assert codes["recon"] == 0
+    doc = _doc(out / "recon" / "recon.json")
+    s = doc["results"]["summary"]
+    assert doc["results"]["n"] == 6 and s["mse"]["n"] == 6
+    assert s["mse"]["mean"] > 0 and -1 <= s["ssim_brain"]["mean"] < 1  # an untrained decoder is not perfect
+    assert doc["settings"]["tokenizer"]["name"] == "mae-cnn" and doc["settings"]["tokenizer"]["checkpoint_digest"]
+    rows = list(csv.DictReader((out / "recon" / "recon_per_volume.csv").open()))
+    assert len(rows) == 6 and {"mse_brain", "psnr", "ssim"} <= set(rows[0])
+    assert (out / "recon" / "recon-volumes" / "manifest.json").is_file()
+
+
+def test_recon_identical_set_is_perfect(work, volumes_set):
+    out = work / "runs" / "recon-identity"
+    assert main(["recon", "--volumes", str(volumes_set), "--recon", str(volumes_set), "--out", str(out), "--no-progress"]) == 0
+    s = _doc(out / "recon.json")["results"]["summary"]
+    assert s["mse"]["max"] == 0 and s["mse_brain"]["max"] == 0
+    assert s["ssim"]["min"] == pytest.approx(1.0) and s["ssim_brain"]["min"] == pytest.approx(1.0)
+    assert s["psnr"]["n_infinite"] == s["psnr"]["n"]
+
+
+def test_fidelity(runs, inception_weights):
+    out, codes = runs
+    assert codes["fidelity"] == 0
+    doc = _doc(out / "fidelity" / "fidelity.json")
+    fid = doc["results"]["fid"]
+    assert set(fid) == {"generated_vs_real", "generated_vs_recon", "recon_vs_real"}
+    for row in fid.values():
+        assert set(row) == {"sagittal", "coronal", "axial", "pooled"} and all(math.isfinite(v) and v >= 0 for v in row.values())
+    assert all(math.isfinite(v) for v in doc["results"]["encoder_fd"].values())
+    st = doc["settings"]
+    assert st["fid"]["weights_digest"].startswith("sha256:") and st["fid"]["image_size"] == 75
+    assert st["generation"]["sampler"] == "euler" and st["generation"]["steps"] == 50
+
+
+def test_fidelity_without_weights_is_a_clear_error(work, volumes_set, capsys):
+    missing = work / "no-such-inception.safetensors"
+    rc = main(["fidelity", "--real", str(volumes_set), "--recon", str(volumes_set), "--inception-weights", str(missing),
+               "--out", str(work / "runs" / "fid-missing"), "--no-progress"])
+    assert rc == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_controllability(runs):
+    out, codes = runs
+    assert codes["controllability"] == 0
+    doc = _doc(out / "controllability" / "controllability.json")
+    row = doc["results"]["tasks"]["sex:F-vs-M"]
+    assert row["cond"]["n"] == 8 and 0 <= row["cond"]["agreement"] <= 1
+    assert row["null"]["n"] == 4 and row["prior"]["n"] == 16
+    assert "diagnosis:HC-vs-PD" in doc["results"]["skipped"]
+    sw = doc["results"]["sweeps"]["age"]
+    assert set(sw["levels"]) == {"30", "50", "70"} and sw["n"] == 9
+    assert doc["settings"]["generation"]["seeds"] == {"n": 12, "min": 0, "max": 11, "contiguous": True}
+    assert (out / "controllability" / "sweep_age.png").is_file()
+
+
+def test_memorisation_gate(runs, work, latent_sets):
+    out, codes = runs
+    assert codes["memorisation"] == 0  # noisy samples: not memorised
+    doc = _doc(out / "memorisation" / "memorisation.json")
+    assert doc["results"]["memorisation"] is False and doc["results"]["ratio_of_means"] > 0.9
+    rc = main(["memorisation", "--synthetic", str(latent_sets["copies"]), "--train", str(latent_sets["train"]),
+               "--heldout", str(latent_sets["heldout"]), "--gate", "--out", str(work / "runs" / "memo-copies"), "--no-progress"])
+    assert rc == 1
+    doc = _doc(work / "runs" / "memo-copies" / "memorisation.json")
+    assert doc["results"]["n_copies"] == 6
+    # without --gate the audit reports but does not block
+    assert main(["memorisation", "--synthetic", str(latent_sets["copies"]), "--train", str(latent_sets["train"]),
+                 "--heldout", str(latent_sets["heldout"]), "--out", str(work / "runs" / "memo-nogate"), "--no-progress"]) == 0
+
+
+def test_memorisation_npy_inputs(work):
+    rng = np.random.default_rng(0)
+    d = work / "npy"
+    d.mkdir()
+    for name, seed, n in (("s", 1, 20), ("t", 2, 40), ("h", 3, 20)):
+        np.save(d / f"{name}.npy", np.random.default_rng(seed).normal(size=(n, 12, 4)))
+    assert main(["memorisation", "--synthetic", str(d / "s.npy"), "--train", str(d / "t.npy"), "--heldout", str(d / "h.npy"),
+                 "--gate", "--out", str(d / "out"), "--no-progress"]) == 0
+    t = np.load(d / "t.npy")
+    np.save(d / "copies.npy", t[rng.choice(40, 20)])
+    assert main(["memorisation", "--synthetic", str(d / "copies.npy"), "--train", str(d / "t.npy"), "--heldout",
+                 str(d / "h.npy"), "--gate", "--out", str(d / "out2"), "--no-progress"]) == 1
+
+
+def test_forecast(runs):
+    out, codes = runs
+    assert codes["forecast"] == 0
+    doc = _doc(out / "forecast" / "forecast.json")
+    r = doc["results"]
+    assert r["n_pairs"] == 8 and set(r["age"]["levels"]) == {"1", "2", "4", "8"}
+    assert math.isfinite(r["age"]["slope"])
+    assert r["difference"]["mean_abs_change"] > 0
+    with np.load(out / "forecast" / "forecast_difference.npz") as z:
+        assert z["mean"].shape == (32, 32, 32)
+    assert doc["settings"]["generation"]["steps"] == 100
+
+
+def test_bad_input_names_the_path(work, capsys):
+    bogus = work / "not-a-set"
+    bogus.mkdir(exist_ok=True)
+    assert main(["recon", "--volumes", str(bogus), "--recon", str(bogus), "--out", str(work / "runs" / "bad")]) == 2
+    assert str(bogus) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["recon", "controllability", "fidelity", "memorisation", "forecast", "report"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_fidelity_recon_auto_uses_the_generators_tokenizer(work, volumes_set, latent_sets, tokenizer_ckpt, mae_weights):
+    out = work / "runs" / "fid-auto"
+    assert main(["fidelity", "--real", str(volumes_set), "--generated", str(latent_sets["synthetic"]), "--recon", "auto",
+                 "--tokenizer-checkpoint", str(tokenizer_ckpt), "--skip-fid", "--encoder", str(mae_weights), "--limit", "5", "--arm-field", "sex",
+                 "--out", str(out), "--no-progress"]) == 0
+    doc = _doc(out / "fidelity.json")
+    assert set(doc["results"]["encoder_fd"]) == {"generated_vs_real", "generated_vs_recon", "recon_vs_real"}
+    assert doc["results"]["encoder_fd"]["recon_vs_real"] > 0 and doc["results"]["fid"] == {}
+    assert doc["settings"]["fid"] is None and doc["settings"]["tokenizers"][0]["name"] == "mae-cnn"
+    arms = doc["results"]["arms"]
+    # the first 5 keys hold 2 'M' requests and 1 'F': F is skipped (too few), M is measured
+    assert set(arms) == {"M"} and set(doc["results"]["arms_skipped"]) == {"F"}
+    assert arms["M"]["n"]["generated"] == 2 and arms["M"]["n"]["real"] == arms["M"]["n"]["recon"] == 3
+    assert doc["results"]["arms_mean"]["encoder_fd"]["generated_vs_real"] == pytest.approx(
+        np.mean([a["encoder_fd"]["generated_vs_real"] for a in arms.values()]))
+    # the per-arm table renders in the report
+    from g3n_eval.report import build_report
+
+    page = build_report([out], work / "runs" / "fid-auto-report").read_text()
+    assert "sex=M" in page and "mean over arms" in page
+
+
+def test_recon_set_out_of_order_with_missing_keys(work, volumes_set):
+    """Reconstructions written in another order and missing some volumes: pairs by key, rejects the rest."""
+    import g3n_shards as gs
+
+    ss = gs.ShardSet.open(volumes_set)
+    samples = sorted(ss, key=lambda s: s.key, reverse=True)[:10]  # 10 of 16, reversed
+    rec = work / "recon-partial"
+    with gs.ShardWriter(rec, kind="volumes", producer=gs.Producer(package="t"), geometry=ss.manifest.geometry,
+                        max_shard_samples=3) as w:
+        for s in samples:
+            w.write(s.key, s.meta, {"volume": s.arrays["volume"] * 1.01})  # scanner units, 1 % brighter
+    out = work / "runs" / "recon-partial"
+    assert main(["recon", "--volumes", str(volumes_set), "--recon", str(rec), "--out", str(out), "--no-progress"]) == 0
+    doc = _doc(out / "recon.json")
+    assert doc["results"]["n"] == 10 and doc["results"]["rejected"] == 6
+    lines = (out / "rejects.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all("no reconstruction" in json.loads(x)["reason"] for x in lines)
+    s = doc["results"]["summary"]
+    assert 0 < s["mse_brain"]["mean"] < 0.01 and 0.9 < s["ssim_brain"]["mean"] < 1

@@ -1,0 +1,79 @@
+"""The report: built from the measurement outputs, then opened in a real headless browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from g3n_eval.cli import main
+from PIL import Image
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
+                 if p and Path(p).is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def report(runs, work, volumes_set):
+    out_dir, _ = runs
+    dest = work / "report"
+    probe_run = work / "probe-run"  # the file g3n-probe's write_run produces (results.csv)
+    probe_run.mkdir(exist_ok=True)
+    (probe_run / "results.csv").write_text(
+        "task,slice,metric,mean,sd,folds,subjects,volumes,units,classes,notes\n"
+        "sex,T1,auc,0.9671,0.012,5,120,120,120,F|M,\nbrain_age,T1,mae,4.43,0.3,5,120,120,120,,\n")
+    rc = main(["report", "--probe-run", str(probe_run), str(out_dir / "recon"), str(out_dir / "fidelity"), str(out_dir / "controllability"),
+               str(out_dir / "memorisation"), str(out_dir / "forecast"), "--volumes", f"real={volumes_set}",
+               "--out", str(dest), "--no-progress"])
+    assert rc == 0
+    return dest
+
+
+def test_report_content(report, volumes_set):
+    page = (report / "index.html").read_text()
+    assert "0.9671" in page and "brain_age" in page
+    for heading in ("Linear probes", "Reconstruction", "Controllability", "Fidelity", "Memorisation audit", "Longitudinal forecasts", "Provenance"):
+        assert f"<h2>{heading}</h2>" in page
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) >= 7
+    for s in srcs:  # every image is a local PNG beside the page (self-contained folder)
+        assert "/" not in s and (report / s).is_file() and (report / s).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    import g3n_shards as gs
+
+    assert gs.ShardSet.open(volumes_set).digest in page  # provenance lists the inputs' manifest digests
+    assert "sweep" in page and "weights_digest" in page
+
+
+def _screenshot(html: Path, png: Path, tmp: Path) -> np.ndarray:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--user-data-dir={tmp}", f"--screenshot={png}", "--window-size=1200,2000", html.resolve().as_uri()]
+    subprocess.run(cmd, check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return np.asarray(Image.open(png).convert("L"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium) - browser check skipped")
+def test_report_renders_in_a_browser(report, tmp_path):
+    shot = _screenshot(report / "index.html", tmp_path / "shot.png", tmp_path / "profile")
+    # control: the same page with every image link broken
+    broken = report / "broken.html"
+    broken.write_text(re.sub(r'<img src="([^"]+)"', r'<img src="missing-\1"', (report / "index.html").read_text()))
+    ctrl = _screenshot(broken, tmp_path / "ctrl.png", tmp_path / "profile2")
+    broken.unlink()
+    assert shot.shape == ctrl.shape
+
+    def dense_blocks(a: np.ndarray) -> np.ndarray:
+        # 32x32 blocks that are mostly not white paper: text and table rules are sparse on white,
+        # rendered images (brain montages, maps, histograms) fill their blocks
+        h, w = a.shape[0] // 32 * 32, a.shape[1] // 32 * 32
+        b = a[:h, :w].reshape(h // 32, 32, w // 32, 32).swapaxes(1, 2).reshape(h // 32, w // 32, -1)
+        return b[b.mean(-1) < 215]
+
+    img, ctl = dense_blocks(shot), dense_blocks(ctrl)
+    assert len(img) >= 200, len(img)  # at least ~200k pixels of rendered figures
+    assert len(img) > 10 * max(len(ctl), 1), (len(img), len(ctl))
+    assert len(np.unique(img)) > 100  # many grey levels: pictures, not flat boxes
