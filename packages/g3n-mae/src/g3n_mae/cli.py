@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="pretrain the MAE (plain torch or DeepSpeed; CPU or GPUs)")
     add_config(t)
-    t.add_argument("--data", type=Path, help="a 'volumes' shard set")
+    t.add_argument("--data", type=str, help="a 'volumes' shard set: a folder or a WebDataset URL prefix")
     t.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N in-memory brain-like volumes (demo)")
     t.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
     t.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("encode", help="unmasked encoder over a volumes set -> tokens set")
     e.add_argument("weights", type=Path, help="weights file, export dir, checkpoint dir or run dir")
-    e.add_argument("--volumes", type=Path, required=True, help="input 'volumes' shard set")
+    e.add_argument("--volumes", type=str, required=True, help="input 'volumes' shard set: a folder or a WebDataset URL prefix")
     e.add_argument("--out", type=Path, required=True, help="output 'tokens' shard set")
     e.add_argument("--store", choices=["tokens", "mean", "both"], default="both", help="token grid, mean, or both")
     e.add_argument("--batch-size", type=int, default=4)

@@ -1,0 +1,241 @@
+"""`g3n-demo`: the whole BrainG3N chain on the built-in cohort, on CPU, in one command.
+
+The built-in cohort is the labelled synthetic cohort of `g3n-data synth` plus the 10 real IXI
+T1 volumes shipped in this package. Every stage is one of the stage packages' own commands;
+every intermediate is a shard set in the run folder, and a re-run skips finished stages:
+
+    synth ─┐
+    real ──┴▶ volumes ─▶ mae ─▶ tokens ─▶ probe
+                 │        └──▶ tokenizer ─▶ latents ─▶ dit ─▶ samples ──┐
+                 │                            ├──▶ dit-long ─▶ forecasts ├▶ eval report
+                 │                            └──▶ counterfactuals ──────┘
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from g3n_shards import ShardSet, atomic_write_bytes, subset_shard_set
+
+from .runner import Stage, StageFailed, run_stage
+
+#: The samples the demo asks the generator for: one request per class of each condition, so that
+#: the evaluation can compare what was requested with what a probe sees (method.md Table 2a).
+SAMPLE_REQUESTS: list[dict] = [
+    *({"conditions": {"disease": d, "modality": "T1"}} for d in ("HC", "MCI", "AD", "PD")),
+    *({"conditions": {"sex": s, "modality": "T1"}} for s in ("F", "M")),
+    *({"conditions": {"modality": m}} for m in ("T1", "T2", "FLAIR", "T1c")),
+    *({"conditions": {"age": a, "modality": "T1"}} for a in (30, 50, 70)),
+    {"conditions": {}},
+]
+
+
+class DemoConfig(BaseModel):
+    """Sizes of the demo run; the defaults finish in about 15 minutes on 2 CPU cores."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_dir: Path = Path("runs/demo")
+    subjects: int = Field(60, ge=12, description="synthetic subjects (several volumes each)")
+    seed: int = 2025
+    workers: int = Field(2, ge=1)
+    real: bool = Field(True, description="include the 10 real IXI T1 volumes shipped with the package")
+    real_skullstrip: str = Field("atlas", description="robex (about 45 s a volume), atlas, or none")
+    mae_steps: int = 400
+    tokenizer_epochs: int = 6
+    dit_steps: int = 500
+    longitudinal_steps: int = 300
+    samples_per_request: int = 8
+    sample_steps: int = 25
+
+
+def ixi_csv() -> Path:
+    return Path(str(resources.files("g3n_pipeline") / "cohort" / "ixi10" / "ixi10.csv"))
+
+
+def _split_subsets(run: Path, source: str, prefix: str) -> None:
+    """Write PREFIX-train / PREFIX-test subsets of SOURCE following splits.json (by subject)."""
+    from g3n_data.splits import load_splits
+
+    splits = load_splits(run / "splits.json")
+    src = ShardSet.open(run / source)
+    have = set(src.keys())
+    for name in ("train", "test"):
+        keys = [k for k in splits.keys[name] if k in have]
+        out = run / f"{prefix}-{name}"
+        subset_shard_set(src, keys, out, overwrite=True)
+
+
+def build_stages(cfg: DemoConfig) -> list[Stage]:
+    s = str  # paths become command-line strings
+    w = str(cfg.workers)
+    stages = [
+        Stage("synth", "synthetic labelled cohort (g3n-data synth)", ["volumes-synth"], lambda r: [
+            ["g3n_data.cli", "synth", "--out", s(r / "volumes-synth"), "--subjects", str(cfg.subjects),
+             "--seed", str(cfg.seed), "--geometry", "demo", "--workers", w, "--overwrite"]]),
+    ]
+    parts = ["volumes-synth"]
+    if cfg.real:
+        stages.append(Stage("real", "real IXI T1: ingest and preprocess (g3n-data)", ["volumes-real"], lambda r: [
+            ["g3n_data.cli", "ingest", "csv", s(ixi_csv()), "--out", s(r / "ingest-ixi"), "--cohort", "IXI",
+             "--site", "IXI-HH"],
+            ["g3n_data.cli", "preprocess", s(r / "ingest-ixi" / "worklist.jsonl"), "--out", s(r / "volumes-real"),
+             "--preset", "demo", "--skullstrip", cfg.real_skullstrip, "--workers", w]]))
+        parts.append("volumes-real")
+    stages += [
+        Stage("cohort", "one volumes set, subject-level splits", ["volumes", "splits.json", "volumes-train", "volumes-test"],
+              lambda r: [["g3n_shards.cli", "merge", s(r / "volumes"), *(s(r / p) for p in parts), "--overwrite"],
+                         ["g3n_data.cli", "split", "--in", s(r / "volumes"), "--out", s(r / "splits.json"),
+                          "--seed", str(cfg.seed)]],
+              after=lambda r: _split_subsets(r, "volumes", "volumes")),
+        Stage("mae", "3D MAE pretraining, tiny preset (g3n-mae train)", ["mae/export"], lambda r: [
+            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / "volumes"), "--run-dir", s(r / "mae"),
+             "--steps", str(cfg.mae_steps), "--engine", "torch", "--seed", str(cfg.seed), "--no-tensorboard"]]),
+        Stage("encode", "encode every volume (g3n-mae encode)", ["tokens"], lambda r: [
+            ["g3n_mae.cli", "encode", s(r / "mae"), "--volumes", s(r / "volumes"), "--out", s(r / "tokens"),
+             "--store", "both", "--overwrite"]]),
+        Stage("probe", "the clinical probe panel (g3n-probe run)", ["probe"], lambda r: [
+            ["g3n_probe.cli", "run", s(r / "tokens"), "--out", s(r / "probe"), "--name", "BrainG3N-tiny"]]),
+        Stage("tokenizer", "MAE-CNN tokenizer, tiny preset (g3n-tokenizer train, encode)",
+              ["tokenizer/tokenizer.safetensors", "latents", "latents-train", "latents-test"], lambda r: [
+            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
+             "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae"), "--preset", "tiny",
+             "--epochs", str(cfg.tokenizer_epochs), "--seed", str(cfg.seed)],
+            ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes"), "--checkpoint",
+             s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
+              after=lambda r: _split_subsets(r, "latents", "latents")),
+        Stage("dit", "conditional flow-matching DiT, tiny (g3n-dit train, sample)", ["dit", "samples"], lambda r: [
+            ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", "tiny",
+             "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed)],
+            ["g3n_dit.cli", "sample", "--checkpoint", s(r / "dit"), "--out", s(r / "samples"),
+             "--requests", s(r / "requests.jsonl"), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed),
+             "--overwrite"]]),
+        Stage("longitudinal", "longitudinal bridge and forecasts (g3n-dit)", ["dit-long", "forecasts"], lambda r: [
+            ["g3n_dit.cli", "train-longitudinal", "--latents", s(r / "latents-train"), "--out", s(r / "dit-long"),
+             "--preset", "tiny", "--max-steps", str(cfg.longitudinal_steps), "--seed", str(cfg.seed)],
+            ["g3n_dit.cli", "forecast", "--checkpoint", s(r / "dit-long"), "--latents", s(r / "latents-test"),
+             "--keys", *first_visit_keys(r / "latents-test", modality="T1", n=8),
+             "--intervals", "2", "5", "10", "--out", s(r / "forecasts"), "--overwrite"]]),
+        Stage("counterfactual", "counterfactuals: HC scans as AD and 10 years older (g3n-dit)", ["counterfactuals"],
+              lambda r: [
+            ["g3n_dit.cli", "counterfactual", "--checkpoint", s(r / "dit"), "--latents", s(r / "latents-test"),
+             "--keys", *first_visit_keys(r / "latents-test", modality="T1", n=4, diagnosis="HC"),
+             "--set", "disease=AD", "--set", "age=+10", "--out", s(r / "counterfactuals"), "--overwrite"]]),
+        Stage("eval", "evaluation and the HTML report (g3n-eval)", ["eval/report/index.html"], lambda r: [
+            ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--tokenizer-checkpoint",
+             s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit", "16",
+             "--save-recon", "--out", s(r / "eval" / "recon")],
+            ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples"),
+             "--encoder", s(r / "mae"), "--out", s(r / "eval" / "controllability")],
+            ["g3n_eval.cli", "memorisation", "--synthetic", s(r / "samples"), "--train", s(r / "latents-train"),
+             "--heldout", s(r / "latents-test"), "--out", s(r / "eval" / "memorisation")],
+            ["g3n_eval.cli", "fidelity", "--real", s(r / "volumes-test"), "--generated", s(r / "samples"),
+             "--recon", s(r / "eval" / "recon" / "recon-volumes"), "--skip-fid", "--encoder", s(r / "mae"),
+             "--out", s(r / "eval" / "fidelity")],
+            ["g3n_eval.cli", "forecast", "--forecasts", s(r / "forecasts"), "--baselines", s(r / "latents-test"),
+             "--real", s(r / "tokens"), "--encoder", s(r / "mae"), "--out", s(r / "eval" / "forecast")],
+            ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
+             s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
+             "--probe-run", s(r / "probe"), "--volumes", f"real={r / 'volumes-test'}",
+             "--volumes", f"generated={r / 'samples'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
+             "--title", "BrainG3N demo", "--out", s(r / "eval" / "report")]]),
+    ]
+    return stages
+
+
+def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None = None) -> list[str]:
+    """Keys of the first session of up to ``n`` subjects (deterministic: sorted by key)."""
+    metas = ShardSet.open(latents).metadata()
+    first: dict[str, tuple[float, str]] = {}
+    for key, m in sorted(metas.items()):
+        if m.modality != modality or (diagnosis and m.diagnosis != diagnosis) or m.age is None:
+            continue
+        if m.subject not in first or m.age < first[m.subject][0]:
+            first[m.subject] = (m.age, key)
+    keys = sorted(k for _, k in first.values())[:n]
+    if not keys:
+        raise StageFailed(f"{latents}: no {modality} latents{f' with diagnosis {diagnosis}' if diagnosis else ''} to start from")
+    return keys
+
+
+def headline(run: Path) -> list[str]:
+    """The figures printed at the end: probe AUCs/MAE on the main tasks, controllability, memorisation."""
+    lines = []
+    results = run / "probe" / "results.csv"
+    if results.is_file():
+        import csv
+
+        wanted = {"disease", "sex", "modality", "brain_age", "idh1", "age"}
+        for row in csv.DictReader(results.open()):
+            if row.get("task") in wanted and row.get("slice") in ("all", "T1", "T1c"):
+                lines.append(f"probe {row['task']:<10} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}")
+    for name in ("controllability", "memorisation"):
+        f = run / "eval" / name / f"{name}.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in (d.get("headline") or {}).items()))
+    return lines
+
+
+def run_demo(cfg: DemoConfig, force: bool = False, until: str | None = None) -> Path:
+    run = cfg.run_dir.resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run / "demo-config.json", cfg.model_dump_json(indent=2).encode())
+    atomic_write_bytes(run / "requests.jsonl", b"".join(
+        json.dumps({**req, "n": cfg.samples_per_request}).encode() + b"\n" for req in SAMPLE_REQUESTS))
+    stages = build_stages(cfg)
+    names = [st.name for st in stages]
+    if until is not None and until not in names:
+        raise SystemExit(f"--until: unknown stage {until!r}; stages: {', '.join(names)}")
+    t = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        run_stage(run, stage, i, len(stages), force=force)
+        if stage.name == until:
+            break
+    print(f"\nBrainG3N demo finished in {time.perf_counter() - t:.0f} s; run folder {run}")
+    report = run / "eval" / "report" / "index.html"
+    if report.is_file():
+        print(f"report: {report}")
+    for line in headline(run):
+        print("  " + line)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="g3n-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", type=Path, default=DemoConfig().run_dir, help="run folder (default runs/demo)")
+    p.add_argument("--config", type=Path, help="JSON/YAML DemoConfig; flags override it")
+    p.add_argument("--subjects", type=int, help="synthetic subjects")
+    p.add_argument("--workers", type=int, help="parallel processes for data stages")
+    p.add_argument("--no-real", action="store_true", help="leave out the real IXI volumes")
+    p.add_argument("--force", action="store_true", help="redo stages even if they are done")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    args = p.parse_args(argv)
+    data: dict = {}
+    if args.config:
+        import yaml
+
+        data = yaml.safe_load(args.config.read_text()) or {}
+    data["run_dir"] = args.run_dir
+    for k in ("subjects", "workers"):
+        if getattr(args, k) is not None:
+            data[k] = getattr(args, k)
+    if args.no_real:
+        data["real"] = False
+    cfg = DemoConfig.model_validate(data)
+    try:
+        run_demo(cfg, force=args.force, until=args.until)
+    except StageFailed as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

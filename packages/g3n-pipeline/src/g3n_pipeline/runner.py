@@ -1,0 +1,113 @@
+"""A tiny stage runner: each stage is a list of commands whose outputs live in a run folder.
+
+Why subprocesses: every stage is one of the packages' own command lines, so the demo exercises
+exactly what a team runs by hand, each stage gets a fresh interpreter (peak memory and thread
+settings are its own), and a crash names the stage and its log. A stage that finished wrote a
+marker with its outputs' manifest digests; a re-run skips it while those outputs are intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from g3n_shards import MANIFEST_NAME, ShardSet, atomic_write_bytes
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited non-zero; the message names the stage, the command and its log."""
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    #: paths (relative to the run folder) this stage produces; shard sets are checked by manifest
+    outputs: Sequence[str]
+    #: builds the commands (module + arguments) from the run folder
+    commands: Callable[[Path], list[list[str]]]
+    #: optional in-process step after the commands (e.g. a merge through the Python API)
+    after: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def output_digest(path: Path) -> str | None:
+    """A shard set's manifest digest, or None for a plain file/folder output."""
+    if (path / MANIFEST_NAME).is_file():
+        return ShardSet.open(path).digest
+    return None
+
+
+def _marker(run_dir: Path, stage: Stage) -> Path:
+    return run_dir / ".stages" / f"{stage.name}.json"
+
+
+def is_done(run_dir: Path, stage: Stage) -> bool:
+    marker = _marker(run_dir, stage)
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())
+    for rel in stage.outputs:
+        p = run_dir / rel
+        if not p.exists():
+            return False
+        try:
+            if output_digest(p) != recorded["outputs"].get(rel):
+                return False
+        except Exception:  # noqa: BLE001 - a damaged output means: run the stage again
+            return False
+    return True
+
+
+def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool = False) -> float:
+    """Run one stage unless it is already done; returns its wall time in seconds (0 if skipped)."""
+    head = f"[{index}/{total}] {stage.title}"
+    if not force and is_done(run_dir, stage):
+        print(f"{head}: done already, skipped", flush=True)
+        return 0.0
+    print(f"{head} ...", flush=True)
+    t = time.perf_counter()
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **stage.env}
+    for argv in stage.commands(run_dir):
+        cmd = [sys.executable, "-m", *argv]
+        log = log_dir / f"{stage.name}.log"
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+        # stdout to the log; stderr (progress bars, warnings, errors) to the terminal and the log,
+        # forwarded in raw chunks so that progress bars redraw in place
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.PIPE, env=env, cwd=run_dir)
+            assert proc.stderr is not None
+            tail = b""
+            while chunk := os.read(proc.stderr.fileno(), 65536):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                f.write(chunk)
+                tail = (tail + chunk)[-4000:]
+            rc = proc.wait()
+        tail_lines = [ln for ln in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if ln.strip()][-12:]
+        if rc != 0:
+            raise StageFailed(f"stage '{stage.name}' failed (exit {rc}): {' '.join(argv)}\n"
+                              f"  log: {log}\n  " + "\n  ".join(tail_lines))
+    if stage.after is not None:
+        stage.after(run_dir)
+    outputs = {}
+    for rel in stage.outputs:
+        p = run_dir / rel
+        if not p.exists():
+            raise StageFailed(f"stage '{stage.name}' finished but did not produce {p}")
+        outputs[rel] = output_digest(p)
+    marker = _marker(run_dir, stage)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - t
+    atomic_write_bytes(marker, json.dumps({"outputs": outputs, "seconds": round(elapsed, 1)}, indent=2).encode())
+    print(f"{head}: done in {elapsed:.0f} s", flush=True)
+    return elapsed
