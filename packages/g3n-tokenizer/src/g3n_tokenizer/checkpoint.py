@@ -1,0 +1,128 @@
+"""Tokenizer checkpoints: one self-describing safetensors file per tokenizer. No pickle.
+
+The file holds every weight the tokenizer needs (for MAE-CNN: the frozen encoder, the
+projection and the decoder), and its safetensors metadata holds ``format``, the registry name and
+the JSON config, so ``from_checkpoint(path)`` needs nothing else and the SHA-256 of that one file
+identifies the tokenizer in a ``latents`` manifest. Training state (optimizer moments, epoch,
+early-stopping counters) lives beside it in ``train_state.safetensors`` + ``train_state.json``.
+Writes are atomic (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+
+FORMAT = "g3n-tokenizer-weights"
+FORMAT_VERSION = "1"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_digest(a: str | None, b: str | None) -> bool:
+    """Digests compare equal with or without a ``sha256:`` prefix."""
+    strip = lambda d: (d or "").removeprefix("sha256:").lower()  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tokenizer(path: str | Path, state_dict: dict[str, torch.Tensor], name: str, config: dict[str, Any],
+                   extra: dict[str, str] | None = None) -> str:
+    """Write a tokenizer checkpoint (fp32 weights + name + config); returns its SHA-256 (hex)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": name,
+            "config": json.dumps(config, sort_keys=True)}
+    meta.update(extra or {})
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    atomic_save_safetensors(tensors, path, meta)
+    return file_sha256(path)
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata (``tokenizer``, ``config`` parsed), without reading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such tokenizer checkpoint")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a g3n-tokenizer checkpoint (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format version {meta.get('format_version')!r} "
+                              f"(this reader supports {FORMAT_VERSION})")
+    try:
+        meta["config"] = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: embedded config is not JSON ({e})") from None
+    return meta
+
+
+def read_tokenizer(path: str | Path, expect_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, header) of a tokenizer checkpoint; refuses another tokenizer's file."""
+    header = read_header(path)
+    if expect_name is not None and header.get("tokenizer") != expect_name:
+        raise CheckpointError(f"{path}: checkpoint of tokenizer {header.get('tokenizer')!r}, not {expect_name!r}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+    return tensors, header
+
+
+def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load every weight, refuse missing/unexpected keys and shape mismatches (no silent partial load)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    module.load_state_dict(tensors, strict=True)

@@ -1,0 +1,102 @@
+"""The 3D CNN decoder of the MAE-CNN tokenizer: projected token grid -> voxels.
+
+Shape of an LDM/VQGAN-style decoder made 3D (GroupNorm + SiLU + Conv3d ResBlocks), because a
+convolutional decoder is what turns a coarse grid of semantic tokens back into sharp local
+intensity, which the frozen ViT encoder deliberately does not model:
+
+    conv_in (c -> ch[0]) at the token grid (10 x 12 x 10 at the paper geometry)
+    mid: ResBlock, self-attention over all grid positions, ResBlock(s)  (global context is cheap here:
+         1200 positions)
+    per level i: nearest x2 upsampling + Conv3d (ch[i] -> ch[i+1]), then ``num_res_blocks`` ResBlocks
+    GroupNorm, SiLU, conv_out (ch[-1] -> 1)
+
+``len(channels) - 1`` upsamplings: 4 for 16^3 patches (paper), 3 for 8^3 patches (tiny/test).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DecoderConfig
+
+
+class ResBlock3D(nn.Module):
+    """Pre-activation residual block; a 1x1x1 conv matches widths on the skip path."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock3D(nn.Module):
+    """Multi-head self-attention over every voxel of a (small) 3D grid, residual."""
+
+    def __init__(self, ch: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, gx, gy, gz = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)  # B, L, C
+        qkv = self.qkv(h).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        h = self.proj(h.transpose(1, 2).reshape(b, -1, c))
+        return x + h.transpose(1, 2).reshape(b, c, gx, gy, gz)
+
+
+class Upsample3D(nn.Module):
+    """Nearest x2 then a 3x3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CnnDecoder3D(nn.Module):
+    """(B, c, gx, gy, gz) -> (B, 1, gx*f, gy*f, gz*f) with f = 2^(len(channels) - 1)."""
+
+    def __init__(self, in_channels: int, cfg: DecoderConfig, out_channels: int = 1):
+        super().__init__()
+        ch, g = cfg.channels, cfg.norm_groups
+        self.conv_in = nn.Conv3d(in_channels, ch[0], 3, padding=1)
+        mid: list[nn.Module] = []
+        if cfg.mid_res_blocks > 0:
+            mid.append(ResBlock3D(ch[0], ch[0], g))
+        mid.append(AttnBlock3D(ch[0], cfg.attention_heads, g))
+        mid += [ResBlock3D(ch[0], ch[0], g) for _ in range(cfg.mid_res_blocks - 1)]
+        self.mid = nn.Sequential(*mid)
+        levels: list[nn.Module] = []
+        for i in range(len(ch) - 1):
+            blocks: list[nn.Module] = [Upsample3D(ch[i], ch[i + 1])]
+            blocks += [ResBlock3D(ch[i + 1], ch[i + 1], g) for _ in range(cfg.num_res_blocks)]
+            levels.append(nn.Sequential(*blocks))
+        self.levels = nn.ModuleList(levels)
+        self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv3d(ch[-1], out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in self.levels:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
