@@ -1,0 +1,60 @@
+"""Fold metrics: one-vs-rest AUC, balanced accuracy, MAE, R², Pearson r.
+
+AUC for several classes is the macro mean of one-vs-rest AUCs over the classes that have
+both positives and negatives in the test fold (a class absent from a fold cannot be scored);
+with all classes present this equals scikit-learn's ``roc_auc_score(multi_class="ovr")``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+
+def ovr_auc(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> float:
+    """Binary AUC (positive = classes[1]) or macro one-vs-rest AUC; NaN if nothing is scorable."""
+    y_true = np.asarray(y_true).astype(str)
+    if len(classes) == 2:
+        pos = y_true == classes[1]
+        if pos.all() or (~pos).all():
+            return math.nan
+        return float(roc_auc_score(pos, proba[:, 1]))
+    aucs = []
+    for j, c in enumerate(classes):
+        pos = y_true == c
+        if pos.any() and not pos.all():
+            aucs.append(roc_auc_score(pos, proba[:, j]))
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def classification_metric(name: str, y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> float:
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)].astype(str)
+    if name == "auc":
+        return ovr_auc(y_true, proba, classes)
+    if name == "balanced_accuracy":
+        with warnings.catch_warnings():
+            # a fold may predict a class absent from its test part; that is not an error here
+            warnings.simplefilter("ignore", UserWarning)
+            return float(balanced_accuracy_score(y_true, y_pred))
+    if name == "accuracy":
+        return float(np.mean(y_true == y_pred))
+    raise ValueError(f"unknown classification metric {name!r}")
+
+
+def regression_metric(name: str, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if name == "mae":
+        return float(np.mean(np.abs(y_true - y_pred)))
+    if name == "r2":
+        ss = float(np.sum((y_true - y_true.mean()) ** 2))
+        return math.nan if ss == 0 else 1.0 - float(np.sum((y_true - y_pred) ** 2)) / ss
+    if name == "pearson_r":
+        if np.std(y_true) == 0 or np.std(y_pred) == 0:
+            return math.nan
+        return float(np.corrcoef(y_true, y_pred)[0, 1])
+    raise ValueError(f"unknown regression metric {name!r}")

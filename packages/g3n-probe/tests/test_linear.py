@@ -1,0 +1,79 @@
+"""Probe fitting: closed-form ridge + GCV matches scikit-learn and brute force; pooling is a mean."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import StandardScaler
+
+from g3n_probe.linear import GramStats, grouped_ridge_alpha, ridge_from_stats
+from g3n_probe.slices import build_view
+
+ALPHAS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+def _data(seed=0, n=300, p=10):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, p)) * rng.uniform(0.5, 5, p) + rng.uniform(-10, 10, p)
+    X[:, 3] = 2.5  # a constant column must not break standardisation
+    y = 2 * X[:, 0] - X[:, 1] + rng.normal(size=n) * 3
+    return X, y
+
+
+def test_ridge_from_stats_matches_sklearn_and_brute_force_gcv():
+    X, y = _data()
+    n = len(y)
+    st = GramStats.of(X[:100], y[:100]) + GramStats.of(X[100:], y[100:])  # parts add up
+    probe, rep, gcv = ridge_from_stats(st, ALPHAS)
+    sc = StandardScaler().fit(X)
+    Z = sc.transform(X)
+    ref = Ridge(alpha=rep.alpha).fit(Z, y)
+    np.testing.assert_allclose(probe.predict_scores(X), ref.predict(Z), atol=1e-9)
+    np.testing.assert_allclose(probe.scale, sc.scale_, rtol=1e-10)
+    Zc = Z - Z.mean(axis=0)
+    for a, g in zip(ALPHAS, gcv):
+        H = Zc @ np.linalg.solve(Zc.T @ Zc + a * np.eye(Z.shape[1]), Zc.T) + 1.0 / n
+        r = y - H @ y
+        assert np.isclose(g, n * (r @ r) / (n - np.trace(H)) ** 2, rtol=1e-8)
+    assert rep.alpha == ALPHAS[int(np.argmin(gcv))]
+
+
+def test_grouped_inner_cv_prefers_strong_shrinkage_on_noise():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 30))
+    y = rng.normal(size=200)
+    groups = np.repeat(np.arange(50), 4)
+    alpha, mse = grouped_ridge_alpha(X, y, groups, ALPHAS, 5)
+    assert alpha >= 100 and mse.shape == (len(ALPHAS),)
+
+
+def test_pooled_view_is_session_mean():
+    rng = np.random.default_rng(2)
+    recs, rows = [], []
+    for s in range(4):
+        for ses in range(2):
+            for m in ("T1", "T2", "FLAIR")[: 1 + (s + ses) % 3]:
+                recs.append({"key": f"k{s}{ses}{m}", "subject": f"s{s}", "session": f"ses-{ses}", "cohort": "C", "modality": m})
+                rows.append(rng.normal(size=3))
+    X = np.asarray(rows)
+    v = build_view("pooled", X, recs, np.arange(len(recs)))
+    assert len(v.unit_keys) == 8 and v.n_volumes == len(recs)
+    for key, members, x in zip(v.unit_keys, v.members, v.X):
+        assert len({f"{recs[i]['subject']}/{recs[i]['session']}" for i in members}) == 1
+        np.testing.assert_allclose(x, X[members].mean(axis=0))
+    only_two = build_view("pooled", X, recs, np.arange(len(recs)), min_modalities=2)
+    assert all(len(m) >= 2 for m in only_two.members) and len(only_two.members) < 8
+    t2 = build_view("T2", X, recs, np.arange(len(recs)))
+    assert all(recs[m[0]]["modality"] == "T2" for m in t2.members)
+
+
+def test_fit_classifier_leaves_callers_features_alone():
+    from g3n_probe import fit_classifier, protocol_preset
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 4)).astype(np.float32) + 5
+    before = X.copy()
+    y = np.where(X[:, 0] > 5, "a", "b")
+    probe, rep = fit_classifier(X, y, protocol_preset("paper"))
+    assert np.array_equal(X, before) and rep.converged
+    np.testing.assert_allclose(probe.mean, before.mean(axis=0), rtol=1e-5)
