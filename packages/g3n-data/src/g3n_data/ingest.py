@@ -1,0 +1,374 @@
+"""`g3n-data ingest`: discover inputs and their metadata into a work list (BIDS, CSV manifest, DICOM).
+
+Sources:
+- BIDS folder: ``sub-*/[ses-*/]anat/*_T1w|_T2w|_FLAIR.nii[.gz]``, ``*ce-*_T1w`` = T1c, metadata from
+  ``participants.tsv`` and per-subject ``sub-*_sessions.tsv`` (per-session values, e.g. age, win).
+- CSV manifest: one row per image, a path column plus metadata columns.
+- DICOM: ``ROOT/<subject>/[ses-*/]...`` series folders, converted to NIfTI with SimpleITK's series
+  reader (GDCM); modality from the series description keywords; metadata from an optional table.
+
+Every image found ends in the work list or as a line of ``rejects.jsonl`` (unsupported suffix,
+metadata failing validation, duplicate key, unreadable file...). The column mapping used and
+the columns kept in ``extra`` are written to ``ingest_report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from g3n_shards import MetadataError, SampleMeta, sample_key
+
+from .columns import ColumnMapping, Mapper, MappingReport, TableError, load_mapping, read_table
+from .images import sha256_file
+from .worklist import WorkItem, reject_line, write_worklist
+
+NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
+BIDS_SUFFIX = {"T1w": "T1", "T2w": "T2", "FLAIR": "FLAIR"}
+DICOM_KEYWORDS: dict[str, tuple[str, ...]] = {  # checked in this order
+    "T1c": ("post", "gad", "+c", "contrast", "t1c", "t1ce", "mprage_gd"),
+    "FLAIR": ("flair", "tirm"),
+    "T2": ("t2",),
+    "T1": ("t1", "mprage", "spgr", "tfl", "bravo"),
+}
+
+
+@dataclass
+class IngestResult:
+    items: list[WorkItem] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"ingest: {len(self.items)} inputs in the work list, {len(self.rejects)} rejected"]
+        reasons: dict[str, int] = {}
+        for r in self.rejects:
+            k = f"{r['step']}: {r['reason'].split(':')[0][:70]}"
+            reasons[k] = reasons.get(k, 0) + 1
+        lines += [f"  {n} x {k}" for k, n in sorted(reasons.items())]
+        return "\n".join(lines)
+
+
+def _entities(name: str) -> dict[str, str]:
+    stem = NIFTI_RE.sub("", name)
+    ents = {}
+    for part in stem.split("_")[:-1]:
+        if "-" in part:
+            k, v = part.split("-", 1)
+            ents[k] = v
+    ents["suffix"] = stem.split("_")[-1]
+    return ents
+
+
+class _Builder:
+    """Accumulates items and rejects; validates metadata and keeps keys unique."""
+
+    def __init__(self, mapping: ColumnMapping, report: MappingReport) -> None:
+        self.mapping = mapping
+        self.report = report
+        self.res = IngestResult()
+        self._keys: dict[str, str] = {}
+
+    def reject(self, path: str | Path | None, subject: str | None, step: str, reason: str, **kw: Any) -> None:
+        self.res.rejects.append(reject_line(str(path) if path else None, subject, step, reason, **kw))
+
+    def add(self, path: Path, record: dict[str, Any], suffix: str | None, source: str) -> None:
+        subject = record.get("subject")
+        try:
+            sha = sha256_file(path)
+        except OSError as e:
+            self.reject(path, subject, "ingest", f"unreadable file: {e.strerror or e}")
+            return
+        rec = {k: v for k, v in record.items() if v is not None}
+        rec.setdefault("cohort", self.mapping.cohort)
+        if self.mapping.site and "site" not in rec:
+            rec["site"] = self.mapping.site
+        rec["source_sha256"] = sha
+        try:
+            meta = SampleMeta.validate_record(rec, source=source)
+        except MetadataError as e:
+            self.reject(path, subject, "metadata", str(e))
+            return
+        key = sample_key(meta, suffix=suffix)
+        if key in self._keys:
+            self.reject(path, subject, "ingest", f"duplicate key {key!r}: same subject/session/modality as "
+                                                 f"{self._keys[key]} (add a run- entity to tell them apart)")
+            return
+        self._keys[key] = str(path)
+        self.res.items.append(WorkItem(path=str(path.absolute()), key=key, meta=meta.model_dump(mode="json")))
+
+
+def _participants(root: Path, mapper: Mapper, b: _Builder) -> dict[str, tuple[dict, dict]]:
+    """participants.tsv -> {sub-XX: (values, extra)}; bad rows become rejects of that subject's images later."""
+    out: dict[str, tuple[dict, dict]] = {}
+    p = root / "participants.tsv"
+    if not p.is_file():
+        return out
+    mapper.report.tables.append(str(p))
+    for n, row in enumerate(read_table(p), 2):
+        where = f"{p}:{n}"
+        sid_col = next((c for c in row if mapper.field_for(c) == "subject"), None)
+        if sid_col is None:
+            raise TableError(f"{p}: no participant id column (participant_id, or map one to 'subject')")
+        sid = row[sid_col].strip()
+        sid = sid if sid.startswith("sub-") else f"sub-{sid}"
+        try:
+            vals, extra = mapper.map_row(row, where)
+        except TableError as e:
+            out[sid] = ({"__error__": str(e)}, {})
+            continue
+        vals.pop("subject", None)
+        out[sid] = (vals, extra)
+    return out
+
+
+def _sessions(subdir: Path, mapper: Mapper) -> dict[str, tuple[dict, dict]]:
+    p = subdir / f"{subdir.name}_sessions.tsv"
+    out: dict[str, tuple[dict, dict]] = {}
+    if not p.is_file():
+        return out
+    mapper.report.tables.append(str(p))
+    for n, row in enumerate(read_table(p), 2):
+        where = f"{p}:{n}"
+        col = next((c for c in row if mapper.field_for(c) == "session"), None)
+        if col is None:
+            raise TableError(f"{p}: no session_id column")
+        ses = row[col].strip()
+        ses = ses if ses.startswith("ses-") else f"ses-{ses}"
+        try:
+            vals, extra = mapper.map_row(row, where)
+        except TableError as e:
+            out[ses] = ({"__error__": str(e)}, {})
+            continue
+        vals.pop("session", None)
+        out[ses] = (vals, extra)
+    return out
+
+
+def ingest_bids(root: str | Path, mapping: ColumnMapping | None = None) -> IngestResult:
+    """Discover a BIDS dataset's anatomical images and their metadata."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    mapping = mapping or ColumnMapping()
+    if mapping.cohort is None:
+        mapping = mapping.model_copy(update={"cohort": root.name})
+    report = MappingReport()
+    mapper = Mapper(mapping, report)
+    b = _Builder(mapping, report)
+    parts = _participants(root, mapper, b)
+    seen_subjects = set()
+    for subdir in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+        sid = subdir.name
+        seen_subjects.add(sid)
+        try:
+            sess = _sessions(subdir, mapper)
+        except TableError as e:
+            sess = {}
+            for img in sorted(subdir.rglob("*.nii*")):
+                b.reject(img, sid, "metadata", str(e))
+            continue
+        anat_dirs = sorted(subdir.glob("anat")) + sorted(subdir.glob("ses-*/anat"))
+        for anat in anat_dirs:
+            ses = anat.parent.name if anat.parent.name.startswith("ses-") else None
+            for img in sorted(p for p in anat.iterdir() if NIFTI_RE.search(p.name)):
+                ents = _entities(img.name)
+                suffix = ents["suffix"]
+                if suffix not in BIDS_SUFFIX:
+                    b.reject(img, sid, "ingest", f"unsupported image suffix {suffix!r} (supported: "
+                                                 f"{sorted(BIDS_SUFFIX)}, ce-*_T1w as T1c)")
+                    continue
+                modality = "T1c" if (suffix == "T1w" and "ce" in ents) else BIDS_SUFFIX[suffix]
+                pv, pe = parts.get(sid, ({}, {}))
+                sv, se = sess.get(ses, ({}, {})) if ses else ({}, {})
+                err = pv.get("__error__") or sv.get("__error__")
+                if err:
+                    b.reject(img, sid, "metadata", err)
+                    continue
+                rec = {**pv, **sv, "subject": sid, "session": ses, "modality": modality,
+                       "extra": {**pe, **se}}
+                tag = "-".join(f"{k}-{ents[k]}" for k in ("acq", "run") if k in ents) or None
+                b.add(img, rec, tag, source=f"{img}")
+    missing = sorted(set(parts) - seen_subjects)
+    report_d = report.as_dict()
+    report_d.update({"source": str(root), "kind": "bids", "cohort": mapping.cohort,
+                     "participants_without_images": missing,
+                     "subjects_without_participants_row": sorted(s for s in seen_subjects if s not in parts)})
+    b.res.report = report_d
+    return b.res
+
+
+def ingest_csv(csv_path: str | Path, mapping: ColumnMapping | None = None) -> IngestResult:
+    """A manifest with one row per image: a path column plus metadata columns."""
+    p = Path(csv_path)
+    mapping = mapping or ColumnMapping()
+    if mapping.cohort is None:
+        mapping = mapping.model_copy(update={"cohort": p.stem})
+    report = MappingReport(tables=[str(p)])
+    mapper = Mapper(mapping, report)
+    b = _Builder(mapping, report)
+    rows = read_table(p)
+    if rows and mapping.path_column not in rows[0]:
+        raise TableError(f"{p}: no path column {mapping.path_column!r} (columns: {list(rows[0])}); "
+                         f"set path_column in the column mapping")
+    for n, row in enumerate(rows, 2):
+        where = f"{p}:{n}"
+        raw = row[mapping.path_column]
+        img = Path(raw) if os.path.isabs(raw) else (p.parent / raw)
+        try:
+            vals, extra = mapper.map_row(row, where, skip=(mapping.path_column,))
+        except TableError as e:
+            b.reject(img, row.get("subject") or None, "metadata", str(e))
+            continue
+        if not raw:
+            b.reject(None, vals.get("subject"), "ingest", f"{where}: empty path")
+            continue
+        if not img.is_file():
+            b.reject(img, vals.get("subject"), "ingest", f"{where}: file not found")
+            continue
+        vals.setdefault("modality", mapping.default_modality)
+        if "subject" not in vals:
+            b.reject(img, None, "metadata", f"{where}: no subject column (map one to 'subject')")
+            continue
+        b.add(img, {**vals, "extra": extra}, None, source=where)
+    b.res.report = {**report.as_dict(), "source": str(p), "kind": "csv", "cohort": mapping.cohort}
+    return b.res
+
+
+def dicom_modality(description: str) -> str | None:
+    d = description.lower()
+    for mod, words in DICOM_KEYWORDS.items():
+        if any(w in d for w in words):
+            return mod
+    return None
+
+
+def ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping | None = None,
+                 table: str | Path | None = None) -> IngestResult:
+    """DICOM series folders -> NIfTI (SimpleITK/GDCM series reader) + work list.
+
+    Layout: ``ROOT/<subject>/[ses-*/]**/<series files>``. Only the voxel grid is converted: no
+    DICOM tag (names, dates, descriptions, IDs) is copied into metadata; the series description
+    is read only to tell the modality.
+    """
+    import SimpleITK as sitk
+
+    root, out_dir = Path(root), Path(out_dir)
+    mapping = mapping or ColumnMapping()
+    if mapping.cohort is None:
+        mapping = mapping.model_copy(update={"cohort": root.name})
+    report = MappingReport()
+    mapper = Mapper(mapping, report)
+    b = _Builder(mapping, report)
+    meta_rows: dict[str, tuple[dict, dict]] = {}
+    if table:
+        report.tables.append(str(table))
+        for n, row in enumerate(read_table(table), 2):
+            vals, extra = mapper.map_row(row, f"{table}:{n}")
+            if "subject" in vals:
+                meta_rows[str(vals.pop("subject"))] = (vals, extra)
+    conv = out_dir / "converted"
+    for subdir in sorted(p for p in root.iterdir() if p.is_dir()):
+        subject = subdir.name
+        used_files: set[Path] = set()
+        for d in sorted([subdir] + [p for p in subdir.rglob("*") if p.is_dir()]):
+            try:
+                series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d))
+            except RuntimeError:
+                series = ()
+            for uid in series:
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), uid)
+                used_files.update(Path(f) for f in files)
+                rel = d.relative_to(subdir)
+                ses = next((p for p in rel.parts if p.startswith("ses-")), None)
+                try:
+                    rd = sitk.ImageFileReader()
+                    rd.SetFileName(files[0])
+                    rd.ReadImageInformation()
+                    desc = rd.GetMetaData("0008|103e") if rd.HasMetaDataKey("0008|103e") else ""
+                    modality = dicom_modality(desc)
+                    if modality is None:
+                        b.reject(d, subject, "ingest", "series description names no supported modality",
+                                 series=uid[-12:])
+                        continue
+                    reader = sitk.ImageSeriesReader()
+                    reader.SetFileNames(files)
+                    img = reader.Execute()
+                except RuntimeError as e:
+                    b.reject(d, subject, "convert", f"DICOM series unreadable: {str(e).strip().splitlines()[-1][:200]}")
+                    continue
+                if img.GetDimension() != 3 or min(img.GetSize()) < 2:
+                    b.reject(d, subject, "convert", f"not a 3D volume (size {img.GetSize()})")
+                    continue
+                dest = conv / subject / f"{(ses + '_') if ses else ''}{modality}_{uid[-16:].replace('.', '')}.nii.gz"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                clean = sitk.Image(img)  # voxels and grid only: drop every DICOM tag
+                for k in list(clean.GetMetaDataKeys()):
+                    clean.EraseMetaData(k)
+                tmp = dest.with_name(f".{uuid.uuid4().hex}.nii.gz")
+                sitk.WriteImage(clean, str(tmp))
+                os.replace(tmp, dest)
+                vals, extra = meta_rows.get(subject, ({}, {}))
+                rec = {**vals, "subject": subject, "session": ses, "modality": modality, "extra": dict(extra)}
+                b.add(dest, rec, None, source=str(d))
+        for f in sorted(p for p in subdir.rglob("*") if p.is_file() and p not in used_files):
+            b.reject(f, subject, "convert", "file is not part of a readable DICOM series")
+    b.res.report = {**report.as_dict(), "source": str(root), "kind": "dicom", "cohort": mapping.cohort,
+                    "converter": f"SimpleITK {sitk.Version.VersionString()} ImageSeriesReader (GDCM)"}
+    return b.res
+
+
+# ---- command line --------------------------------------------------------------------------
+def add_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ingest", help="discover images + metadata (BIDS, CSV, DICOM) into a work list",
+        description="Discover input images and their metadata into OUT/worklist.jsonl (+ rejects.jsonl, "
+                    "ingest_report.json). Then run `g3n-data preprocess OUT/worklist.jsonl --out SHARDS`.")
+    p.add_argument("source_kind", choices=["bids", "csv", "dicom"], help="what SOURCE is")
+    p.add_argument("source", help="BIDS folder, CSV/TSV manifest, or DICOM root folder")
+    p.add_argument("--out", required=True, help="folder for worklist.jsonl, rejects.jsonl, ingest_report.json")
+    p.add_argument("--mapping", help="YAML/JSON column mapping (ColumnMapping: columns, value codes, cohort...)")
+    p.add_argument("--cohort", help="cohort name (default: the folder or file name)")
+    p.add_argument("--site", help="site for every image without a site column")
+    p.add_argument("--unknown-columns", choices=["keep", "refuse"], help="keep unknown columns in extra, or refuse")
+    p.add_argument("--table", help="DICOM: metadata table (CSV/TSV) with a subject column matching folder names")
+    p.set_defaults(func=_main)
+
+
+def run_ingest(kind: str, source: str | Path, out: str | Path, mapping: ColumnMapping,
+               table: str | Path | None = None) -> IngestResult:
+    """Ingest and write the work list files into ``out``."""
+    if kind == "bids":
+        res = ingest_bids(source, mapping)
+    elif kind == "csv":
+        res = ingest_csv(source, mapping)
+    elif kind == "dicom":
+        res = ingest_dicom(source, out, mapping, table)
+    else:
+        raise ValueError(f"unknown source kind {kind!r}")
+    write_worklist(out, res.items, res.rejects, res.report)
+    return res
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        mapping = load_mapping(args.mapping)
+        upd = {k: v for k, v in (("cohort", args.cohort), ("site", args.site),
+                                 ("unknown_columns", args.unknown_columns)) if v}
+        mapping = mapping.model_copy(update=upd)
+        res = run_ingest(args.source_kind, args.source, args.out, mapping, args.table)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"g3n-data ingest: {e}", file=sys.stderr)
+        return 2
+    print(res.summary())
+    print("mapped columns: " + json.dumps(res.report.get("columns", {})))
+    if res.report.get("kept_in_extra"):
+        print("kept in extra: " + ", ".join(res.report["kept_in_extra"]))
+    return 0
