@@ -33,7 +33,6 @@ SAMPLE_REQUESTS: list[dict] = [
     *({"conditions": {"sex": s, "modality": "T1"}} for s in ("F", "M")),
     *({"conditions": {"modality": m}} for m in ("T1", "T2", "FLAIR", "T1c")),
     *({"conditions": {"age": a, "modality": "T1"}} for a in (30, 50, 70)),
-    {"conditions": {}},
 ]
 
 
@@ -48,7 +47,8 @@ class DemoConfig(BaseModel):
     real: bool = Field(True, description="include the 10 real IXI T1 volumes shipped with the package")
     real_skullstrip: str = Field("atlas", description="robex (about 45 s a volume), atlas, or none")
     mae_steps: int = 400
-    tokenizer_epochs: int = 6
+    tokenizer_epochs: int = 3
+    tokenizer_steps_per_epoch: int = 20
     dit_steps: int = 500
     longitudinal_steps: int = 300
     samples_per_request: int = 8
@@ -106,7 +106,8 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
               ["tokenizer/tokenizer.safetensors", "latents", "latents-train", "latents-test"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
              "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae"), "--preset", "tiny",
-             "--epochs", str(cfg.tokenizer_epochs), "--seed", str(cfg.seed)],
+             "--epochs", str(cfg.tokenizer_epochs), "--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch),
+             "--seed", str(cfg.seed)],
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
               after=lambda r: _split_subsets(r, "latents", "latents")),
