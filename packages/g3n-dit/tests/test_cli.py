@@ -15,10 +15,10 @@ TRAIN_YAML = {"train": {"batch_size": 8, "max_steps": 4, "warmup_steps": 1, "log
                         "ema_decay": 0.9}}  # fmt: skip
 
 
-def write_latents(path, sessions: int = 1, n_subjects: int = 12, bad: int = 0, no_age: int = 0):
+def write_latents(path, sessions: int = 1, n_subjects: int = 12, bad: int = 0, no_age: int = 0, channels: int = 4):
     rng = np.random.default_rng(0)
     with gs.ShardWriter(path, kind="latents", producer=gs.Producer(package="g3n-dit-tests"),
-                        geometry=gs.Geometry(shape=(32, 32, 32), patch_size=(8, 8, 8), channels=4),
+                        geometry=gs.Geometry(shape=(32, 32, 32), patch_size=(8, 8, 8), channels=channels),
                         tokenizer=gs.ModelRef(name="toy-tokenizer", checkpoint_digest="sha256:" + "0" * 64),
                         max_shard_samples=5) as w:  # fmt: skip
         for i in range(n_subjects):
@@ -27,7 +27,7 @@ def write_latents(path, sessions: int = 1, n_subjects: int = 12, bad: int = 0, n
                                      modality="T1", age=60.0 + i + 1.5 * s, sex="M" if i % 2 else "F",
                                      diagnosis=["HC", "MCI", "AD"][i % 3], cdr=[0.0, 0.5, 1.0][i % 3],
                                      idh1="wildtype" if i == 0 else None)  # fmt: skip
-                x = rng.normal(size=(64, 4)).astype(np.float32) + 0.2 * s
+                x = rng.normal(size=(64, channels)).astype(np.float32) + 0.2 * s
                 w.write(gs.sample_key(meta), meta, {"latent": x})
         for b in range(no_age):
             meta = gs.SampleMeta(subject=f"noage-{b}", modality="T1", sex="F", diagnosis="HC")
@@ -166,3 +166,16 @@ def test_longitudinal_train_and_forecast(tmp_path):
     # a bridge checkpoint cannot sample from noise
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "x"),
                  "--condition", "diagnosis=AD", "--quiet"]) == 2  # fmt: skip
+
+
+def test_longitudinal_takes_the_latent_width_from_the_data(tmp_path):
+    """A preset's width (tiny: 4 channels) yields to the manifest's, baseline context included."""
+    write_latents(tmp_path / "lat", sessions=2, n_subjects=3, channels=6)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(TRAIN_YAML))
+    rc = main(["train-longitudinal", "--latents", str(tmp_path / "lat"), "--out", str(tmp_path / "run"),
+               "--preset", "tiny", "--config", str(tmp_path / "cfg.yaml"), "--quiet", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    from g3n_dit.checkpoint import load_checkpoint
+
+    model_cfg = load_checkpoint(tmp_path / "run").run_config.model
+    assert model_cfg.channels == 6 and model_cfg.context_channels == 6

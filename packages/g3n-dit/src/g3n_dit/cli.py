@@ -65,7 +65,9 @@ def _train(args: argparse.Namespace, task: str) -> int:
         # the token grid and channels come from the data's manifest geometry, not from the preset
         cfg.model = cfg.model.model_copy(update={"grid": tuple(data.grid)})
     if data.latents.shape[-1] != cfg.model.channels:
-        cfg.model = cfg.model.model_copy(update={"channels": int(data.latents.shape[-1])})
+        c = int(data.latents.shape[-1])
+        # the bridge's baseline context has the latents' width too
+        cfg.model = cfg.model.model_copy(update={"channels": c, "context_channels": c if cfg.model.context_channels else 0})
     cfg = type(cfg).model_validate(cfg.model_dump())
     res = train(cfg, data, out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
     print(json.dumps({"run": str(res.run_dir), "step": res.step, "checkpoint": str(res.checkpoint),
