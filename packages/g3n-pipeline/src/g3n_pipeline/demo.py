@@ -166,21 +166,42 @@ def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None
 
 
 def headline(run: Path) -> list[str]:
-    """The figures printed at the end: probe AUCs/MAE on the main tasks, controllability, memorisation."""
+    """The figures printed at the end: probe scores on the main tasks, controllability, the age
+    sweep, memorisation, fidelity and forecasts, read from the stages' own result files."""
     lines = []
     results = run / "probe" / "results.csv"
     if results.is_file():
         import csv
 
-        wanted = {"disease", "sex", "modality", "brain_age", "idh1", "age"}
+        wanted = {("disease", "auc"), ("sex", "auc"), ("modality", "auc"), ("idh1", "auc"), ("brain_age", "mae")}
         for row in csv.DictReader(results.open()):
-            if row.get("task") in wanted and row.get("slice") in ("all", "T1", "T1c"):
-                lines.append(f"probe {row['task']:<10} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}")
-    for name in ("controllability", "memorisation"):
+            if (row.get("task"), row.get("metric")) in wanted and row.get("slice") == "all":
+                lines.append(f"probe {row['task']} (all volumes): {row['metric']} {float(row['mean']):.3f}")
+
+    def load(name: str) -> dict:
         f = run / "eval" / name / f"{name}.json"
-        if f.is_file():
-            d = json.loads(f.read_text())
-            lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in (d.get("headline") or {}).items()))
+        return json.loads(f.read_text()).get("results", {}) if f.is_file() else {}
+
+    ctrl = load("controllability")
+    for task, r in (ctrl.get("tasks") or {}).items():
+        cond = (r.get("cond") or {}).get("agreement")
+        if cond is not None:
+            lines.append(f"controllability {task}: agreement with the request {cond:.2f} (real-data probe AUC "
+                         f"{(r.get('real') or {}).get('auc', float('nan')):.2f})")
+    age = (ctrl.get("sweeps") or {}).get("age")
+    if age:
+        means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
+        lines.append(f"age sweep (requested->predicted): {means}; slope {age['slope']:.2f}, r {age['pearson_r']:.2f}")
+    mem = load("memorisation")
+    if mem:
+        lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "
+                     f"(ratio of mean NN distances {mem.get('ratio_of_means', float('nan')):.2f})")
+    fd = (load("fidelity").get("encoder_fd") or {})
+    if fd:
+        lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
+    fc = (load("forecast").get("age") or {})
+    if fc:
+        lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}")
     return lines
 
 
