@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make 
 from datahelpers import IXI, TCGA, TCGA_FILES, ixi_paths, link, need_real  # noqa: E402
 
 from g3n_data.columns import ColumnMapping  # noqa: E402
+from g3n_data.images import keep_locale  # noqa: E402
 from g3n_data.ingest import ingest_bids, ingest_dicom, run_ingest  # noqa: E402
 from g3n_data.worklist import read_worklist  # noqa: E402
 
@@ -127,6 +129,11 @@ def test_csv_manifest_ingest(tmp_path):
 
 def _write_dicom_series(vol: sitk.Image, folder: Path, description: str, uid: str) -> None:
     """Write a 3D image as a DICOM series (one file per slice) with SimpleITK/GDCM."""
+    with keep_locale():  # GDCM leaves the process in the plain "C" locale
+        _write_dicom_series_unguarded(vol, folder, description, uid)
+
+
+def _write_dicom_series_unguarded(vol: sitk.Image, folder: Path, description: str, uid: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(sitk.RescaleIntensity(vol, 0, 2000), sitk.sitkInt16)
     w = sitk.ImageFileWriter()
@@ -149,6 +156,7 @@ def _write_dicom_series(vol: sitk.Image, folder: Path, description: str, uid: st
 
 def test_dicom_series_are_converted_without_identifying_tags(tmp_path):
     need_real()
+    before = locale.setlocale(locale.LC_ALL)
     src, _ = sitk.ReadImage(str(ixi_paths()[0])), None
     src = sitk.DICOMOrient(src[:, :, 30:50], "LPS")
     root = tmp_path / "dicom"
@@ -169,6 +177,7 @@ def test_dicom_series_are_converted_without_identifying_tags(tmp_path):
     assert "Doe" not in text and "19500101" not in text  # no names or dates copied
     reasons = sorted(r["reason"] for r in res.rejects)
     assert reasons == ["file is not part of a readable DICOM series", "series description names no supported modality"]
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's locale change does not leak
 
 
 def test_value_codes():

@@ -11,7 +11,10 @@ LPS origin/direction. :func:`to_sitk` and :func:`grid_affine` convert between th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import locale
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -141,3 +144,18 @@ def save_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale after a library call that changes it.
+
+    GDCM (SimpleITK's DICOM reader and writer) switches the C locale to plain "C" and leaves it
+    there, after which Python's open() defaults to ASCII and any non-ASCII text file fails to
+    read. Every DICOM call goes through this guard.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

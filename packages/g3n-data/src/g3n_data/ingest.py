@@ -27,7 +27,7 @@ from typing import Any
 from g3n_shards import MetadataError, SampleMeta, sample_key
 
 from .columns import ColumnMapping, Mapper, MappingReport, TableError, load_mapping, read_table
-from .images import sha256_file
+from .images import keep_locale, sha256_file
 from .worklist import WorkItem, reject_line, write_worklist
 
 NIFTI_RE = re.compile(r"\.nii(\.gz)?$")
@@ -253,6 +253,14 @@ def dicom_modality(description: str) -> str | None:
 def ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping | None = None,
                  table: str | Path | None = None) -> IngestResult:
     """DICOM series folders -> NIfTI (SimpleITK/GDCM series reader) + work list.
+    GDCM changes the process locale; it is restored afterwards (see images.keep_locale)."""
+    with keep_locale():
+        return _ingest_dicom(root, out_dir, mapping, table)
+
+
+def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping | None = None,
+                  table: str | Path | None = None) -> IngestResult:
+    """The body of :func:`ingest_dicom`.
 
     Layout: ``ROOT/<subject>/[ses-*/]**/<series files>``. Only the voxel grid is converted: no
     DICOM tag (names, dates, descriptions, IDs) is copied into metadata; the series description
