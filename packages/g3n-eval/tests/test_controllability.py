@@ -96,3 +96,18 @@ def test_forecast_recovery_and_map():
     m = difference_map(f, b)
     assert m["mean"][1, 1, 1] == pytest.approx(0.0) and m["mean_abs"][1, 1, 1] == pytest.approx(2.0)
     assert m["mean_abs"].sum() == pytest.approx(2.0)
+
+
+def test_cv_predictions_survive_a_fold_with_one_training_class():
+    """Grouped folds on a tiny cohort can leave one class in a training part: no crash."""
+    import numpy as np
+    from g3n_probe import protocol_preset
+
+    from g3n_eval.controllability import cv_predictions
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 4))
+    y = ["HC", "HC", "HC", "HC", "AD", "AD"]
+    groups = ["s0", "s1", "s2", "s3", "s4", "s4"]  # both AD volumes are one subject: one fold trains on HC only
+    pred, proba, classes = cv_predictions(X, y, groups, protocol_preset("tiny"), 2)
+    assert classes == ["AD", "HC"] and proba.shape == (6, 2) and len(pred) == 6

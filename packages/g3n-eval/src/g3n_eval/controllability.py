@@ -135,6 +135,10 @@ def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], proto
     yarr = np.asarray(y, dtype=object)
     for k in range(n_splits):
         test = folds == k
+        train_classes = sorted(set(yarr[~test]))
+        if len(train_classes) < 2:  # a small cohort's fold can hold one class: predict it, as any probe would
+            proba[test, classes.index(train_classes[0])] = 1.0
+            continue
         probe, _ = fit_classifier(X[~test], yarr[~test], protocol)
         P = probe.predict_scores(X[test])
         for j, c in enumerate(probe.classes):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from g3n_shards import atomic_write_text  # noqa: F401 - re-exported: one atomic writer for the project
 
 from . import __version__
 from .config import ModelConfig, config_to_json, model_config_from_json
@@ -54,21 +55,6 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # atomic file helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

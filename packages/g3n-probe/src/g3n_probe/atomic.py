@@ -4,29 +4,17 @@ leaves a half-written results table or probe behind."""
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from g3n_shards import atomic_write_bytes
+
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (creating parent folders)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    """Write ``data`` to ``path`` atomically (creating parent folders): the contract's writer."""
+    atomic_write_bytes(path, data)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

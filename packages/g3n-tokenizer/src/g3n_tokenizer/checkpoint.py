@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from g3n_shards import atomic_write_text  # noqa: F401 - re-exported: one atomic writer for the project
 
 from .errors import CheckpointError
 
@@ -39,21 +40,6 @@ def same_digest(a: str | None, b: str | None) -> bool:
     """Digests compare equal with or without a ``sha256:`` prefix."""
     strip = lambda d: (d or "").removeprefix("sha256:").lower()  # noqa: E731
     return strip(a) == strip(b)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
