@@ -7,7 +7,7 @@ every output, and reports wall time and peak memory. Target: <= 5 minutes on 2 c
 machine wall time is inflated by other load, so CPU time and the load average are reported too
 (CPU seconds / cores = the wall time 2 idle cores would need at perfect parallel efficiency).
 
-    uv run python tools/bench/probe.py --out /tmp/probe-bench            # 2 cores, full scale
+    uv run python tools/bench/probe.py --out runs/probe-bench            # 2 cores, full scale
     uv run python tools/bench/probe.py --volumes 5000 --dim 256          # quicker look
 """
 
@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=1152)
     p.add_argument("--cores", type=int, default=2, help="pin the process to this many cores (Linux) and use them")
     p.add_argument("--tasks", help="comma-separated subset of the panel (default: all 23)")
-    p.add_argument("--out", default="/tmp/g3n-probe-bench", help="where the run's outputs go")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "g3n-probe-bench"),
+                   help="where the run's outputs go (default: g3n-probe-bench in the temp folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     a = p.parse_args(argv)

@@ -8,7 +8,7 @@ intensity scale and scanner-like noise inside the head, zero background), then r
 Prints volumes/s, bytes/volume and the ratios. Target: >= 10x nibabel's read throughput at no
 more bytes than .nii.gz.
 
-    uv run python tools/bench/shards.py [-n 24] [--out /tmp/g3n-bench-shards]
+    uv run python tools/bench/shards.py [-n 24] [--out runs/bench-shards]
 """
 
 from __future__ import annotations
