@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from g3n_shards import atomic_write_bytes as shards_atomic_write_bytes
 
 #: Version of the measurement definitions in this package. Bump the minor for additions,
 #: the major when an existing figure would change value for the same inputs.
@@ -26,20 +27,9 @@ FORMAT = "g3n-eval/metrics"
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write to a temporary sibling, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """The contract's atomic writer (temp sibling, fsync, rename), returning the path."""
+    shards_atomic_write_bytes(path, data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -24,7 +24,7 @@ would otherwise silently interpolate its position embeddings to another grid.)
 
 Every refused input of every stage ends in ``OUT/rejects.jsonl`` with the stage and reason, and
 is summarised at the end. Re-running the same command skips finished steps (each step records
-a digest of its inputs in ``OUT/work/steps.json``; the stages are resumable themselves).
+a digest of its inputs in ``steps.json`` in OUT's ``work`` folder; the stages are resumable themselves).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def _tree_stamp(root: Path) -> list[Any]:
 
 
 class Steps:
-    """``OUT/work/steps.json``: each finished step and the digest of its inputs."""
+    """``steps.json`` in OUT's ``work`` folder: each finished step and the digest of its inputs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

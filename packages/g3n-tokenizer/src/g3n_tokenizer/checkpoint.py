@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from g3n_mae.checkpoint import atomic_save_safetensors  # one atomic safetensors writer (the encoder's package)
 from g3n_shards import atomic_write_text  # noqa: F401 - re-exported: one atomic writer for the project
 
 from .errors import CheckpointError
@@ -40,19 +38,6 @@ def same_digest(a: str | None, b: str | None) -> bool:
     """Digests compare equal with or without a ``sha256:`` prefix."""
     strip = lambda d: (d or "").removeprefix("sha256:").lower()  # noqa: E731
     return strip(a) == strip(b)
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tokenizer(path: str | Path, state_dict: dict[str, torch.Tensor], name: str, config: dict[str, Any],
