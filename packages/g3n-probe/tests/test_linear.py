@@ -77,3 +77,51 @@ def test_fit_classifier_leaves_callers_features_alone():
     probe, rep = fit_classifier(X, y, protocol_preset("paper"))
     assert np.array_equal(X, before) and rep.converged
     np.testing.assert_allclose(probe.mean, before.mean(axis=0), rtol=1e-5)
+
+
+def test_wide_features_use_the_kernel_form_with_the_same_fit():
+    """More columns than rows (flattened latents): the n x n kernel form gives the Gram form's
+    probe and GCV curve, and fit_regressor takes it, so a 38,400-d set never builds a p x p matrix."""
+    from g3n_probe import fit_regressor, protocol_preset
+    from g3n_probe.linear import ridge_dual, wide
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 120)) * rng.uniform(0.5, 3, 120) + 3
+    X[:, 7] = 1.0
+    y = X[:, 0] - 2 * X[:, 5] + rng.normal(size=40)
+    ref, ref_rep, ref_gcv = ridge_from_stats(GramStats.of(X, y), ALPHAS)
+    probe, rep, gcv = ridge_dual(X, y, ALPHAS)
+    np.testing.assert_allclose(gcv, ref_gcv, rtol=1e-5)
+    assert rep.alpha == ref_rep.alpha
+    np.testing.assert_allclose(probe.predict_scores(X), ref.predict_scores(X), atol=1e-8)
+    np.testing.assert_allclose(probe.coef, ref.coef, atol=1e-9)
+    assert wide(40, 120) and not wide(120, 40)
+    fitted, frep = fit_regressor(X, y, protocol_preset("paper"))
+    assert frep.alpha == rep.alpha
+    np.testing.assert_allclose(fitted.predict_scores(X), probe.predict_scores(X), rtol=1e-5, atol=1e-4)
+
+
+def test_grouped_inner_cv_on_wide_features_matches_the_gram_form():
+    from g3n_probe import fit_regressor, protocol_preset
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(48, 90))
+    y = X[:, 0] + rng.normal(size=48) * 0.5
+    groups = np.repeat(np.arange(16), 3)
+    Z = (X - X.mean(axis=0)) / X.std(axis=0)
+    alpha, mse = grouped_ridge_alpha(Z, y, groups, ALPHAS, 4)
+    # the Gram form on the same data (p = 90 is small enough to build it): same curve
+    import g3n_probe.linear as lin
+
+    orig = lin.wide
+    try:
+        lin.wide = lambda n, p: False
+        alpha_g, mse_g = grouped_ridge_alpha(Z, y, groups, ALPHAS, 4)
+        cfg = protocol_preset("paper").model_copy(update={"ridge_inner_cv": 4})
+        ref, _ = fit_regressor(X, y, cfg, groups=groups)
+    finally:
+        lin.wide = orig
+    np.testing.assert_allclose(mse, mse_g, rtol=1e-6)
+    assert alpha == alpha_g
+    got, _ = fit_regressor(X, y, cfg, groups=groups)
+    np.testing.assert_allclose(got.predict_scores(X), ref.predict_scores(X), rtol=1e-4, atol=1e-5)

@@ -44,6 +44,19 @@ def test_known_signal_gives_high_auc_and_low_error(signal_run):
     assert r2 > 0.7 and mae < 8.0, (r2, mae)
 
 
+def test_chance_column_is_a_constant_predictor_on_the_same_folds(signal_run):
+    age = signal_run.get("brain_age", "all")
+    preds = age.predictions.columns
+    want = []
+    for k in range(5):
+        test = np.asarray(preds["fold"]) == k
+        y = np.asarray(preds["y_true"], dtype=float)
+        want.append(np.mean(np.abs(y[test] - y[~test].mean())))
+    assert age.chance("mae") == pytest.approx(np.mean(want))
+    assert age.summary("mae")[0] < 0.5 * age.chance("mae")  # the signal beats chance clearly
+    assert signal_run.get("sex", "all").chance("auc") == pytest.approx(0.5)
+
+
 def test_pure_noise_gives_chance(make):
     res = _run(make, 0.0, seed=3)
     auc, _, n = res.get("sex", "all").summary("auc")

@@ -82,15 +82,40 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
-    from .apply import apply_probes, find_probes
+    from .apply import apply_probes, find_probes, recorded_latent_reduce
     from .features import load_features
+    from .linear import LinearProbe
+    from .rejects import Reject
 
-    fs = load_features(a.features, array=a.array, latent_reduce=a.latent_reduce)
     dirs = find_probes(a.probes, include_folds=a.include_folds)
-    res = apply_probes(dirs, fs, a.out)
+    probes = [LinearProbe.load(d) for d in dirs]
+    dims = {p.n_features for p in probes}
+    reduce = a.latent_reduce or recorded_latent_reduce(probes) or "flatten"
+    rejects: list[Reject] = []
+    fs = load_features(a.features, array=a.array, latent_reduce=reduce, rejects=rejects,
+                       expected_dim=next(iter(dims)) if len(dims) == 1 else None)
+    res = apply_probes(dirs, fs, a.out, rejects=rejects, allow_mismatch=a.allow_feature_mismatch, probes=probes)
+    # one warning per distinct problem, not per probe: a 23-probe panel would bury it otherwise
+    mismatched: dict[str, list[str]] = {}
+    notes: dict[str, None] = {}
+    for r in res:
+        if r.mismatch:
+            mismatched.setdefault(r.mismatch, []).append(r.name)
+        notes.update(dict.fromkeys(r.notes))
+    for what, names in mismatched.items():
+        print(f"g3n-probe: warning: {what}; scored anyway (--allow-feature-mismatch) by {len(names)} probe(s): "
+              f"{', '.join(names)}", file=sys.stderr)
+    for n in notes:
+        print(f"g3n-probe: note: {n}", file=sys.stderr)
     for r in res:
         m = ", ".join(f"{k}={v:.3f}" for k, v in r.metrics.items())
-        print(f"{r.name}: {len(r.rows)} unit(s) scored" + (f"; {m} on {r.labelled} labelled" if m else ""))
+        rej = f", {len(r.rejects)} sample(s) rejected by its slice" if r.rejects else ""
+        print(f"{r.name}: {len(r.rows)} unit(s) scored{rej}" + (f"; {m} on {r.labelled} labelled" if m else ""))
+    by_probe = sum(len(r.rejects) for r in res)
+    rejected_samples = len(({x.key for x in rejects} | {x.key for r in res for x in r.rejects}) - {None})
+    print(f"scored: {sum(len(r.rows) for r in res)} unit(s) by {len(res)} probe(s) from {len(fs)} usable sample(s); "
+          f"rejected: {len(rejects)} bad row(s), {by_probe} slice refusal(s), {rejected_samples} distinct sample(s)"
+          f" -> {Path(a.out) / 'rejects.jsonl'}")
     print(f"-> {a.out}/summary.csv")
     return 0
 
@@ -143,13 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("apply", help="score new embeddings with saved probes")
+    s = sub.add_parser(
+        "apply", help="score new embeddings with saved probes",
+        description="Score new embeddings with saved probes. Rows that cannot be scored (NaN/Inf, wrong width, "
+                    "invalid metadata, metadata the probe's slice needs but lacks) are written to OUT/rejects.jsonl "
+                    "with their reason; the rest are scored. Features of another kind, latent reduction or "
+                    "encoder/tokenizer checkpoint than a probe was trained on (as recorded in its probe.json) are "
+                    "refused unless --allow-feature-mismatch is given.")
     s.add_argument("--probes", nargs="+", required=True, help="probe folder(s) or a run folder")
     s.add_argument("--features", required=True, help="tokens/latents shard set or feature-table folder")
-    s.add_argument("--out", required=True, help="output folder for per-probe predictions and summary.csv")
+    s.add_argument("--out", required=True,
+                   help="output folder for per-probe predictions, summary.csv and rejects.jsonl")
     s.add_argument("--include-folds", action="store_true", help="also apply saved fold probes")
-    s.add_argument("--array", default="auto", choices=["auto", "mean", "tokens"])
-    s.add_argument("--latent-reduce", default="flatten", choices=["flatten", "mean"])
+    s.add_argument("--array", default="auto", choices=["auto", "mean", "tokens"],
+                   help="tokens sets: which array gives the token mean (default auto: mean if stored)")
+    s.add_argument("--latent-reduce", default=None, choices=["flatten", "mean"],
+                   help="latents sets: flatten or mean over tokens (default: what the probes were trained on, "
+                        "else flatten)")
+    s.add_argument("--allow-feature-mismatch", action="store_true",
+                   help="score even when the features' kind, reduction or encoder checkpoint differs from the "
+                        "probe's training features; prints a warning instead of refusing (the width must still match)")
     s.set_defaults(func=cmd_apply)
 
     s = sub.add_parser("compare", help="run the panel on several feature sets with identical splits")

@@ -7,12 +7,19 @@ The panel core only sees :class:`FeatureSet`. Two sources make one:
 * a *feature table* folder, for features from any other encoder: ``features.npz`` with
   ``keys`` (N strings) and ``features`` (N x D), plus ``metadata.jsonl`` with one JSON object
   per sample (``key`` and g3n-shards metadata fields). :func:`write_feature_table` makes one.
+
+``run`` and ``compare`` read strictly: any bad row is an error, since a panel fitted on a
+silently thinned cohort would misreport. ``apply`` passes a ``rejects`` list instead: bad rows
+(non-finite values, a width other than the rest, invalid or missing metadata, duplicate keys)
+are left out and recorded there, one :class:`~g3n_probe.rejects.Reject` each, and the rest load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import npz_bytes, write_bytes, write_text
+from .rejects import STEP_FEATURES, STEP_METADATA, Reject
 
 
 class FeatureSourceError(ValueError):
@@ -112,12 +120,24 @@ def write_feature_table(folder: str | Path, X: np.ndarray, keys: Sequence[str], 
     return folder
 
 
-def load_feature_table(folder: str | Path, name: str | None = None) -> FeatureSet:
-    """Read a feature-table folder; rows and metadata lines are matched by key."""
+def load_feature_table(
+    folder: str | Path, name: str | None = None, rejects: list[Reject] | None = None, expected_dim: int | None = None
+) -> FeatureSet:
+    """Read a feature-table folder; rows and metadata lines are matched by key.
+
+    ``rejects``: lenient mode for ``apply`` (see the module doc); a metadata line without
+    ``subject`` or ``modality`` is then kept with None there, so that only the probes whose
+    slice needs the field refuse the sample. ``expected_dim``: the width the probes expect,
+    the reference for "wrong width" when rows differ. Errors of the files themselves (missing,
+    unreadable, not N x D) are raised in both modes: there is no row to reject.
+    """
     folder = Path(folder)
     npz, meta = folder / "features.npz", folder / "metadata.jsonl"
+    lenient = rejects is not None
+    where = str(folder)
     try:
-        with np.load(io.BytesIO(npz.read_bytes()), allow_pickle=False) as z:
+        blob = npz.read_bytes()
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             if "keys" not in z or "features" not in z:
                 raise FeatureSourceError(f"{npz}: needs arrays 'keys' and 'features', has {sorted(z.files)}")
             keys = [str(k) for k in z["keys"]]
@@ -126,7 +146,10 @@ def load_feature_table(folder: str | Path, name: str | None = None) -> FeatureSe
         raise
     except (OSError, ValueError) as e:
         raise FeatureSourceError(f"{npz}: cannot read features: {e}") from e
+    if X.ndim != 2 or X.shape[0] != len(keys):
+        raise FeatureSourceError(f"{npz}: 'features' must be N x D with N = {len(keys)} keys, got shape {X.shape}")
     records: dict[str, dict[str, Any]] = {}
+    invalid: dict[str, str] = {}
     try:
         text = meta.read_text()
     except OSError as e:
@@ -137,40 +160,125 @@ def load_feature_table(folder: str | Path, name: str | None = None) -> FeatureSe
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise FeatureSourceError(f"{meta}:{n}: not valid JSON: {e}") from e
+            if not lenient:
+                raise FeatureSourceError(f"{meta}:{n}: not valid JSON: {e}") from e
+            rejects.append(Reject(None, where, STEP_METADATA, f"{meta.name}:{n}: not valid JSON: {e}"))
+            continue
         if not isinstance(rec, dict) or "key" not in rec:
-            raise FeatureSourceError(f"{meta}:{n}: each line must be an object with a 'key'")
-        records[str(rec["key"])] = _validate(rec, f"{meta}:{n}")
-    missing = [k for k in keys if k not in records]
-    if missing:
-        raise FeatureSourceError(f"{meta}: no metadata for {len(missing)} sample(s), e.g. {missing[:3]}")
-    return FeatureSet(
-        name or folder.name,
-        X,
-        keys,
-        [records[k] for k in keys],
-        {"type": "table", "path": str(folder)},
-    )
+            if not lenient:
+                raise FeatureSourceError(f"{meta}:{n}: each line must be an object with a 'key'")
+            rejects.append(Reject(None, where, STEP_METADATA, f"{meta.name}:{n}: not an object with a 'key'"))
+            continue
+        key = str(rec["key"])
+        try:
+            records[key] = _validate(rec, f"{meta}:{n}", lenient=lenient)
+            invalid.pop(key, None)
+        except FeatureSourceError as e:
+            if not lenient:
+                raise
+            records.pop(key, None)
+            invalid[key] = str(e)
+    if not lenient:
+        missing = [k for k in keys if k not in records]
+        if missing:
+            raise FeatureSourceError(f"{meta}: no metadata for {len(missing)} sample(s), e.g. {missing[:3]}")
+        return FeatureSet(name or folder.name, X, keys, [records[k] for k in keys], _table_source(folder, blob))
+    assert rejects is not None
+    recs: list[dict[str, Any] | None] = []
+    for k in keys:
+        if k in records:
+            recs.append(records[k])
+            continue
+        why = invalid.get(k, f"no line for this key in {meta.name}")
+        rejects.append(Reject(k, where, STEP_METADATA, why))
+        recs.append(None)
+    Xk, kk, rk = screen_rows(where, keys, X, recs, rejects, expected_dim)
+    return FeatureSet(name or folder.name, Xk, kk, rk, _table_source(folder, blob))
 
 
-def _validate(rec: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate through g3n_shards.SampleMeta when it can, keeping the key and unknown columns."""
+def _table_source(folder: Path, blob: bytes) -> dict[str, Any]:
+    """Provenance of a feature table. Its features' own kind and encoder are not recorded in
+    the table, so ``apply`` cannot check them against a probe's (see apply.feature_mismatches)."""
+    return {"type": "table", "kind": "feature-table", "path": str(folder),
+            "digest": "sha256:" + hashlib.sha256(blob).hexdigest()}
+
+
+def screen_rows(
+    where: str,
+    keys: Sequence[str],
+    rows: np.ndarray | Sequence[np.ndarray],
+    records: Sequence[dict[str, Any] | None],
+    rejects: list[Reject],
+    expected_dim: int | None = None,
+) -> tuple[np.ndarray, list[str], list[dict[str, Any]]]:
+    """Keep the rows a probe can score; append a :class:`Reject` for every other one.
+
+    ``records[i] is None`` marks a row already rejected for its metadata. Refused: a key that
+    occurs more than once (which row is right is unknowable, so none), a width other than the
+    reference (``expected_dim`` when some row has it, else the most common width), and any
+    NaN/Inf value. Returns (X, keys, records) of the kept rows, in input order.
+    """
+    counts = Counter(keys)
+    matrix = isinstance(rows, np.ndarray) and rows.ndim == 2
+    widths = [rows.shape[1]] * rows.shape[0] if matrix else [int(np.asarray(r).size) for r in rows]  # type: ignore[union-attr]
+    finite = np.isfinite(rows).all(axis=1) if matrix else [bool(np.isfinite(np.asarray(r)).all()) for r in rows]
+    live = [i for i, r in enumerate(records) if r is not None]
+    common = Counter(widths[i] for i in live).most_common()
+    ref = expected_dim if expected_dim is not None and any(widths[i] == expected_dim for i in live) else (
+        common[0][0] if common else (expected_dim or 0))
+    ref_text = "the probes' expected width" if ref == expected_dim else "the width of the other samples"
+    keep: list[int] = []
+    for i in live:
+        rec = records[i]
+        assert rec is not None
+        subj = rec.get("subject")
+        k = str(keys[i])
+        if counts[k] > 1:
+            rejects.append(Reject(k, where, STEP_FEATURES, f"key occurs {counts[k]} times in the feature source", subj))
+        elif widths[i] != ref:
+            rejects.append(Reject(k, where, STEP_FEATURES, f"feature row has {widths[i]} values, not {ref} ({ref_text})", subj))
+        elif not finite[i]:
+            bad = int((~np.isfinite(np.asarray(rows[i]))).sum())
+            rejects.append(Reject(k, where, STEP_FEATURES, f"feature row has {bad} non-finite value(s) (NaN/Inf)", subj))
+        else:
+            keep.append(i)
+    if matrix:
+        X = np.asarray(rows)[np.asarray(keep, dtype=np.int64)]
+    elif keep:
+        X = np.stack([np.asarray(rows[i]).reshape(-1) for i in keep])
+    else:
+        X = np.zeros((0, ref), dtype=np.float32)
+    return X, [str(keys[i]) for i in keep], [records[i] for i in keep]  # type: ignore[misc]
+
+
+def _validate(rec: dict[str, Any], source: str, lenient: bool = False) -> dict[str, Any]:
+    """Validate through g3n_shards.SampleMeta when it can, keeping the key and unknown columns
+    (``lenient``: missing subject/modality allowed, see :func:`shardio.validate_record`)."""
     from . import shardio
 
-    return shardio.validate_record(rec, source)
+    return shardio.validate_record(rec, source, allow_missing_identity=lenient)
 
 
 def load_features(
-    path: str | Path, name: str | None = None, array: str = "auto", latent_reduce: str = "flatten"
+    path: str | Path,
+    name: str | None = None,
+    array: str = "auto",
+    latent_reduce: str = "flatten",
+    rejects: list[Reject] | None = None,
+    expected_dim: int | None = None,
 ) -> FeatureSet:
-    """Open a shard set (folder with manifest.json) or a feature table (folder with features.npz)."""
+    """Open a shard set (folder with manifest.json) or a feature table (folder with features.npz).
+
+    ``rejects`` / ``expected_dim``: lenient reading for ``apply`` (see the module doc).
+    """
     p = Path(path)
     if (p / "manifest.json").exists():
         from . import shardio
 
-        return shardio.load_shard_features(p, name=name, array=array, latent_reduce=latent_reduce)
+        return shardio.load_shard_features(p, name=name, array=array, latent_reduce=latent_reduce,
+                                           rejects=rejects, expected_dim=expected_dim)
     if (p / "features.npz").exists():
-        return load_feature_table(p, name=name)
+        return load_feature_table(p, name=name, rejects=rejects, expected_dim=expected_dim)
     raise FeatureSourceError(f"{p}: neither a shard set (manifest.json) nor a feature table (features.npz + metadata.jsonl)")
 
 

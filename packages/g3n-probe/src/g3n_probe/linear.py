@@ -201,6 +201,14 @@ def _ridge_coefs(Gc: np.ndarray, b: np.ndarray, alphas: np.ndarray) -> np.ndarra
     return V @ (Vb[:, None] / (w[:, None] + alphas[None, :]))
 
 
+def _ridge_coefs_dual(Zc: np.ndarray, yc: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """:func:`_ridge_coefs` from centred data through the n x n kernel (wide features)."""
+    w, U = np.linalg.eigh(Zc @ Zc.T)
+    w = np.clip(w, 0.0, None)
+    Uy = U.T @ yc
+    return Zc.T @ (U @ (Uy[:, None] / (w[:, None] + alphas[None, :])))
+
+
 def grouped_ridge_alpha(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: list[float], k: int) -> tuple[float, np.ndarray]:
     """Pick alpha by subject-grouped inner k-fold CV (mean squared error), cheaply.
 
@@ -213,6 +221,15 @@ def grouped_ridge_alpha(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas
     a = np.asarray(alphas, dtype=np.float64)
     k = min(k, len(np.unique(groups)))
     parts = [test for _, test in GroupKFold(n_splits=k).split(Z, y, groups)]
+    if wide(*Z.shape):
+        sse = np.zeros(len(a))
+        for test in parts:
+            train = np.setdiff1d(np.arange(len(y)), test)
+            mu, ybar = Z[train].mean(axis=0), float(y[train].mean())
+            C = _ridge_coefs_dual(Z[train] - mu, y[train] - ybar, a)
+            sse += (((Z[test] - mu) @ C + ybar - y[test][:, None]) ** 2).sum(axis=0)
+        mse = sse / len(y)
+        return float(a[int(np.argmin(mse))]), mse
     stats = []
     for test in parts:
         Zf = Z[test]
@@ -282,11 +299,7 @@ def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64")
     c = V.T @ (b * d)
     yyc = st.yy - n * ybar * ybar
     a = np.asarray(alphas, dtype=np.float64)
-    inv = 1.0 / (w[None, :] + a[:, None])  # (n_alphas, p)
-    rss = yyc - ((c**2)[None, :] * (2 * inv - w[None, :] * inv**2)).sum(axis=1)
-    df = (w[None, :] * inv).sum(axis=1) + 1.0
-    denom = n - df
-    gcv = np.where(denom > 0, n * np.clip(rss, 0.0, None) / np.where(denom > 0, denom, 1.0) ** 2, np.inf)
+    gcv, inv = _gcv_select(w, c**2, yyc, n, a)
     best = int(np.argmin(gcv))
     coef = V @ (c * inv[best])
     dt = np.dtype(dtype)
@@ -300,6 +313,51 @@ def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64")
     return probe, FitReport(alpha=float(a[best])), gcv
 
 
+def _gcv_select(w: np.ndarray, proj2: np.ndarray, yyc: float, n: int, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GCV per alpha and the shrinkage 1/(w + alpha), from the spectrum ``w`` of the standardised
+    Gram (or kernel) matrix and ``proj2``, the squared projections of Z^T y on its eigenvectors
+    (Gram form: (V^T Z^T y)^2; kernel form: w (U^T y)^2, the same numbers)."""
+    inv = 1.0 / (w[None, :] + alphas[:, None])  # (n_alphas, r)
+    rss = yyc - (proj2[None, :] * (2 * inv - w[None, :] * inv**2)).sum(axis=1)
+    df = (w[None, :] * inv).sum(axis=1) + 1.0
+    denom = n - df
+    gcv = np.where(denom > 0, n * np.clip(rss, 0.0, None) / np.where(denom > 0, denom, 1.0) ** 2, np.inf)
+    return gcv, inv
+
+
+def ridge_dual(X: np.ndarray, y: np.ndarray, alphas: list[float], dtype: str = "float64") -> tuple[LinearProbe, FitReport, np.ndarray]:
+    """:func:`ridge_from_stats` for wide features (more columns than rows, e.g. flattened
+    38,400-d latents): the same standardised ridge and GCV, from the n x n kernel matrix
+    instead of the p x p Gram matrix, whose p^2 doubles (11.8 GB at p = 38,400) would not fit.
+    Both matrices share their non-zero eigenvalues, so the fit and the GCV curve are identical.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0  # constant columns
+    Z = (X - mean) / scale
+    ybar = float(y.mean())
+    yc = y - ybar
+    w, U = np.linalg.eigh(Z @ Z.T)
+    w = np.clip(w, 0.0, None)
+    c = U.T @ yc
+    a = np.asarray(alphas, dtype=np.float64)
+    gcv, inv = _gcv_select(w, w * c**2, float(yc @ yc), n, a)
+    best = int(np.argmin(gcv))
+    coef = Z.T @ (U @ (c * inv[best]))
+    dt = np.dtype(dtype)
+    probe = LinearProbe(kind="regression", mean=mean.astype(dt), scale=scale.astype(dt),
+                        coef=coef.astype(dt).reshape(1, -1), intercept=np.asarray([ybar], dtype=dt))
+    return probe, FitReport(alpha=float(a[best])), gcv
+
+
+def wide(n_rows: int, n_features: int) -> bool:
+    """Use the n x n kernel form rather than the p x p Gram form (cheaper, and p^2 may not fit)."""
+    return n_features > n_rows
+
+
 def fit_regressor(
     X: np.ndarray, y: np.ndarray, cfg: ProtocolConfig, groups: np.ndarray | None = None
 ) -> tuple[LinearProbe, FitReport]:
@@ -310,7 +368,10 @@ def fit_regressor(
     exact but one p x p eigendecomposition per inner fold.
     """
     if cfg.ridge_inner_cv == "gcv":
-        probe, rep, _ = ridge_from_stats(GramStats.of(X, y), cfg.ridge_alphas, cfg.dtype)
+        if wide(*np.shape(X)):
+            probe, rep, _ = ridge_dual(X, y, cfg.ridge_alphas, cfg.dtype)
+        else:
+            probe, rep, _ = ridge_from_stats(GramStats.of(X, y), cfg.ridge_alphas, cfg.dtype)
         return probe, rep
     dtype = np.dtype(cfg.dtype)
     scaler, Z = _scale(X, dtype)
@@ -319,8 +380,12 @@ def fit_regressor(
         raise ValueError("grouped inner CV needs subject groups")
     alpha, _ = grouped_ridge_alpha(Z, y, np.asarray(groups), cfg.ridge_alphas, int(cfg.ridge_inner_cv))
     Z64 = np.asarray(Z, dtype=np.float64)
-    Gc, b, mu, ybar = _centred_gram(Z64.T @ Z64, Z64.sum(axis=0), Z64.T @ y, float(y.sum()), len(y))
-    coef = np.linalg.solve(Gc + alpha * np.eye(Gc.shape[0]), b)
+    if wide(*Z64.shape):
+        mu, ybar = Z64.mean(axis=0), float(y.mean())
+        coef = _ridge_coefs_dual(Z64 - mu, y - ybar, np.asarray([alpha]))[:, 0]
+    else:
+        Gc, b, mu, ybar = _centred_gram(Z64.T @ Z64, Z64.sum(axis=0), Z64.T @ y, float(y.sum()), len(y))
+        coef = np.linalg.solve(Gc + alpha * np.eye(Gc.shape[0]), b)
     intercept = ybar - float(mu @ coef)
     probe = LinearProbe(
         kind="regression",

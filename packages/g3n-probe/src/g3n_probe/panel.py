@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .config import Panel, ProtocolConfig, TaskSpec
 from .features import FeatureSet
-from .linear import FitReport, GramStats, LinearProbe, fit_classifier, fit_regressor, ridge_from_stats
+from .linear import FitReport, GramStats, LinearProbe, fit_classifier, fit_regressor, ridge_from_stats, wide
 from .metrics import classification_metric, regression_metric
 from .slices import build_view
 from .splits import assign_folds, check_no_leak, regression_strata
@@ -92,6 +92,13 @@ class SliceResult:
     probe: LinearProbe | None = None
     fold_probes: list[LinearProbe | None] = field(default_factory=list)
     seconds: float = 0.0
+    #: the same folds scored by a constant predictor (the training part's class frequencies or
+    #: mean): the level a probe must beat to show the features carry the label
+    chance_metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def chance(self, metric: str) -> float:
+        vals = [v for v in self.chance_metrics.get(metric, []) if not math.isnan(v)]
+        return float(np.mean(vals)) if vals else math.nan
 
     def summary(self, metric: str) -> tuple[float, float, int]:
         """Mean and sample SD over scored folds, and the number of scored folds."""
@@ -218,8 +225,9 @@ def _fit_folds(
 
     todo: list[Any] = list(scorable) + (["final"] if cfg.save_probes else [])
     fits: dict[Any, tuple[LinearProbe, FitReport]] = {}
-    if task.kind == "regression" and cfg.ridge_inner_cv == "gcv":
+    if task.kind == "regression" and cfg.ridge_inner_cv == "gcv" and not wide(*X.shape):
         # one pass over the data: per-fold statistics, summed for each training part
+        # (wide features fit fold by fold in the kernel form instead: p x p would not fit)
         stats = {k: GramStats.of(X[ufold == k], y[ufold == k]) for k in np.unique(ufold).tolist()}
         for k in todo:
             parts = [st for j, st in stats.items() if k == "final" or j != k]
@@ -276,6 +284,7 @@ def run_slice(
     check_no_leak(subj, ufold)
     metric_names = task.metric_names()
     fold_metrics: dict[str, list[float]] = {m: [] for m in metric_names}
+    chance_metrics: dict[str, list[float]] = {m: [] for m in metric_names}
     predictions = Predictions()
     unit_keys = np.asarray(view.unit_keys, dtype=object)
     scorable: list[int] = []
@@ -298,13 +307,18 @@ def run_slice(
             full = np.zeros((int(test.sum()), len(classes)), dtype=scores.dtype)
             for j, c in enumerate(probe.classes):
                 full[:, classes.index(c)] = scores[:, j]
+            prior = np.asarray([np.mean(y[~test] == c) for c in classes])
+            constant = np.tile(prior, (int(test.sum()), 1))
             for m in metric_names:
                 fold_metrics[m].append(classification_metric(m, y[test], full, classes))
+                chance_metrics[m].append(classification_metric(m, y[test], constant, classes))
             pred = np.asarray(classes, dtype=object)[np.argmax(full, axis=1)]
             chunk = {"y_true": y[test], "y_pred": pred, **{f"p_{c}": full[:, j] for j, c in enumerate(classes)}}
         else:
+            constant = np.full(int(test.sum()), float(np.mean(y[~test].astype(np.float64))))
             for m in metric_names:
                 fold_metrics[m].append(regression_metric(m, y[test], scores))
+                chance_metrics[m].append(regression_metric(m, y[test], constant))
             chunk = {"y_true": y[test], "y_pred": scores, "alpha": np.full(int(test.sum()), rep.alpha)}
         ti = np.flatnonzero(test)
         predictions.add({"unit": unit_keys[sel[ti]], "subject": subj[ti], "fold": np.full(len(ti), k), **chunk})
@@ -331,6 +345,7 @@ def run_slice(
         probe=final,
         fold_probes=fold_probes if cfg.save_fold_probes else [],
         seconds=time.perf_counter() - t0,
+        chance_metrics=chance_metrics,
     )
 
 

@@ -23,7 +23,8 @@ import yaml
 from .atomic import write_text
 from .panel import PanelResult, SliceResult
 
-RESULT_COLUMNS = ["task", "slice", "metric", "mean", "sd", "folds", "subjects", "volumes", "units", "classes", "notes"]
+#: ``chance``: the same folds scored by a constant predictor (training-part class frequencies or mean)
+RESULT_COLUMNS = ["task", "slice", "metric", "mean", "sd", "chance", "folds", "subjects", "volumes", "units", "classes", "notes"]
 
 
 def _fmt(v: Any) -> Any:
@@ -48,7 +49,7 @@ def result_rows(res: PanelResult) -> list[dict[str, Any]]:
         for m in r.fold_metrics:
             mean, sd, n = r.summary(m)
             rows.append(
-                {"task": r.task, "slice": r.slice, "metric": m, "mean": mean, "sd": sd, "folds": n,
+                {"task": r.task, "slice": r.slice, "metric": m, "mean": mean, "sd": sd, "chance": r.chance(m), "folds": n,
                  "subjects": r.subjects, "volumes": r.volumes, "units": r.units,
                  "classes": len(r.classes) if r.classes else "", "notes": " | ".join(r.notes)}
             )
@@ -67,14 +68,16 @@ def results_markdown(res: PanelResult) -> str:
         "",
         f"Features: {res.feature_dim}-d from {json.dumps(res.feature_source, sort_keys=True)}. "
         f"Protocol: {res.protocol.n_splits}-fold stratified subject-grouped CV, seed {res.protocol.seed} "
-        f"(digest {res.protocol.digest()}); mean ± SD over folds.",
+        f"(digest {res.protocol.digest()}); mean ± SD over folds; chance = the same folds scored by a constant "
+        "predictor (the training part's class frequencies or mean).",
         "",
-        "| task | slice | metric | mean ± SD | folds | subjects | volumes | classes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | slice | metric | mean ± SD | chance | folds | subjects | volumes | classes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result_rows(res):
         lines.append(
-            f"| {row['task']} | {row['slice']} | {row['metric']} | {_pm(row['mean'], row['sd'])} | {row['folds']} "
+            f"| {row['task']} | {row['slice']} | {row['metric']} | {_pm(row['mean'], row['sd'])} | {_pm(row['chance'], math.nan)} "
+            f"| {row['folds']} "
             f"| {row['subjects']} | {row['volumes']} | {row['classes']} |"
         )
     if res.skipped:

@@ -4,7 +4,8 @@ The file holds every weight the tokenizer needs (for MAE-CNN: the frozen encoder
 projection and the decoder), and its safetensors metadata holds ``format``, the registry name and
 the JSON config, so ``from_checkpoint(path)`` needs nothing else and the SHA-256 of that one file
 identifies the tokenizer in a ``latents`` manifest. Training state (optimizer moments, epoch,
-early-stopping counters) lives beside it in ``train_state.safetensors`` + ``train_state.json``.
+early-stopping counters, RNG states as JSON) lives beside it in ``train_state.safetensors`` +
+``train_state.json``.
 Writes are atomic (temp file + ``os.replace``).
 """
 

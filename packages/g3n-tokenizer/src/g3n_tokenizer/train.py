@@ -8,9 +8,15 @@
 * Each epoch ends with the validation loss = the configured voxel loss of the deterministic
   reconstruction ``decode(encode(x))`` on the validation subjects. The best epoch is written to
   ``<out>/tokenizer.safetensors`` (that file *is* the tokenizer); ``<out>/last.safetensors`` plus
-  ``train_state.safetensors`` / ``train_state.json`` allow ``resume``. Training stops after
-  ``patience`` epochs without improvement, at ``max_epochs``, or on a non-finite loss (error).
-* Everything is written atomically; ``metrics.jsonl`` has one line per epoch.
+  ``train_state.safetensors`` (AdamW moments and step per named parameter, the same keys for both
+  engines, consolidated from ZeRO partitions) / ``train_state.json`` allow ``resume``, which then
+  continues with the same per-step losses as an uninterrupted run (CPU, either engine). The JSON
+  also holds every rank's random-number state at the end of the epoch (python, numpy, torch CPU
+  and CUDA generators, via g3n-mae's ``rng_state``), which resume restores, so stochastic training
+  (AutoencoderKL's reparameterised latent sample) continues the same random stream. Training
+  stops after ``patience`` epochs without improvement, at ``max_epochs``, or on a non-finite loss.
+* Everything is written atomically (no pickle); ``train_state.json`` is written last and records
+  the SHA-256 of the two tensor files it belongs with; ``metrics.jsonl`` has one line per epoch.
 """
 
 from __future__ import annotations
@@ -29,11 +35,15 @@ import torch
 from tqdm import tqdm
 
 import g3n_shards as gs
+from g3n_mae.checkpoint import rng_state, set_rng_state
+from g3n_mae.train import DeepSpeedEngine as MaeDeepSpeedEngine
+from g3n_mae.train import Dist as MaeDist
 
 from .base import TorchTokenizer, voxel_loss
-from .checkpoint import atomic_save_safetensors, atomic_write_text
+from .checkpoint import atomic_save_safetensors, atomic_write_text, file_sha256
 from .config import TrainConfig
 from .data import iter_batches, split_subjects
+from .errors import CheckpointError
 
 BEST_NAME = "tokenizer.safetensors"
 LAST_NAME = "last.safetensors"
@@ -111,6 +121,25 @@ class TorchEngine:
                 }
 
 
+class _DeepSpeedStateIO(MaeDeepSpeedEngine):
+    """g3n-mae's DeepSpeed state consolidation (``full_state`` / ``load_full_state``) over an
+    engine built here.
+
+    g3n-mae's engine already knows how to read and write AdamW moments, step and fp32 masters by
+    parameter name for ZeRO-0 (plain or bf16-wrapped optimizer) and ZeRO-1/2 (flat partitions,
+    including DeepSpeed 0.19's lazily linked second param group); reusing it keeps one copy of
+    that version-sensitive code. Only its state methods are used: its ``forward``/``step`` assume
+    the MAE's signature, so it is kept private rather than being the tokenizer's engine.
+    """
+
+    def __init__(self, engine: Any):
+        # no super().__init__(): that would build a second DeepSpeed engine; these three attributes
+        # are all the state methods read (``dist`` only for ZeRO-3, which the tokenizer refuses)
+        self.engine = engine
+        self.module = engine.module
+        self.dist = MaeDist(rank=torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
+
+
 class DeepSpeedEngine:
     """DeepSpeed over the trainable module only (the frozen encoder is never cast or partitioned).
 
@@ -146,6 +175,7 @@ class DeepSpeedEngine:
         opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_cfg)
         self.module = self.engine.module
+        self._state_io = _DeepSpeedStateIO(self.engine)
 
     def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
         self.engine.train()
@@ -158,10 +188,25 @@ class DeepSpeedEngine:
         return float(loss.detach())
 
     def optim_state(self) -> dict[str, torch.Tensor]:
-        return {}  # resume restarts the DeepSpeed optimizer moments (weights and counters are restored)
+        """AdamW moments and step keyed by parameter name, consolidated from ZeRO's flat partitions.
+
+        The same keys as :meth:`TorchEngine.optim_state` (``exp_avg/<name>``, ``exp_avg_sq/<name>``,
+        ``step/<name>``), so the file does not depend on the engine, ZeRO stage or world size.
+        Under ZeRO-1/2 consolidation is a collective: every rank must call this, not only rank 0.
+        """
+        return self._state_io.full_state()[1]
 
     def load_optim_state(self, optim: dict[str, torch.Tensor]) -> None:
-        pass
+        """Restore the moments and step, and make the module's current weights the fp32 masters.
+
+        Call it after the resumed weights are in ``self.module``: under ZeRO-1/2 the optimizer
+        updates a separate fp32 master copy and writes it back over the module's parameters after
+        every step, so weights copied only into the module would be lost at the first step.
+        """
+        with torch.no_grad():
+            current = {n: p.detach().clone() for n, p in self.module.named_parameters()}
+            current.update({n: b.detach().clone() for n, b in self.module.named_buffers()})
+        self._state_io.load_full_state(current, optim)
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -201,6 +246,43 @@ def _tokenizer_state_with(tok: TorchTokenizer, module_state: dict[str, torch.Ten
             own[k].copy_(v.to(own[k].dtype))
 
 
+def _check_resume_files(out: Path, state: dict[str, Any]) -> None:
+    """Refuse to resume from a mixed set of files.
+
+    ``last.safetensors``, ``train_state.safetensors`` and ``train_state.json`` are each replaced
+    atomically, but one after the other, with the JSON last; a run killed in between leaves newer
+    weights/moments beside an older JSON, which would silently re-run an epoch from the wrong
+    state. The JSON records the SHA-256 of the two tensor files it belongs with (older runs' JSON
+    lacks the record and is accepted as before).
+    """
+    for name, digest in (state.get("resume_files") or {}).items():
+        path = out / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; {out / STATE_NAME} needs it to resume")
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: does not match {out / STATE_NAME} (the run was stopped while saving "
+                                  f"epoch {state.get('epoch')}); restart the run without resume")
+
+
+def _gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state (JSON-able), in rank order; a collective when ``world > 1``."""
+    own = rng_state()
+    if world == 1:
+        return [own]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, own)
+    return out
+
+
+def _restore_rng(rngs: Any, rank: int, world: int) -> None:
+    """Continue this rank's saved random stream; with another world size (or a state written before
+    RNG states were saved) the run keeps the fresh ``cfg.seed`` streams instead."""
+    if isinstance(rngs, list) and len(rngs) == world:
+        set_rng_state(rngs[rank])
+    elif rngs is not None and rank == 0:
+        tqdm.write(f"resume: RNG states of {len(rngs)} processes, now {world}; random streams restart from the seed")
+
+
 def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig, out_dir: str | Path,
                     splits: dict[str, list[str]] | None = None, loss_kind: str = "mse", resume: bool = False,
                     progress: bool = True) -> TrainResult:
@@ -225,20 +307,25 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
     device = tok.device
     engine = build_engine(tok.train_module, cfg, device)
     tok.bf16 = engine.bf16
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "step": 0}
     if resume and (out / STATE_NAME).is_file():
         state = json.loads((out / STATE_NAME).read_text())
+        _check_resume_files(out, state)
         last = type(tok).from_checkpoint(out / LAST_NAME)
         _tokenizer_state_with(tok, last.train_module.state_dict())
         from safetensors.torch import load_file
 
         engine.load_optim_state(load_file(str(out / OPTIM_NAME)))
+        # last: loading above draws no random numbers, but keep the restored streams untouched
+        _restore_rng(state.get("rng"), rank, world)
+    state.pop("rng", None)  # written afresh each epoch, not carried in ``state``
     data_manifest = volumes.manifest.digest
     metrics_path = out / "metrics.jsonl"
     stopped_early = False
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     train_set = set(train_keys)
+    resume_files: dict[str, str] = {}
     while state["epoch"] < cfg.max_epochs:
         epoch = state["epoch"]
         t0, losses = time.time(), []
@@ -260,11 +347,14 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
         row = {"epoch": epoch, "step": state["step"], "train_loss": float(np.mean(losses)) if losses else None,
                "val_loss": val, "improved": improved, "seconds": round(time.time() - t0, 3)}
         state["history"].append(row)
+        optim = engine.optim_state()  # on every rank: a collective under ZeRO-1/2
+        rngs = _gather_rng_states(world)  # every rank's stream as it enters the next epoch
         if rank == 0:
             if improved:
                 tok.save(out / BEST_NAME, extra={"epoch": str(epoch), "val_loss": repr(val), "data_manifest": data_manifest})
-            tok.save(out / LAST_NAME, extra={"epoch": str(epoch)})
-            atomic_save_safetensors(engine.optim_state(), out / OPTIM_NAME, {"format": "g3n-tokenizer-optimizer"})
+            resume_files[LAST_NAME] = tok.save(out / LAST_NAME, extra={"epoch": str(epoch)})
+            atomic_save_safetensors(optim, out / OPTIM_NAME, {"format": "g3n-tokenizer-optimizer"})
+            resume_files[OPTIM_NAME] = file_sha256(out / OPTIM_NAME)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0's files are complete before anyone reads them
         if improved:
@@ -275,7 +365,8 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
         if rank == 0:
             atomic_write_text(out / STATE_NAME, json.dumps({**state, "config": cfg.model_dump(mode="json"),
                                                              "tokenizer": tok.name, "splits": {k: len(v) for k, v in splits.items()},
-                                                             "data_manifest": data_manifest}, indent=1))
+                                                             "data_manifest": data_manifest,
+                                                             "resume_files": resume_files, "rng": rngs}, indent=1))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if progress:
