@@ -127,13 +127,15 @@ def test_csv_manifest_ingest(tmp_path):
     assert json.loads((out / "ingest_report.json").read_text())["columns"]["MRID"] == "subject"
 
 
-def _write_dicom_series(vol: sitk.Image, folder: Path, description: str, uid: str) -> None:
+def _write_dicom_series(vol: sitk.Image, folder: Path, description: str, uid: str,
+                        extra_tags: dict[str, str] | None = None) -> None:
     """Write a 3D image as a DICOM series (one file per slice) with SimpleITK/GDCM."""
     with keep_locale():  # GDCM leaves the process in the plain "C" locale
-        _write_dicom_series_unguarded(vol, folder, description, uid)
+        _write_dicom_series_unguarded(vol, folder, description, uid, extra_tags or {})
 
 
-def _write_dicom_series_unguarded(vol: sitk.Image, folder: Path, description: str, uid: str) -> None:
+def _write_dicom_series_unguarded(vol: sitk.Image, folder: Path, description: str, uid: str,
+                                  extra_tags: dict[str, str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.Cast(sitk.RescaleIntensity(vol, 0, 2000), sitk.sitkInt16)
     w = sitk.ImageFileWriter()
@@ -147,6 +149,7 @@ def _write_dicom_series_unguarded(vol: sitk.Image, folder: Path, description: st
             "0020|0032": "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, k)))),
             "0020|0037": "\\".join(map(str, direction[0:7:3] + direction[1:8:3])),
             "0020|0013": str(k + 1), "0008|0018": f"{uid}.{k + 1}",
+            **extra_tags,
         }
         for t, v in tags.items():
             sl.SetMetaData(t, v)
@@ -178,6 +181,90 @@ def test_dicom_series_are_converted_without_identifying_tags(tmp_path):
     reasons = sorted(r["reason"] for r in res.rejects)
     assert reasons == ["file is not part of a readable DICOM series", "series description names no supported modality"]
     assert locale.setlocale(locale.LC_ALL) == before  # GDCM's locale change does not leak
+
+
+def _small_volume() -> sitk.Image:
+    """A tiny synthetic 3D image (no real data needed): enough for a 3-slice DICOM series."""
+    arr = np.random.default_rng(3).random((3, 12, 10)).astype(np.float32)  # (z, y, x)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.0, 1.0, 2.0))
+    img.SetOrigin((-5.0, 7.0, 11.0))
+    return img
+
+
+def test_dicom_age_and_sex_from_tags_when_the_table_gives_none(tmp_path):
+    vol = _small_volume()
+    root = tmp_path / "dicom"
+    ident = {"0010|0020": "PID-12345", "0008|0080": "St Elsewhere Hospital", "0008|0020": "20240102",
+             "0008|1030": "Brain study of Jane"}  # identifying: must never reach metadata or files
+    series = {  # subject: (PatientAge, PatientSex)
+        "s1": ("065Y", "F"),   # no table row: both from the tags
+        "s2": ("006M", "M"),   # table gives age only: age from the table, sex from the tag
+        "s3": ("010W", "O"),   # weeks; "O" (other) stays unknown
+        "s4": ("030D", ""),    # days; empty sex tag is simply unknown
+        "s5": ("6 years", "X"),  # malformed: warnings naming the file, fields unknown, volume kept
+        "s6": ("", ""),        # table gives both; empty tags
+    }
+    for n, (sub, (age, sex)) in enumerate(sorted(series.items())):
+        _write_dicom_series(vol, root / sub / "t1", "T1 MPRAGE", f"1.2.826.0.1.3680043.2.1125.2{n}",
+                            {"0010|1010": age, "0010|0040": sex, **ident})
+    table = tmp_path / "meta.csv"
+    table.write_text("subject,age,sex\ns2,44,\ns6,70.5,F\n")
+    out = tmp_path / "wl"
+    res = run_ingest("dicom", root, out, ColumnMapping(cohort="D"), table=table)
+    assert not res.rejects
+    meta = {i.meta["subject"]: i.meta for i in res.items}
+    got = {s: (m["age"], m["sex"]) for s, m in meta.items()}
+    assert got["s1"] == (65.0, "F")
+    assert got["s2"] == (44.0, "M")  # the table wins for age
+    assert got["s3"] == (pytest.approx(70 / 365.25, abs=1e-4), None)
+    assert got["s4"] == (pytest.approx(30 / 365.25, abs=1e-4), None)
+    assert got["s5"] == (None, None)
+    assert got["s6"] == (70.5, "F")
+    rep = json.loads((out / "ingest_report.json").read_text())
+    src = {k.split("-")[1]: v for k, v in rep["metadata_sources"]["per_sample"].items()}
+    assert src["s1"] == {"age": "dicom", "sex": "dicom"}
+    assert src["s2"] == {"age": "table", "sex": "dicom"}
+    assert src["s3"] == {"age": "dicom", "sex": None}
+    assert src["s5"] == {"age": None, "sex": None}
+    assert src["s6"] == {"age": "table", "sex": "table"}
+    assert rep["metadata_sources"]["counts"]["age"] == {"table": 2, "dicom": 3, "none": 1}
+    assert rep["metadata_sources"]["sex_other_left_unknown"] == 1
+    warns = sorted((w["field"], w["reason"]) for w in rep["warnings"])
+    assert [f for f, _ in warns] == ["age", "sex"]
+    assert all(str(root / "s5" / "t1") in r for _, r in warns)  # names the file
+    assert "'6 years'" in warns[0][1] and "'X'" in warns[1][1]
+    assert "warning" in res.summary()
+    # nothing identifying was copied: metadata, work list, report and converted files
+    text = (out / "worklist.jsonl").read_text() + json.dumps(rep)
+    text += "".join(Path(i.path).read_bytes().decode("latin-1") for i in res.items)
+    for bad in ("Doe", "19500101", "PID-12345", "Elsewhere", "20240102", "Jane"):
+        assert bad not in text
+
+
+@pytest.mark.parametrize("value, years", [("065Y", 65.0), ("006M", 0.5), ("010W", 70 / 365.25),
+                                          ("030D", 30 / 365.25), (" 65Y ", 65.0), ("", None)])
+def test_parse_dicom_age(value, years):
+    from g3n_data.ingest import parse_dicom_age
+
+    assert parse_dicom_age(value) == (None if years is None else pytest.approx(years, abs=1e-4))
+
+
+@pytest.mark.parametrize("value", ["65", "65 years", "Y065", "-05Y", "200Y", "1e2Y", "065X"])
+def test_parse_dicom_age_refuses_malformed(value):
+    from g3n_data.ingest import DicomTagError, parse_dicom_age
+
+    with pytest.raises(DicomTagError, match="PatientAge"):
+        parse_dicom_age(value)
+
+
+def test_parse_dicom_sex():
+    from g3n_data.ingest import DicomTagError, parse_dicom_sex
+
+    assert [parse_dicom_sex(v) for v in ("M", "f ", "O", "")] == [("M", False), ("F", False), (None, True),
+                                                                   (None, False)]
+    with pytest.raises(DicomTagError, match="PatientSex 'male'"):
+        parse_dicom_sex("male")
 
 
 def test_value_codes():

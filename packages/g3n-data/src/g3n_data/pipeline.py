@@ -87,6 +87,21 @@ def _finish(vol: np.ndarray, mask_grid: np.ndarray | None, cfg: PreprocessConfig
     return vol.astype(np.float32)
 
 
+def fine_registration_target(atlas: Atlas, cfg: PreprocessConfig) -> sitk.Image | None:
+    """The 1 mm brain template as the finest registration level, when it helps.
+
+    Only when the output grid is finer than the coarse registration target (the 1 mm paper grid
+    vs the 2 mm template) and the brain template is finer too; the 2 mm demo grid gains nothing
+    from it and keeps its cost.
+    """
+    if not cfg.registration.fine_level:
+        return None
+    coarse = min(atlas.brain_reg.GetSpacing())
+    if min(atlas.brain.GetSpacing()) < coarse - 1e-6 and cfg.geometry.spacing < coarse - 1e-6:
+        return atlas.brain
+    return None
+
+
 def _process_t1(item: WorkItem, cfg: PreprocessConfig, atlas: Atlas) -> tuple[np.ndarray, _T1State, dict]:
     img, info = _load(item, cfg)
     figures: dict[str, Any] = {"input": info}
@@ -103,17 +118,22 @@ def _process_t1(item: WorkItem, cfg: PreprocessConfig, atlas: Atlas) -> tuple[np
             raise StepError("qc", "implausible brain mask volume", brain_ml=round(ml, 1),
                             range_ml=[cfg.qc.min_brain_ml, cfg.qc.max_brain_ml])
     if cfg.registration.enabled:
+        fine = None
         if mask is not None:
             moving, fixed = sitk.Mask(img, mask), atlas.brain_reg
-        else:
+            fine = fine_registration_target(atlas, cfg)
+        else:  # with skull: only a 2 mm head template ships (see atlases/sri24/PROVENANCE.md)
             moving, fixed = img, atlas.head
         try:
-            res = affine_to_atlas(moving, fixed, cfg.registration, seed=cfg.seed)
+            res = affine_to_atlas(moving, fixed, cfg.registration, seed=cfg.seed, fine_fixed=fine)
         except RegistrationError as e:
             raise StepError("register", str(e)) from None
         tx = res.transform
         figures["registration"] = {"metric": round(res.metric, 5), "iterations": res.iterations,
                                    "transform": transform_record(tx)}
+        if res.coarse is not None:
+            figures["registration"]["coarse"] = res.coarse
+            figures["registration"]["fine_target_spacing_mm"] = [round(v, 3) for v in fine.GetSpacing()]
     else:
         tx = sitk.Transform(3, sitk.sitkIdentity)
     vol = to_array(sitk.Resample(img, atlas.grid, tx, _interp(cfg), 0.0, sitk.sitkFloat32))

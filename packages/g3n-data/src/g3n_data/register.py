@@ -31,6 +31,8 @@ class RegResult:
     metric: float  # final Mattes MI (negative: lower is better)
     iterations: int
     stop: str
+    #: figures of the coarse stage when a fine level at the output resolution followed it
+    coarse: dict | None = None
 
 
 def _setup(cfg: RegistrationConfig, shrink: tuple[int, ...], sigmas: tuple[float, ...], iterations: int,
@@ -82,8 +84,14 @@ def _run(r: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
 
 
 def affine_to_atlas(moving: sitk.Image, fixed: sitk.Image, cfg: RegistrationConfig, seed: int = 0,
-                    fixed_mask: sitk.Image | None = None) -> RegResult:
-    """12-parameter affine from the atlas (fixed) to the subject's T1 (moving)."""
+                    fixed_mask: sitk.Image | None = None, fine_fixed: sitk.Image | None = None) -> RegResult:
+    """12-parameter affine from the atlas (fixed) to the subject's T1 (moving).
+
+    The multi-resolution schedule runs against ``fixed`` (the 2 mm template: its levels are
+    12/8/4/2 mm). With ``fine_fixed`` (the 1 mm template, for the 1 mm paper grid) one more
+    level follows at that template's full resolution, started from the coarse result, so the
+    finest metric sampling matches the output grid; see :func:`refine_affine`.
+    """
     fixed, moving = _fresh(fixed), _fresh(moving)
     init = sitk.CenteredTransformInitializer(
         fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
@@ -94,6 +102,35 @@ def affine_to_atlas(moving: sitk.Image, fixed: sitk.Image, cfg: RegistrationConf
         r.SetMetricFixedMask(sitk.Cast(_fresh(fixed_mask), sitk.sitkUInt8))
     res = _run(r, fixed, moving, "affine registration to the atlas")
     # Execute returns a CompositeTransform wrapping the optimised affine; flatten for a small record
+    coarse = RegResult(_flatten(res.transform), res.metric, res.iterations, res.stop)
+    if fine_fixed is None:
+        return coarse
+    fine = refine_affine(moving, fine_fixed, coarse, cfg, seed)
+    fine.coarse = {"metric": round(coarse.metric, 5), "iterations": coarse.iterations,
+                   "target_spacing_mm": [round(v, 3) for v in fixed.GetSpacing()]}
+    return fine
+
+
+def refine_affine(moving: sitk.Image, fixed: sitk.Image, start: RegResult, cfg: RegistrationConfig,
+                  seed: int = 0) -> RegResult:
+    """One more level against a finer template (full resolution, no smoothing) from ``start``.
+
+    Why a separate stage rather than shrink factors on the 1 mm template: the coarse levels stay
+    exactly the tuned 6/4/2/1 schedule on the block-averaged 2 mm template (the settings measured
+    robust on real scans), and only the last level sees the 1 mm template. The metric is sampled
+    on a smaller REGULAR fraction (``fine_sampling_percentage``): at 1 mm the template has 8x the
+    voxels, and the step is a refinement of at most a few tenths of a millimetre.
+    """
+    fixed, moving = _fresh(fixed), _fresh(moving)
+    r = _setup(cfg, (1,), (0.0,), cfg.fine_iterations, seed, cfg.fine_max_step_mm)
+    r.SetMetricSamplingPercentage(cfg.fine_sampling_percentage, int(seed) + 1)
+    init = start.transform
+    try:
+        init = init.Downcast()
+    except AttributeError:
+        pass
+    r.SetInitialTransform(sitk.AffineTransform(init), inPlace=False)
+    res = _run(r, fixed, moving, "affine registration to the atlas (fine level)")
     return RegResult(_flatten(res.transform), res.metric, res.iterations, res.stop)
 
 
