@@ -1,5 +1,6 @@
 """Shared setup for g3n-dit tests: tiny shapes (64 tokens x 4 channels, hidden 64, 2 blocks), one
-CPU thread, and the ``slow`` marker (skipped unless ``--runslow``; only the DeepSpeed test)."""
+CPU thread, and the ``slow`` marker (skipped unless ``--runslow``; only the DeepSpeed tests:
+test_deepspeed.py on one rank, test_zero.py with 2 ranks and ZeRO-0/1/2)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The DeepSpeed engine on CPU (one rank, gloo): same losses as the torch engine, safetensors
 checkpoints, exact resume. Its first run ever JIT-compiles DeepSpeed's CPU comm op (~90 s, then
-cached), so this is the package's only DeepSpeed test. Marked slow (run with --runslow): on the
+cached), so this and the 2-rank ZeRO test (test_zero.py) are the package's only DeepSpeed tests. Marked slow (run with --runslow): on the
 shared 2-core machine it took 12 s with a warm extension cache and 148-506 s while other jobs held
 or rebuilt DeepSpeed's torch-extension cache."""
 

@@ -1,9 +1,9 @@
 """Test setup for g3n-mae: one CPU thread and shared fixtures (markers: the root conftest.py).
 
-``slow`` tests are skipped unless ``--runslow`` is given. The single ``deepspeed`` test runs by
-default (it takes ~15-25 s once DeepSpeed's communication op is in the torch extensions cache;
-its very first run on a machine JIT-compiles that op, ~90 s); deselect it with
-``-m "not deepspeed"``.
+``slow`` tests are skipped unless ``--runslow`` is given. The one-process ``deepspeed`` test
+(test_deepspeed.py) runs by default (it takes ~15-25 s once DeepSpeed's communication op is in the
+torch extensions cache; its very first run on a machine JIT-compiles that op, ~90 s); deselect it
+with ``-m "not deepspeed"``. The 2-process ZeRO-0/1/2/3 test (test_zero.py) is ``slow`` too.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX/`` holding
 
 - ``model.safetensors``: the raw weights, plus ``norm.mean`` / ``norm.std`` (latent statistics);
 - ``ema.safetensors``: the EMA weights, plus the same statistics (sampling needs only this file);
-- ``train.safetensors``: the optimizer state as tensors (``optim.<param>.<name>``) and RNG states;
+- ``train.safetensors``: the optimizer state as tensors (``optim.<param>.<name>``, torch's
+  numbering; consolidated when ZeRO partitioned it across ranks) and RNG states;
 - ``state.json``: run config, resolved conditions (vocabularies), step, data cursor, optimizer
   hyper-parameters, the training set's provenance and each weight file's SHA-256.
 
@@ -132,8 +133,17 @@ def save_checkpoint(
     norm: tuple[torch.Tensor, torch.Tensor],
     state: dict[str, Any],
     keep_last: int = 3,
+    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones. ``state`` must be JSON-able."""
+    """Write one checkpoint atomically and prune old ones. ``state`` must be JSON-able.
+
+    The optimizer state comes either from a plain torch ``optimizer`` or, already consolidated,
+    as ``optimizer_state`` = (tensors, param groups) in :func:`optimizer_to_tensors`'s format:
+    under ZeRO the state is partitioned across ranks and only the engine can gather it (a
+    collective every rank joins), while only rank 0 writes.
+    """
+    if optimizer is not None and optimizer_state is not None:
+        raise ValueError("save_checkpoint: pass optimizer or optimizer_state, not both")
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:08d}"
@@ -149,8 +159,10 @@ def save_checkpoint(
         train_tensors: dict[str, torch.Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
         groups: list[dict[str, Any]] = []
         if optimizer is not None:
-            opt_tensors, groups = optimizer_to_tensors(optimizer)
-            train_tensors.update(opt_tensors)
+            optimizer_state = optimizer_to_tensors(optimizer)
+        if optimizer_state is not None:
+            opt_tensors, groups = optimizer_state
+            train_tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 train_tensors[f"rng.cuda.{i}"] = s

@@ -6,7 +6,7 @@
     g3n-dit forecast --checkpoint RUN_L --latents BASELINES --out FC --intervals 1 2 5
     g3n-dit counterfactual --checkpoint RUN --latents REAL --out CF --set disease=AD --set age=+10
     g3n-dit info RUN
-    deepspeed --num_gpus 4 $(which g3n-dit) train --engine deepspeed --preset paper --latents LAT --out RUN
+    deepspeed --num_gpus 4 $(which g3n-dit) train --engine deepspeed --zero-stage 1 --preset paper --latents LAT --out RUN
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace, task: str) -> int:
 
     cfg = load_run_config(args.config, args.preset, task)
     upd: dict[str, Any] = {}
-    for name in ("engine", "batch_size", "seed", "precision"):
+    for name in ("engine", "zero_stage", "batch_size", "seed", "precision"):
         v = getattr(args, name)
         if v is not None:
             upd[name] = v
@@ -170,6 +170,8 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--engine", choices=["torch", "deepspeed"], default=None)
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None,
+                   help="DeepSpeed ZeRO stage (engine deepspeed): 1 shards the optimizer state, 2 also gradients")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")

@@ -9,9 +9,11 @@
 - Latents are normalised per channel with statistics of the training set, stored in every
   checkpoint (sampling de-normalises with them).
 - Engines: ``torch`` (one process, CPU or one GPU) and ``deepspeed`` (data parallel over ranks,
-  launched with the ``deepspeed`` launcher; ZeRO stage 0 so that the optimizer state is a plain
-  torch state that our safetensors checkpoints hold; DeepSpeed's own pickled checkpoints are
-  not used).
+  launched with the ``deepspeed`` launcher; ZeRO stage 0, 1 or 2). Both hand the optimizer state
+  to the checkpoint as *consolidated* per-parameter AdamW tensors in torch's own numbering, so a
+  checkpoint does not depend on the engine, the ZeRO stage or the number of ranks (ZeRO-1/2
+  partitions are gathered on save and re-partitioned on load); DeepSpeed's own pickled
+  checkpoints are not used.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     optimizer_from_tensors,
+    optimizer_to_tensors,
     restore_rng,
     save_checkpoint,
 )
@@ -152,6 +155,13 @@ class TorchEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """AdamW state as checkpoint tensors + JSON param groups (see :func:`optimizer_to_tensors`)."""
+        return optimizer_to_tensors(self.optimizer)
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+        optimizer_from_tensors(self.optimizer, tensors, groups)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -159,22 +169,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: DeepSpeed's default bucket (5e8 elements); ZeRO-2 allocates a gradient buffer this large per
+#: rank, so it is capped at the model's size (2 GB of buffer for a 1 M-parameter test model is waste).
+DEFAULT_ZERO_BUCKET = 500_000_000
+
+
 class DeepSpeedEngine:
     """Data parallel over the ranks the ``deepspeed`` launcher started (or one CPU/GPU process).
 
-    ZeRO stage 0 with fp32 master weights (bf16 through autocast): the wrapped optimizer is our
-    torch AdamW, whose state is saved as safetensors like the torch engine's.
+    fp32 master weights (bf16 through autocast) and our torch AdamW as the client optimizer.
+    ZeRO stage 0 keeps that AdamW intact; stages 1 and 2 give each rank a flat slice of the
+    optimizer state (and, at 2, of the gradients). Checkpoints always hold the consolidated,
+    per-parameter state in the torch engine's numbering: :meth:`optimizer_state` gathers the
+    slices (a collective: every rank calls it) and :meth:`load_optimizer_state` scatters them
+    back, so a run may resume on another world size, stage or engine. ZeRO-3 is not offered:
+    the DiT fits one GPU, and the EMA update reads full parameters every step.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device | None):
         import deepspeed
         import torch.distributed as dist
 
-        if cfg.zero_stage != 0:
-            raise TrainingError(
-                f"zero_stage {cfg.zero_stage}: this trainer checkpoints optimizer state as safetensors, which "
-                "needs the unpartitioned state of ZeRO stage 0 (the DiT's 230M parameters fit one GPU)"
-            )
+        if cfg.zero_stage not in (0, 1, 2):
+            raise TrainingError(f"zero_stage {cfg.zero_stage}: the DiT trainer supports ZeRO stages 0, 1 and 2")
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(k, v)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -188,13 +205,19 @@ class DeepSpeedEngine:
         self.device = device
         self.cfg = cfg
         model = model.to(device)
-        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        groups = param_groups(model, cfg.weight_decay)
+        # torch's optimizer state_dict numbers parameters through the groups in order: keep that
+        # order to name the consolidated ZeRO state the same way
+        self._ordered = [p for g in groups for p in g["params"]]
+        self._group_sizes = [len(g["params"]) for g in groups]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        bucket = int(min(DEFAULT_ZERO_BUCKET, max(1, sum(p.numel() for p in self._ordered))))
         ds_config = {
             "train_batch_size": cfg.batch_size,
             "train_micro_batch_size_per_gpu": cfg.batch_size // self.world_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": 0},
+            "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
@@ -203,6 +226,12 @@ class DeepSpeedEngine:
         self.optimizer = opt
         if self.engine.optimizer is not opt and getattr(self.engine.optimizer, "optimizer", None) is not opt:
             raise TrainingError(f"DeepSpeed wrapped the optimizer in {type(self.engine.optimizer).__name__}; expected plain AdamW")
+        self.partitioned = self.engine.optimizer is not opt and hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state")
+        if cfg.zero_stage and not self.partitioned:
+            raise TrainingError(
+                f"zero_stage {cfg.zero_stage}: DeepSpeed returned {type(self.engine.optimizer).__name__}, which does not "
+                "expose the per-parameter fragments needed to consolidate the optimizer state for checkpoints"
+            )
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -211,6 +240,81 @@ class DeepSpeedEngine:
     def backward_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()
+
+    def _relink(self, create: bool = False) -> None:
+        """(Re)attach per-parameter views of ZeRO's flat AdamW state.
+
+        DeepSpeed 0.19 links them lazily after the first step, for the first param group only, so
+        the no-decay group would read as empty; a fresh engine (being resumed) has no state at
+        all, and ``create`` gives every flat slice zero state for the scatter to write into.
+        """
+        zero = self.engine.optimizer
+        if create:
+            for group in self.optimizer.param_groups:
+                for flat in group["params"]:
+                    st = self.optimizer.state[flat]
+                    if "exp_avg" not in st:
+                        st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+    def _group_hparams(self) -> list[dict[str, Any]]:
+        """JSON-able hyper-parameters per group, with torch's numbering of the module's parameters
+        (ZeRO replaced each group's parameter list by one flat slice, so it cannot be read off)."""
+        out, start = [], 0
+        for g, n in zip(self.optimizer.param_groups, self._group_sizes):
+            hp = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            hp["params"] = list(range(start, start + n))
+            start += n
+            out.append(hp)
+        return out
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """Consolidated AdamW state in :func:`optimizer_to_tensors`'s format. Collective under ZeRO:
+        every rank must call it (each contributes its slice through an all-reduce)."""
+        if not self.partitioned:
+            return optimizer_to_tensors(self.optimizer)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._relink()
+        steps = [st["step"] for st in self.optimizer.state.values() if "step" in st]
+        step = float(steps[0]) if steps else 0.0
+        tensors: dict[str, torch.Tensor] = {}
+        for pid, p in enumerate(self._ordered):
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            if any(v is None for v in moments.values()):
+                continue  # no step taken yet: torch's state_dict has no entry either
+            tensors[f"optim.{pid}.step"] = torch.tensor(step, dtype=torch.float32)
+            for k, v in moments.items():
+                tensors[f"optim.{pid}.{k}"] = v.detach().float().cpu().contiguous()
+        return tensors, self._group_hparams()
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
+        """Scatter consolidated AdamW state (from any engine, stage or world size) into this engine."""
+        if not self.partitioned:
+            optimizer_from_tensors(self.optimizer, tensors, groups)
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        saved = [len(g["params"]) for g in groups]
+        if saved != self._group_sizes:
+            raise CheckpointError(f"optimizer state has groups of {saved} parameters; this model has {self._group_sizes}")
+        self._relink(create=True)
+        step = None
+        for pid, p in enumerate(self._ordered):
+            if f"optim.{pid}.exp_avg" not in tensors:
+                continue
+            for k in ("exp_avg", "exp_avg_sq"):
+                v = tensors[f"optim.{pid}.{k}"]
+                if tuple(v.shape) != tuple(p.shape):
+                    raise CheckpointError(f"optimizer state {k} of parameter {pid} has shape {tuple(v.shape)}, expected {tuple(p.shape)}")
+                safe_set_full_optimizer_state(p, v.to(p.device, torch.float32), k)
+            step = float(tensors[f"optim.{pid}.step"])
+        for st in self.optimizer.state.values():  # one AdamW state per flat slice: one step count
+            if "step" in st:
+                st["step"] = torch.tensor(step if step is not None else 0.0)
+        for g, saved_g in zip(self.optimizer.param_groups, groups):
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_g.items() if k != "params"})
 
 
 def _select_device(device: str | torch.device | None) -> torch.device:
@@ -308,7 +412,7 @@ def train(
     if ck is not None:
         ema.load_state_dict(ck.ema, strict=True)
         assert ck.train is not None
-        optimizer_from_tensors(engine.optimizer, ck.train, ck.state["optimizer_param_groups"])
+        engine.load_optimizer_state(ck.train, ck.state["optimizer_param_groups"])
         restore_rng(ck.train)
         step, cursor = ck.step, dict(ck.state["cursor"])
 
@@ -328,12 +432,18 @@ def train(
     per_rank = tcfg.batch_size // world
 
     def save(at: int) -> Path | None:
-        if rank != 0:
-            return None
-        return save_checkpoint(
-            run_dir, at, engine.module.state_dict(), ema.state_dict(), engine.optimizer, norm,
-            {**state_base, "cursor": cursor}, keep_last=tcfg.keep_last,
-        )  # fmt: skip
+        optim_state = engine.optimizer_state()  # collective under ZeRO: every rank gathers
+        path = None
+        if rank == 0:
+            path = save_checkpoint(
+                run_dir, at, engine.module.state_dict(), ema.state_dict(), None, norm,
+                {**state_base, "cursor": cursor}, keep_last=tcfg.keep_last, optimizer_state=optim_state,
+            )  # fmt: skip
+        if world > 1:  # no rank runs ahead (or exits) before the checkpoint is in place
+            import torch.distributed as dist
+
+            dist.barrier()
+        return path
 
     end = tcfg.max_steps if stop_after is None else min(tcfg.max_steps, step + stop_after)
     losses: list[float] = []

@@ -265,26 +265,36 @@ class DeepSpeedEngine:
         opt = self.engine.optimizer
         return getattr(opt, "optimizer", opt)
 
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions, the tensors ZeRO's inner AdamW keeps its state under
+        (ZeRO-1/2: one per param group; ZeRO-3: one per sub-group, absent from ``param_groups``
+        outside ``step``). Empty for ZeRO-0, whose AdamW is keyed by the (master) parameters."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            return list(opt.fp32_partitioned_groups_flat)
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+            return list(opt.single_partition_of_fp32_groups)
+        return []
+
     def _relink_optimizer_state(self, create: bool = False) -> None:
         """(Re)attach per-parameter views of the flat AdamW state.
 
-        DeepSpeed 0.19 links them lazily after the first ``step`` of the *first* param group only,
-        so with two groups (decay / no decay) the second group's views stay empty; and before any
-        step there is no state at all (a fresh engine being resumed). ``create`` makes zero state
-        for every flat partition so ``safe_set_full_optimizer_state`` has somewhere to write.
+        DeepSpeed 0.19 links them lazily after the first ``step`` of the *first* param group only
+        (ZeRO-1/2), so with two groups (decay / no decay) the second group's views stay empty; and
+        before any step there is no state at all (a fresh engine being resumed, any stage).
+        ``create`` makes zero state for every flat partition so ``safe_set_full_optimizer_state``
+        has somewhere to write (AdamW treats a zero state with step 0 exactly as a fresh one).
         """
         opt = self.engine.optimizer
         inner = self._inner_optimizer()
-        if opt is inner or not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-            return
         if create:
-            for group in inner.param_groups:
-                for flat in group["params"]:
-                    st = inner.state[flat]
-                    if "exp_avg" not in st:
-                        st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
+            for flat in self._flat_partitions():
+                st = inner.state[flat]
+                if "exp_avg" not in st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if opt is not inner and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-3 reads state directly
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
 
     def _masters(self) -> dict[int, torch.Tensor]:
         """id(module param) -> fp32 master copy, for DeepSpeed's unfused bf16/fp16 optimizer (ZeRO-0 + bf16),
@@ -354,7 +364,7 @@ class DeepSpeedEngine:
         opt = self.engine.optimizer
         if hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and bf16: working copies follow the fp32 masters
             opt.update_lp_params()
-        elif any(hasattr(p, "ds_id") for p in self.module.parameters()):  # ZeRO-3 (not covered by tests)
+        elif any(hasattr(p, "ds_id") for p in self.module.parameters()):  # ZeRO-3: gathered working copies
             import deepspeed
 
             for name, p in self.module.named_parameters():
@@ -382,6 +392,11 @@ class TrainResult:
     losses: list[tuple[int, float]]
     last_checkpoint: Path | None
     volumes_per_s: float
+
+
+def _num_params(module: torch.nn.Module) -> int:
+    """Full parameter count; under ZeRO-3 each local tensor is an empty shard (``ds_numel`` is the full size)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
 def _all_mean(x: float, d: Dist) -> float:
@@ -509,7 +524,7 @@ def _train(cfg, source, run_dir, d, engine_kind, ckpt_dir, ckpt_state, model_sd,
 
             tb = SummaryWriter(str(run_dir / "tb"), purge_step=step if step else None)
         log(f"g3n-mae train: engine={engine.name} world={d.world_size} device={d.device} bf16={use_bf16(cfg, d.device)} "
-            f"params={sum(p.numel() for p in engine.module.parameters()):,} tokens={cfg.model.num_patches} "
+            f"params={_num_params(engine.module):,} tokens={cfg.model.num_patches} "
             f"visible={cfg.model.num_visible}")
 
     global_batch = t.batch_size * d.world_size
