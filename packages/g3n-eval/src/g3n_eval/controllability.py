@@ -210,12 +210,41 @@ PAPER_TASKS = ("diagnosis:HC,AD", "diagnosis:HC,MCI", "diagnosis:MCI,AD", "diagn
                "modality:T1,T2,FLAIR,T1c", "idh1:wildtype,mutant")
 
 
+#: Where the probes look. ``volume``: the paper's protocol (generated latents decoded, re-encoded
+#: by the MAE encoder, probed like real embeddings). ``latent``: probes on the projected token
+#: features themselves (real latents vs generated latents, mean over tokens, as in Table 5's
+#: probe columns): what the generator controls, without the tokenizer's decoder in between.
+SPACES = ("volume", "latent")
+
+
+def latent_features(real: Any, generated: Any, limit: int | None = None) -> tuple[Any, Any]:
+    """FeatureSets of two ``latents`` sets of one tokenizer: each sample's latent averaged over tokens."""
+    from g3n_probe import load_features
+
+    from .data import InputError, open_set
+
+    sets = {"real": open_set(real), "generated": open_set(generated)}
+    for role, ss in sets.items():
+        if ss.kind != "latents":
+            raise InputError(f"{ss.location}: --space latent needs a latents set as {role}, got a {ss.kind} set")
+    digests = {role: getattr(ss.manifest.tokenizer, "checkpoint_digest", None) for role, ss in sets.items()}
+    if digests["real"] != digests["generated"]:
+        raise InputError(f"{generated}: its latents come from tokenizer {digests['generated']}, the real ones in {real} from "
+                         f"{digests['real']}: latent features are only comparable within one tokenizer")
+    real_fs = load_features(real, latent_reduce="mean")
+    gen_fs = load_features(generated, latent_reduce="mean")
+    if limit is not None:
+        gen_fs = gen_fs.subset(list(gen_fs.keys)[:limit])
+    return real_fs, gen_fs
+
+
 def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str] = PAPER_TASKS,
                         sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
                         protocol: Any = None, n_splits: int = 5, limit: int | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, space: str = "volume") -> dict[str, Any]:
     """Table 2a from a real feature source and a generated set (tokens / feature table, or a
-    latents set that is decoded through the registry and re-encoded by the MAE encoder)."""
+    latents set that is decoded through the registry and re-encoded by the MAE encoder); with
+    ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`)."""
     from pathlib import Path
 
     from g3n_probe import protocol_preset
@@ -224,10 +253,16 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
     from .records import input_ref, write_metrics
     from .sources import features_of, request_settings
 
+    if space not in SPACES:
+        raise ValueError(f"space {space!r}: expected one of {', '.join(SPACES)}")
     out = Path(out)
     protocol = protocol or protocol_preset("paper")
-    real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
-    gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
+    gen_vols = None
+    if space == "latent":
+        real_fs, gen_fs = latent_features(real, generated, limit)
+    else:
+        real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
+        gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
     parsed = [ClassTask.parse(t) for t in tasks]
     res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits)
     figures: dict[str, str] = {}
@@ -246,8 +281,9 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
     settings = {
         "probe": {"kind": "g3n-probe linear (logistic / ridge)", "protocol": protocol.model_dump(mode="json"),
                   "real_cv_folds": n_splits, "trained_on": "real features"},
+        "space": space,
         "generated_path": "decoded by the tokenizer and re-encoded by the MAE encoder" if gen_vols is not None
-        else "features given",
+        else "latents averaged over tokens (no decoding)" if space == "latent" else "features given",
         "encoder": None if encoder is None else {"weights": encoder.weights, "digest": encoder.digest},
         "tokenizers": tokenizers.provenance() if tokenizers is not None else [],
         "generation": request_settings(gen_fs.records),

@@ -113,6 +113,9 @@ def _recon_section(doc: dict[str, Any]) -> str:
 
 def _control_section(doc: dict[str, Any]) -> str:
     res = doc["results"]
+    space = doc["settings"].get("space", "volume")
+    head = (f"<p>Feature space: <b>{html.escape(space)}</b> — generated samples "
+            f"{html.escape(str(doc['settings'].get('generated_path', '')))}; probes trained on real samples.</p>")
     rows = []
     for name, r in res["tasks"].items():
         null = r["null"]
@@ -120,7 +123,7 @@ def _control_section(doc: dict[str, Any]) -> str:
         rows.append([name, (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
                      f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
                      f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
-    out = _table(["task", "real", "cond", "cond AUC", "n cond", "null", "n null", "prior"], rows)
+    out = head + _table(["task", "real", "cond", "cond AUC", "n cond", "null", "n null", "prior"], rows)
     for field, sw in res.get("sweeps", {}).items():
         lv = [[f"{field} {k}", v["n"], v["mean"], v["std"]] for k, v in sw["levels"].items()]
         out += f"<p>{html.escape(field)} sweep: slope {_fmt(sw['slope'])}, Pearson r {_fmt(sw['pearson_r'])}</p>"
@@ -194,7 +197,17 @@ def _probe_section(run: Path) -> str:
     if not rows:
         return f"<p>{html.escape(str(f))}: no results.</p>"
     cols = list(rows[0].keys())
-    return f"<p>From <code>{html.escape(str(run))}</code></p>" + _table(cols, [[r[c] for c in cols] for r in rows], left=3)
+
+    def cell(v: str) -> Any:
+        try:
+            return float(v) if "." in v or "e" in v.lower() else v
+        except ValueError:
+            return v
+
+    note = ("" if "chance" not in cols else
+            "<p>chance: the same folds scored by a constant predictor (training-part class frequencies or mean).</p>")
+    return (f"<p>From <code>{html.escape(str(run))}</code></p>" + note
+            + _table(cols, [[cell(r[c]) for c in cols] for r in rows], left=3))
 
 
 SECTIONS = {

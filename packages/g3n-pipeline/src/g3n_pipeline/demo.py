@@ -33,15 +33,19 @@ SAMPLE_REQUESTS: list[dict] = [
     *({"conditions": {"sex": s, "modality": "T1"}} for s in ("F", "M")),
     *({"conditions": {"modality": m}} for m in ("T1", "T2", "FLAIR", "T1c")),
     *({"conditions": {"age": a, "modality": "T1"}} for a in (30, 50, 70)),
+    # IDH1 is only defined for gliomas: ask for one (the synthetic cohort labels grade-4 tumours
+    # GBM, all IDH1-wildtype there, so "glioma", grades 2-3, is the diagnosis with both classes)
+    *({"conditions": {"disease": "glioma", "idh1": i, "modality": "T1c"}} for i in ("wildtype", "mutant")),
 ]
 
 
 class DemoConfig(BaseModel):
-    """Sizes of the demo run; the defaults finish in about 12 minutes on 2 idle CPU cores."""
+    """Sizes of the demo run; the defaults finish in under 15 minutes on 2 idle CPU cores."""
 
     model_config = ConfigDict(extra="forbid")
     run_dir: Path = Path("runs/demo")
-    subjects: int = Field(60, ge=12, description="synthetic subjects (several volumes each)")
+    subjects: int = Field(100, ge=12, description="synthetic subjects (several volumes each; 100 gives the "
+                          "20 glioma subjects the IDH1 probe needs)")
     seed: int = 2025
     workers: int = Field(2, ge=1)
     real: bool = Field(True, description="include the 10 real IXI T1 volumes shipped with the package")
@@ -49,7 +53,8 @@ class DemoConfig(BaseModel):
     mae_steps: int = 400
     tokenizer_epochs: int = 2
     tokenizer_steps_per_epoch: int = 20
-    dit_steps: int = 400
+    dit_preset: str = Field("small", description="g3n-dit preset of the generator (small: 2x2x2 latent patches)")
+    dit_steps: int = 800
     longitudinal_steps: int = 200
     recon_volumes: int = 8
     samples_per_request: int = 8
@@ -112,12 +117,16 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
               after=lambda r: _split_subsets(r, "latents", "latents")),
-        Stage("dit", "conditional flow-matching DiT, tiny (g3n-dit train, sample)", ["dit", "samples"], lambda r: [
-            ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", "tiny",
+        Stage("dit", "conditional flow-matching DiT, tiny (g3n-dit train, sample; g3n-tokenizer decode)",
+              ["dit", "samples", "samples-decoded"], lambda r: [
+            ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", cfg.dit_preset,
              "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed)],
             ["g3n_dit.cli", "sample", "--checkpoint", s(r / "dit"), "--out", s(r / "samples"),
              "--requests", s(r / "requests.jsonl"), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed),
-             "--overwrite"]]),
+             "--overwrite"],
+            # decoded once here, for every measurement that looks at generated volumes
+            ["g3n_tokenizer.cli", "decode", "--latents", s(r / "samples"), "--out", s(r / "samples-decoded"),
+             "--format", "volumes", "--overwrite"]]),
         Stage("longitudinal", "longitudinal bridge and forecasts (g3n-dit)", ["dit-long", "forecasts"], lambda r: [
             ["g3n_dit.cli", "train-longitudinal", "--latents", s(r / "latents-train"), "--out", s(r / "dit-long"),
              "--preset", "tiny", "--max-steps", str(cfg.longitudinal_steps), "--seed", str(cfg.seed)],
@@ -133,19 +142,22 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--tokenizer-checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit", str(cfg.recon_volumes),
              "--save-recon", "--out", s(r / "eval" / "recon")],
-            ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples"),
+            ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples-decoded"),
              "--encoder", s(r / "mae"), "--out", s(r / "eval" / "controllability")],
+            ["g3n_eval.cli", "controllability", "--space", "latent", "--real", s(r / "latents"), "--generated",
+             s(r / "samples"), "--out", s(r / "eval" / "controllability-latent")],
             ["g3n_eval.cli", "memorisation", "--synthetic", s(r / "samples"), "--train", s(r / "latents-train"),
              "--heldout", s(r / "latents-test"), "--out", s(r / "eval" / "memorisation")],
-            ["g3n_eval.cli", "fidelity", "--real", s(r / "volumes-test"), "--generated", s(r / "samples"),
+            ["g3n_eval.cli", "fidelity", "--real", s(r / "volumes-test"), "--generated", s(r / "samples-decoded"),
              "--recon", s(r / "eval" / "recon" / "recon-volumes"), "--skip-fid", "--encoder", s(r / "mae"),
              "--out", s(r / "eval" / "fidelity")],
             ["g3n_eval.cli", "forecast", "--forecasts", s(r / "forecasts"), "--baselines", s(r / "latents-test"),
              "--real", s(r / "tokens"), "--encoder", s(r / "mae"), "--out", s(r / "eval" / "forecast")],
             ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
+             s(r / "eval" / "controllability-latent"),
              s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
              "--probe-run", s(r / "probe"), "--volumes", f"real={r / 'volumes-test'}",
-             "--volumes", f"generated={r / 'samples'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
+             "--volumes", f"generated={r / 'samples-decoded'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
              "--title", "BrainG3N demo", "--out", s(r / "eval" / "report")]]),
     ]
     return stages
@@ -174,25 +186,30 @@ def headline(run: Path) -> list[str]:
     if results.is_file():
         import csv
 
-        wanted = {("disease", "auc"), ("sex", "auc"), ("modality", "auc"), ("idh1", "auc"), ("brain_age", "mae")}
+        wanted = {("disease", "all", "auc"), ("sex", "all", "auc"), ("modality", "all", "auc"), ("idh1", "T1c", "auc"),
+                  ("brain_age", "all", "mae")}
         for row in csv.DictReader(results.open()):
-            if (row.get("task"), row.get("metric")) in wanted and row.get("slice") == "all":
-                lines.append(f"probe {row['task']} (all volumes): {row['metric']} {float(row['mean']):.3f}")
+            if (row.get("task"), row.get("slice"), row.get("metric")) in wanted:
+                chance = f" (chance {float(row['chance']):.3f})" if row.get("chance") else ""
+                lines.append(f"probe {row['task']} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}{chance}")
 
-    def load(name: str) -> dict:
-        f = run / "eval" / name / f"{name}.json"
+    def load(name: str, folder: str | None = None) -> dict:
+        f = run / "eval" / (folder or name) / f"{name}.json"
         return json.loads(f.read_text()).get("results", {}) if f.is_file() else {}
 
-    ctrl = load("controllability")
-    for task, r in (ctrl.get("tasks") or {}).items():
-        cond = (r.get("cond") or {}).get("agreement")
-        if cond is not None:
-            lines.append(f"controllability {task}: agreement with the request {cond:.2f} (real-data probe AUC "
-                         f"{(r.get('real') or {}).get('auc', float('nan')):.2f})")
-    age = (ctrl.get("sweeps") or {}).get("age")
-    if age:
-        means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
-        lines.append(f"age sweep (requested->predicted): {means}; slope {age['slope']:.2f}, r {age['pearson_r']:.2f}")
+    for folder, space in (("controllability", "decoded + re-encoded"), ("controllability-latent", "latent space")):
+        ctrl = load("controllability", folder)
+        for task, r in (ctrl.get("tasks") or {}).items():
+            cond = r.get("cond") or {}
+            if cond.get("agreement") is not None:
+                lines.append(f"controllability [{space}] {task}: agreement {cond['agreement']:.2f}, AUC of the probe "
+                             f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real data: "
+                             f"AUC {(r.get('real') or {}).get('auc', float('nan')):.2f})")
+        age = (ctrl.get("sweeps") or {}).get("age")
+        if age:
+            means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
+            lines.append(f"age sweep [{space}] (requested->predicted): {means}; slope {age['slope']:.2f}, "
+                         f"r {age['pearson_r']:.2f}")
     mem = load("memorisation")
     if mem:
         lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "

@@ -281,26 +281,19 @@ def write_tables(tokens: Path, out: Path) -> tuple[int, int]:
 
     Returns (rows, dimension). Rows are in key order, like g3n-probe's feature sets.
     """
+    from g3n_probe import load_features, write_feature_table
+
+    # read through g3n-probe: the token mean exactly as `g3n-probe run TOKENS` sees it, and the
+    # feature source (kind, encoder checkpoint) that lets `g3n-probe apply` check this table
     ss = gs.ShardSet.open(tokens, kind="tokens")
-    keys, rows, records = [], [], []
-    for s in sorted(ss, key=lambda s: s.key):
-        if "mean" in s.arrays:
-            v = np.asarray(s.arrays["mean"], dtype=np.float32)
-        else:
-            v = np.asarray(s.arrays["tokens"], dtype=np.float32).mean(axis=0)
-        keys.append(s.key)
-        rows.append(v.reshape(-1))
-        rec = s.meta.model_dump(mode="json")
-        rec["key"] = s.key
-        records.append(rec)
-    dim = int(rows[0].shape[0]) if rows else int(ss.manifest.geometry.channels or 0)
-    X = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-    # g3n-probe's feature-table layout (g3n_probe.features): features.npz {keys, features} + metadata.jsonl
-    buf = io.BytesIO()
-    np.savez(buf, keys=np.asarray(keys, dtype=str), features=X)
-    gs.atomic_write_bytes(out / "features.npz", buf.getvalue())
-    gs.atomic_write_bytes(out / "metadata.jsonl",
-                          "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records).encode())
+    if len(ss) == 0:  # every input rejected: empty tables, still readable
+        dim = int(ss.manifest.geometry.channels or 0)
+        keys, records, X, source = [], [], np.zeros((0, dim), np.float32), None
+    else:
+        fs = load_features(tokens)
+        keys, records, X, source = list(fs.keys), [dict(r) for r in fs.records], np.asarray(fs.X, np.float32), fs.source
+        dim = int(X.shape[1])
+    write_feature_table(out, X, keys, records, source=source)
     text = io.StringIO()
     w = csv.writer(text, lineterminator="\n")
     w.writerow([*TABLE_COLUMNS, *(f"e{i}" for i in range(dim))])

@@ -104,8 +104,20 @@ def _as_record(r: Any) -> dict[str, Any]:
     raise FeatureSourceError(f"metadata record of type {type(r).__name__} is neither a mapping nor a pydantic model")
 
 
-def write_feature_table(folder: str | Path, X: np.ndarray, keys: Sequence[str], records: Sequence[Any]) -> Path:
-    """Write a feature-table folder (``features.npz`` + ``metadata.jsonl``), atomically."""
+#: Optional sidecar of a feature table: what made the features (kind, reduction, encoder), so
+#: that ``apply`` can check a table as it checks a shard set. It names the features.npz digest
+#: it describes; a sidecar of another features.npz is an error, not a silent mislabel.
+TABLE_SOURCE = "features.json"
+
+
+def write_feature_table(folder: str | Path, X: np.ndarray, keys: Sequence[str], records: Sequence[Any],
+                        source: Mapping[str, Any] | None = None) -> Path:
+    """Write a feature-table folder (``features.npz`` + ``metadata.jsonl``), atomically.
+
+    ``source``: what made the features, as a shard set's feature source records it (``kind``,
+    ``latent_reduce``, ``encoder`` ...; e.g. ``load_features(tokens_set).source``), written to
+    ``features.json`` beside them.
+    """
     folder = Path(folder)
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] != len(keys) or len(keys) != len(records):
@@ -116,7 +128,16 @@ def write_feature_table(folder: str | Path, X: np.ndarray, keys: Sequence[str], 
         rec["key"] = str(k)
         lines.append(json.dumps(rec, sort_keys=True, default=str))
     write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")
-    write_bytes(folder / "features.npz", npz_bytes({"keys": np.asarray(list(map(str, keys)), dtype=str), "features": X}))
+    blob = npz_bytes({"keys": np.asarray(list(map(str, keys)), dtype=str), "features": X})
+    write_bytes(folder / "features.npz", blob)
+    side = folder / TABLE_SOURCE
+    if source is not None:
+        made = {k: v for k, v in dict(source).items() if k in ("kind", "latent_reduce", "array", "encoder")}
+        made["made_from"] = {k: source.get(k) for k in ("type", "path", "digest") if source.get(k) is not None}
+        made["features_digest"] = "sha256:" + hashlib.sha256(blob).hexdigest()
+        write_text(side, json.dumps(made, indent=1, sort_keys=True) + "\n")
+    elif side.exists():
+        side.unlink()  # a stale description of other features must not survive
     return folder
 
 
@@ -197,10 +218,22 @@ def load_feature_table(
 
 
 def _table_source(folder: Path, blob: bytes) -> dict[str, Any]:
-    """Provenance of a feature table. Its features' own kind and encoder are not recorded in
-    the table, so ``apply`` cannot check them against a probe's (see apply.feature_mismatches)."""
-    return {"type": "table", "kind": "feature-table", "path": str(folder),
-            "digest": "sha256:" + hashlib.sha256(blob).hexdigest()}
+    """Provenance of a feature table. Without a ``features.json`` sidecar its features' own kind
+    and encoder are unknown, so ``apply`` cannot check them against a probe's (see
+    apply.feature_mismatches); with one, they are checked as a shard set's would be."""
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    source: dict[str, Any] = {"type": "table", "kind": "feature-table", "path": str(folder), "digest": digest}
+    side = folder / TABLE_SOURCE
+    if side.exists():
+        try:
+            made = json.loads(side.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FeatureSourceError(f"{side}: cannot read the feature table's description: {e}") from e
+        if not isinstance(made, dict) or made.get("features_digest") != digest:
+            raise FeatureSourceError(f"{side}: describes features {made.get('features_digest') if isinstance(made, dict) else '?'}, "
+                                     f"but {folder / 'features.npz'} is {digest}; rewrite the table or remove the sidecar")
+        source.update({k: made[k] for k in ("kind", "latent_reduce", "array", "encoder", "made_from") if k in made})
+    return source
 
 
 def screen_rows(
