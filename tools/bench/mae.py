@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: from the card's name)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line (tools/bench/run_all.py)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    if args.json:
+        print(json.dumps(report))
     return 0
 
 

@@ -25,21 +25,50 @@ def discover() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in ("run_all", "__init__") and not p.stem.startswith("_"))
 
 
+def json_objects(text: str) -> list[dict]:
+    """Every JSON object in a script's output that starts a line, one-line or pretty-printed."""
+    dec, rows, pos = json.JSONDecoder(), [], 0
+    while (start := text.find("{", pos)) != -1:
+        if start and text[start - 1] != "\n":
+            pos = start + 1
+            continue
+        try:
+            obj, end = dec.raw_decode(text, start)
+        except json.JSONDecodeError:
+            pos = start + 1
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+        pos = end
+    return rows
+
+
 def run_one(name: str, quick: bool) -> dict:
-    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", *(QUICK_ARGS.get(name, []) if quick else [])]
+    script = HERE / f"{name}.py"
+    # scripts with a --json switch print compact figures with it; the others print JSON anyway
+    flags = ["--json"] if '"--json"' in script.read_text() else []
+    cmd = [sys.executable, str(script), *flags, *(QUICK_ARGS.get(name, []) if quick else [])]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    rows = []
-    for line in proc.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    rows = json_objects(proc.stdout)
     return {"benchmark": name, "ok": proc.returncode == 0 and bool(rows), "wall_s": round(wall, 1),
             "figures": rows, "error": None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-5:]}
+
+
+def flatten(obj: object, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested figures as dotted keys (lists of records by index), for one table row each."""
+    if isinstance(obj, dict):
+        out: list[tuple[str, object]] = []
+        for k, v in obj.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+        out = []
+        for i, v in enumerate(obj):
+            out += flatten(v, f"{prefix}[{i}]")
+        return out
+    return [(prefix, obj)]
 
 
 def to_markdown(results: list[dict]) -> str:
@@ -50,7 +79,7 @@ def to_markdown(results: list[dict]) -> str:
             continue
         for i, fig in enumerate(r["figures"]):
             label = r["benchmark"] if len(r["figures"]) == 1 else f"{r['benchmark']} [{fig.get('name', i)}]"
-            for k, v in fig.items():
+            for k, v in flatten(fig):
                 lines.append(f"| {label} | {k} | {v} |")
         lines.append(f"| {r['benchmark']} | wall time (s) | {r['wall_s']} |")
     return "\n".join(lines) + "\n"

@@ -117,7 +117,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
               after=lambda r: _split_subsets(r, "latents", "latents")),
-        Stage("dit", "conditional flow-matching DiT, tiny (g3n-dit train, sample; g3n-tokenizer decode)",
+        Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train, sample; g3n-tokenizer decode)",
               ["dit", "samples", "samples-decoded"], lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", cfg.dit_preset,
              "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed)],
@@ -187,7 +187,7 @@ def headline(run: Path) -> list[str]:
         import csv
 
         wanted = {("disease", "all", "auc"), ("sex", "all", "auc"), ("modality", "all", "auc"), ("idh1", "T1c", "auc"),
-                  ("brain_age", "all", "mae")}
+                  ("brain_age", "T1", "mae")}
         for row in csv.DictReader(results.open()):
             if (row.get("task"), row.get("slice"), row.get("metric")) in wanted:
                 chance = f" (chance {float(row['chance']):.3f})" if row.get("chance") else ""
