@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,11 +51,20 @@ def run_one(name: str, quick: bool) -> dict:
     flags = ["--json"] if '"--json"' in script.read_text() else []
     cmd = [sys.executable, str(script), *flags, *(QUICK_ARGS.get(name, []) if quick else [])]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    rows = json_objects(proc.stdout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        # wait4 gives this child's own resource usage: its peak resident memory, whatever it prints
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    peak_mib = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    rows = json_objects(stdout)
     return {"benchmark": name, "ok": proc.returncode == 0 and bool(rows), "wall_s": round(wall, 1),
-            "figures": rows, "error": None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-5:]}
+            "peak_rss_mib": round(peak_mib, 1), "figures": rows,
+            "error": None if proc.returncode == 0 else stderr.strip().splitlines()[-5:]}
 
 
 def flatten(obj: object, prefix: str = "") -> list[tuple[str, object]]:
@@ -82,6 +93,7 @@ def to_markdown(results: list[dict]) -> str:
             for k, v in flatten(fig):
                 lines.append(f"| {label} | {k} | {v} |")
         lines.append(f"| {r['benchmark']} | wall time (s) | {r['wall_s']} |")
+        lines.append(f"| {r['benchmark']} | peak memory of the process (MiB, RSS) | {r['peak_rss_mib']} |")
     return "\n".join(lines) + "\n"
 
 
