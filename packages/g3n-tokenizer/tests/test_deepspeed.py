@@ -1,8 +1,8 @@
-"""DeepSpeed engine on CPU (one rank, gloo): a run stopped after an epoch and resumed gives the
-same per-step losses as an uninterrupted run, because resume restores the AdamW moments and step
+"""DeepSpeed engine on CPU (one rank, gloo): it gives the torch engine's losses, and a run stopped
+after an epoch and resumed gives the same per-step losses as an uninterrupted run, because resume restores the AdamW moments and step
 (and, under ZeRO-1, the fp32 master weights) from ``train_state.safetensors``.
 
-Runs in a subprocess, like g3n-mae's DeepSpeed test, so DeepSpeed's process group and accelerator
+Each runs in a subprocess, like g3n-mae's DeepSpeed test, so DeepSpeed's process group and accelerator
 choice never leak into the other tests. Marked ``deepspeed`` and ``slow`` (run with ``--runslow``):
 DeepSpeed's import and ``initialize`` take tens of seconds on the shared 2-core machine.
 """
@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-SCRIPT = textwrap.dedent(
+#: one DeepSpeed rank on CPU, set up before the test's own code runs
+PRELUDE = textwrap.dedent(
     """
     import json, os, sys, torch
     torch.set_num_threads(1)
@@ -27,6 +28,21 @@ SCRIPT = textwrap.dedent(
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     from g3n_mae.launch import free_port
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    """
+)
+
+
+def run_deepspeed(script: str, *args: object) -> dict:
+    """Run PRELUDE + ``script`` in a fresh interpreter; return the JSON it prints after ``RESULT ``."""
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+SCRIPT = textwrap.dedent(
+    """
     import g3n_shards as gs
     import g3n_tokenizer.train as T
     from g3n_tokenizer.config import preset
@@ -65,11 +81,7 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.deepspeed
 @pytest.mark.slow
 def test_deepspeed_resume_continues_exactly(tmp_path, mae_checkpoint, volumes_set):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(mae_checkpoint), str(volumes_set), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    results = json.loads(line[len("RESULT "):])
+    results = run_deepspeed(SCRIPT, mae_checkpoint, volumes_set, tmp_path)
     from safetensors import safe_open
 
     for name, res in results.items():
@@ -87,3 +99,31 @@ def test_deepspeed_resume_continues_exactly(tmp_path, mae_checkpoint, volumes_se
         assert names and {k.split("/", 1)[1] for k in keys if k.startswith("exp_avg_sq/")} == names, name
         assert steps == {6.0}, (name, steps)
         assert not list(run.glob("*.tmp")), name  # atomic writes leave no temporaries
+
+
+DEEPSPEED_VS_TORCH = """
+    import g3n_shards as gs
+    from g3n_tokenizer.config import preset
+    from g3n_tokenizer.mae_cnn import MaeCnnTokenizer
+    from g3n_tokenizer.train import train_tokenizer
+
+    mae, vols, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    ss = gs.ShardSet.open(vols)
+    result = {}
+    for engine in ("torch", "deepspeed"):
+        torch.manual_seed(0)
+        cfg = preset("test", train={"max_epochs": 2, "steps_per_epoch": 2, "engine": engine})
+        tok = MaeCnnTokenizer.from_mae(mae, cfg.mae_cnn)
+        res = train_tokenizer(tok, ss, cfg.train, f"{out}/{engine}", progress=False)
+        result[engine] = [h["val_loss"] for h in res.history]
+    print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_deepspeed_engine_matches_torch(tmp_path, mae_checkpoint, volumes_set):
+    """The DeepSpeed engine gives the torch engine's validation losses."""
+    out = run_deepspeed(DEEPSPEED_VS_TORCH, mae_checkpoint, volumes_set, tmp_path)
+    assert len(out["torch"]) == 2
+    assert out["torch"] == pytest.approx(out["deepspeed"], rel=1e-4)

@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -131,47 +128,3 @@ def test_autoencoderkl_trains_and_shapes(tmp_path, volumes_set):
 def test_kl_zero_at_prior():
     assert float(kl_divergence(torch.zeros(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3))) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_divergence(torch.ones(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3))) == pytest.approx(0.5 * 108, rel=1e-5)
-
-
-DEEPSPEED_VS_TORCH = textwrap.dedent(
-    """
-    import json, os, sys, torch
-    torch.set_num_threads(1)
-    import deepspeed.ops
-    # one process needs no shared-memory allreduce: skip JIT-compiling DeepSpeed's shm comm op
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from g3n_mae.launch import free_port
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import g3n_shards as gs
-    from g3n_tokenizer.config import preset
-    from g3n_tokenizer.mae_cnn import MaeCnnTokenizer
-    from g3n_tokenizer.train import train_tokenizer
-
-    mae, vols, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    ss = gs.ShardSet.open(vols)
-    result = {}
-    for engine in ("torch", "deepspeed"):
-        torch.manual_seed(0)
-        cfg = preset("test", train={"max_epochs": 2, "steps_per_epoch": 2, "engine": engine})
-        tok = MaeCnnTokenizer.from_mae(mae, cfg.mae_cnn)
-        res = train_tokenizer(tok, ss, cfg.train, f"{out}/{engine}", progress=False)
-        result[engine] = [h["val_loss"] for h in res.history]
-    print("RESULT " + json.dumps(result))
-    """
-)
-
-
-@pytest.mark.deepspeed
-@pytest.mark.slow
-def test_deepspeed_engine_matches_torch(tmp_path, mae_checkpoint, volumes_set):
-    """Opt-in (``--runslow``): DeepSpeed's import and ``initialize`` take tens of seconds on 2 cores.
-    Runs in a subprocess (as tests/test_deepspeed.py does) so DeepSpeed's process group never leaks
-    into the other tests of the session."""
-    pytest.importorskip("deepspeed")
-    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_VS_TORCH, str(mae_checkpoint), str(volumes_set), str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
-    assert len(out["torch"]) == 2
-    assert out["torch"] == pytest.approx(out["deepspeed"], rel=1e-4)
