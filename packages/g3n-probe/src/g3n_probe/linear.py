@@ -289,9 +289,7 @@ def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64")
     ybar = st.ys / n
     Gc = st.G - n * np.outer(mean, mean)
     b = st.xy - n * mean * ybar
-    var = np.clip(np.diag(Gc) / n, 0.0, None)
-    scale = np.sqrt(var)
-    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0  # constant columns
+    scale = _column_scale(mean, np.sqrt(np.clip(np.diag(Gc) / n, 0.0, None)))
     d = 1.0 / scale
     M = Gc * d[:, None] * d[None, :]
     w, V = np.linalg.eigh(M)
@@ -302,15 +300,20 @@ def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64")
     gcv, inv = _gcv_select(w, c**2, yyc, n, a)
     best = int(np.argmin(gcv))
     coef = V @ (c * inv[best])
+    return _ridge_probe(mean, scale, coef, ybar, dtype), FitReport(alpha=float(a[best])), gcv
+
+
+def _column_scale(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Column SDs for standardising, with constant columns (SD at rounding level) left unscaled."""
+    sd = np.array(sd, dtype=np.float64)
+    sd[sd < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0
+    return sd
+
+
+def _ridge_probe(mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: float, dtype: Any) -> LinearProbe:
     dt = np.dtype(dtype)
-    probe = LinearProbe(
-        kind="regression",
-        mean=mean.astype(dt),
-        scale=scale.astype(dt),
-        coef=coef.astype(dt).reshape(1, -1),
-        intercept=np.asarray([ybar], dtype=dt),
-    )
-    return probe, FitReport(alpha=float(a[best])), gcv
+    return LinearProbe(kind="regression", mean=np.asarray(mean).astype(dt), scale=np.asarray(scale).astype(dt),
+                       coef=np.asarray(coef, dtype=dt).reshape(1, -1), intercept=np.asarray([intercept], dtype=dt))
 
 
 def _gcv_select(w: np.ndarray, proj2: np.ndarray, yyc: float, n: int, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -335,8 +338,7 @@ def ridge_dual(X: np.ndarray, y: np.ndarray, alphas: list[float], dtype: str = "
     y = np.asarray(y, dtype=np.float64)
     n = len(y)
     mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0  # constant columns
+    scale = _column_scale(mean, X.std(axis=0))
     Z = (X - mean) / scale
     ybar = float(y.mean())
     yc = y - ybar
@@ -347,10 +349,7 @@ def ridge_dual(X: np.ndarray, y: np.ndarray, alphas: list[float], dtype: str = "
     gcv, inv = _gcv_select(w, w * c**2, float(yc @ yc), n, a)
     best = int(np.argmin(gcv))
     coef = Z.T @ (U @ (c * inv[best]))
-    dt = np.dtype(dtype)
-    probe = LinearProbe(kind="regression", mean=mean.astype(dt), scale=scale.astype(dt),
-                        coef=coef.astype(dt).reshape(1, -1), intercept=np.asarray([ybar], dtype=dt))
-    return probe, FitReport(alpha=float(a[best])), gcv
+    return _ridge_probe(mean, scale, coef, ybar, dtype), FitReport(alpha=float(a[best])), gcv
 
 
 def wide(n_rows: int, n_features: int) -> bool:
@@ -386,12 +385,5 @@ def fit_regressor(
     else:
         Gc, b, mu, ybar = _centred_gram(Z64.T @ Z64, Z64.sum(axis=0), Z64.T @ y, float(y.sum()), len(y))
         coef = np.linalg.solve(Gc + alpha * np.eye(Gc.shape[0]), b)
-    intercept = ybar - float(mu @ coef)
-    probe = LinearProbe(
-        kind="regression",
-        mean=scaler.mean_.astype(dtype),
-        scale=scaler.scale_.astype(dtype),
-        coef=np.asarray(coef, dtype=dtype).reshape(1, -1),
-        intercept=np.asarray([intercept], dtype=dtype),
-    )
+    probe = _ridge_probe(scaler.mean_, scaler.scale_, coef, ybar - float(mu @ coef), dtype)
     return probe, FitReport(alpha=alpha)
