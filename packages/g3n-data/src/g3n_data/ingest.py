@@ -156,51 +156,38 @@ class _Builder:
         self.res.items.append(WorkItem(path=str(path.absolute()), key=key, meta=meta.model_dump(mode="json")))
 
 
-def _participants(root: Path, mapper: Mapper, b: _Builder) -> dict[str, tuple[dict, dict]]:
-    """participants.tsv -> {sub-XX: (values, extra)}; bad rows become rejects of that subject's images later."""
+def _keyed_table(p: Path, mapper: Mapper, field: str, prefix: str, no_id: str) -> dict[str, tuple[dict, dict]]:
+    """A BIDS table keyed by its id column (mapped to ``field``, values given ``prefix``) ->
+    {id: (values, extra)}; a bad row is kept as an error, so it rejects that id's images later."""
     out: dict[str, tuple[dict, dict]] = {}
-    p = root / "participants.tsv"
     if not p.is_file():
         return out
     mapper.report.tables.append(str(p))
     for n, row in enumerate(read_table(p), 2):
-        where = f"{p}:{n}"
-        sid_col = next((c for c in row if mapper.field_for(c) == "subject"), None)
-        if sid_col is None:
-            raise TableError(f"{p}: no participant id column (participant_id, or map one to 'subject')")
-        sid = row[sid_col].strip()
-        sid = sid if sid.startswith("sub-") else f"sub-{sid}"
+        col = next((c for c in row if mapper.field_for(c) == field), None)
+        if col is None:
+            raise TableError(f"{p}: {no_id}")
+        key = row[col].strip()
+        key = key if key.startswith(prefix) else f"{prefix}{key}"
         try:
-            vals, extra = mapper.map_row(row, where)
+            vals, extra = mapper.map_row(row, f"{p}:{n}")
         except TableError as e:
-            out[sid] = ({"__error__": str(e)}, {})
+            out[key] = ({"__error__": str(e)}, {})
             continue
-        vals.pop("subject", None)
-        out[sid] = (vals, extra)
+        vals.pop(field, None)
+        out[key] = (vals, extra)
     return out
+
+
+def _participants(root: Path, mapper: Mapper) -> dict[str, tuple[dict, dict]]:
+    """participants.tsv -> {sub-XX: (values, extra)}."""
+    return _keyed_table(root / "participants.tsv", mapper, "subject", "sub-",
+                        "no participant id column (participant_id, or map one to 'subject')")
 
 
 def _sessions(subdir: Path, mapper: Mapper) -> dict[str, tuple[dict, dict]]:
-    p = subdir / f"{subdir.name}_sessions.tsv"
-    out: dict[str, tuple[dict, dict]] = {}
-    if not p.is_file():
-        return out
-    mapper.report.tables.append(str(p))
-    for n, row in enumerate(read_table(p), 2):
-        where = f"{p}:{n}"
-        col = next((c for c in row if mapper.field_for(c) == "session"), None)
-        if col is None:
-            raise TableError(f"{p}: no session_id column")
-        ses = row[col].strip()
-        ses = ses if ses.startswith("ses-") else f"ses-{ses}"
-        try:
-            vals, extra = mapper.map_row(row, where)
-        except TableError as e:
-            out[ses] = ({"__error__": str(e)}, {})
-            continue
-        vals.pop("session", None)
-        out[ses] = (vals, extra)
-    return out
+    """sub-XX_sessions.tsv -> {ses-YY: (values, extra)}."""
+    return _keyed_table(subdir / f"{subdir.name}_sessions.tsv", mapper, "session", "ses-", "no session_id column")
 
 
 def ingest_bids(root: str | Path, mapping: ColumnMapping | None = None) -> IngestResult:
@@ -214,7 +201,7 @@ def ingest_bids(root: str | Path, mapping: ColumnMapping | None = None) -> Inges
     report = MappingReport()
     mapper = Mapper(mapping, report)
     b = _Builder(mapping, report)
-    parts = _participants(root, mapper, b)
+    parts = _participants(root, mapper)
     seen_subjects = set()
     for subdir in sorted(p for p in root.glob("sub-*") if p.is_dir()):
         sid = subdir.name
