@@ -108,15 +108,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ode_kwargs(args: argparse.Namespace) -> dict:
+    """The integration and output options forecast and counterfactual share, from their flags."""
+    return dict(keys=args.keys, steps=args.steps, method=args.sampler, guidance=args.guidance,
+                guidance_per_condition=_scales(args.guidance_for), weights=args.weights, precision=args.precision,
+                batch_size=args.batch_size, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+
+
 def cmd_forecast(args: argparse.Namespace) -> int:
     from .generate import forecast_latents
 
-    m = forecast_latents(
-        args.checkpoint, args.latents, args.intervals, args.out, keys=args.keys, overrides=_pairs(args.condition, "--condition"),
-        steps=args.steps, method=args.sampler, guidance=args.guidance, guidance_per_condition=_scales(args.guidance_for),
-        weights=args.weights, precision=args.precision, batch_size=args.batch_size, device=args.device,
-        progress=not args.quiet, overwrite=args.overwrite,
-    )  # fmt: skip
+    m = forecast_latents(args.checkpoint, args.latents, args.intervals, args.out,
+                         overrides=_pairs(args.condition, "--condition"), **_ode_kwargs(args))
     print(json.dumps({"out": args.out, "samples": m.num_samples, "digest": m.digest}))
     return 0
 
@@ -124,12 +127,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     from .generate import counterfactual_latents
 
-    m = counterfactual_latents(
-        args.checkpoint, args.latents, _pairs(args.set, "--set"), args.out, keys=args.keys, steps=args.steps,
-        method=args.sampler, guidance=args.guidance, guidance_per_condition=_scales(args.guidance_for),
-        weights=args.weights, precision=args.precision, batch_size=args.batch_size, device=args.device,
-        progress=not args.quiet, overwrite=args.overwrite,
-    )  # fmt: skip
+    m = counterfactual_latents(args.checkpoint, args.latents, _pairs(args.set, "--set"), args.out, **_ode_kwargs(args))
     print(json.dumps({"out": args.out, "samples": m.num_samples, "digest": m.digest}))
     return 0
 
