@@ -87,14 +87,18 @@ def read_tokenizer(path: str | Path, expect_name: str | None = None) -> tuple[di
     return tensors, header
 
 
-def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load every weight, refuse missing/unexpected keys and shape mismatches (no silent partial load)."""
-    own = module.state_dict()
+def check_weights(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
+    """Refuse missing/unexpected keys and shape mismatches between a model's ``own`` state and ``tensors``."""
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not match the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(f"{where}: {what} do not match the model: missing {missing[:6]}, unexpected {unexpected[:6]}")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+
+
+def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load every weight, refuse missing/unexpected keys and shape mismatches (no silent partial load)."""
+    check_weights(module.state_dict(), tensors, where)
     module.load_state_dict(tensors, strict=True)

@@ -23,7 +23,7 @@ from g3n_mae.config import ModelConfig as MaeModelConfig
 from g3n_mae.model import MAE3D
 
 from .base import TorchTokenizer, voxel_loss
-from .checkpoint import load_strict, read_tokenizer
+from .checkpoint import check_weights, load_strict, read_tokenizer
 from .config import MaeCnnConfig, check_patch_factor
 from .decoder import CnnDecoder3D
 from .errors import CheckpointError
@@ -58,14 +58,7 @@ class FrozenMaeEncoder(nn.Module):
 
     def load_encoder_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
         """Strict on the encoder: every encoder weight present with its shape, nothing unknown."""
-        own = {k: v for k, v in self.mae.state_dict().items() if not is_mae_decoder_key(k)}
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(f"{where}: encoder weights do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise CheckpointError(f"{where}: encoder tensor {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        check_weights(self.encoder_state(), tensors, where, "encoder weights")
         result = self.mae.load_state_dict(tensors, strict=False)
         assert not result.unexpected_keys and all(is_mae_decoder_key(k) for k in result.missing_keys)
 
