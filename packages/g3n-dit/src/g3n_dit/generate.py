@@ -129,6 +129,31 @@ def _rejects(out_dir: str | Path, overwrite: bool) -> gs.RejectLog:
     return gs.RejectLog(path)
 
 
+def _derived_writer(out_dir: str | Path, src: Any, ck: Any, weights: str, producer_config: dict[str, Any],
+                    overwrite: bool) -> gs.ShardWriter:
+    """The writer of a synthetic set made from real source latents (forecasts, counterfactuals):
+    the source's geometry and tokenizer (else the checkpoint's data), its digest among the parents."""
+    data = ck.state["data"]
+    return synthetic_writer(
+        out_dir, geometry=src.geometry or data.get("geometry") or {}, tokenizer=src.tokenizer or data.get("tokenizer"),
+        generator=_generator_ref(ck, weights), producer_config=producer_config,
+        parents=([gs.ParentRef(kind="latents", digest=src.digest, path=src.location)] if src.digest else []) + _parents(ck),
+        overwrite=overwrite,
+    )  # fmt: skip
+
+
+def _ode_settings(conds: Sequence[Condition], scales: Mapping[str, float], method: str, steps: int, precision: str,
+                  ck_info: dict[str, Any]) -> dict[str, Any]:
+    """What every deterministic (source-driven) sample records about how it was integrated."""
+    return {"sampler": method, "steps": steps, "guidance": {c.name: scales[c.name] for c in conds if not c.spec.always_on},
+            "precision": precision, "seed": None, "checkpoint": ck_info}
+
+
+def _source_fields(base: Mapping[str, Any]) -> dict[str, Any]:
+    """A source sample's metadata, less what describes the source itself rather than the subject."""
+    return {k: v for k, v in base.items() if k not in ("extra", "request", "synthetic", "source_sha256")}
+
+
 def _source_requests(conds: Sequence[Condition], metas: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{c.name: m.get(c.spec.field) for c in conds} for m in metas]
 
@@ -179,14 +204,9 @@ def forecast_latents(
             jobs.append((i, float(dt), req))
     if not jobs:
         raise ConditionError(f"{baselines}: no baseline could be forecast (see {rejects.path})")
-    ck_info = _checkpoint_info(ck, weights)
-    w = synthetic_writer(
-        out_dir, geometry=src.geometry or ck.state["data"].get("geometry") or {},
-        tokenizer=src.tokenizer or ck.state["data"].get("tokenizer"), generator=_generator_ref(ck, weights),
-        producer_config={"stage": "forecast", "steps": steps, "method": method, "guidance": scales},
-        parents=([gs.ParentRef(kind="latents", digest=src.digest, path=src.location)] if src.digest else []) + _parents(ck),
-        overwrite=overwrite,
-    )  # fmt: skip
+    ode_settings = _ode_settings(conds, scales, method, steps, precision, _checkpoint_info(ck, weights))
+    w = _derived_writer(out_dir, src, ck, weights, {"stage": "forecast", "steps": steps, "method": method, "guidance": scales},
+                        overwrite)
     with w:
         bar = tqdm(total=len(jobs), desc="forecast", unit="latent", disable=not progress)
         for start in range(0, len(jobs), batch_size):
@@ -197,13 +217,9 @@ def forecast_latents(
             x = (x * std + mean).cpu().numpy()
             for j, (i, dt, req) in enumerate(chunk):
                 base = src.metas[i]
-                request = {
-                    "stage": "forecast", "source": {"key": src.keys[i], "set": src.digest}, "interval": dt,
-                    "conditions": req, "sampler": method, "steps": steps,
-                    "guidance": {c.name: scales[c.name] for c in conds if not c.spec.always_on},
-                    "precision": precision, "seed": None, "checkpoint": ck_info,
-                }  # fmt: skip
-                fields = {k: v for k, v in base.items() if k not in ("extra", "request", "synthetic", "source_sha256")}
+                request = {"stage": "forecast", "source": {"key": src.keys[i], "set": src.digest}, "interval": dt,
+                           "conditions": req, **ode_settings}
+                fields = _source_fields(base)
                 fields.update(_fields(conds, req))
                 fields["age"] = base["age"] + dt if base.get("age") is not None else None
                 fields["session"] = f"{base.get('session') or 'ses'}-fc{dt:g}y"
@@ -255,14 +271,9 @@ def counterfactual_latents(
         origs[i], news[i] = req, new
     if not todo:
         raise ConditionError(f"{source}: no source latent could be changed (see {rejects.path})")
-    ck_info = _checkpoint_info(ck, weights)
-    w = synthetic_writer(
-        out_dir, geometry=src.geometry or ck.state["data"].get("geometry") or {},
-        tokenizer=src.tokenizer or ck.state["data"].get("tokenizer"), generator=_generator_ref(ck, weights),
-        producer_config={"stage": "counterfactual", "changes": dict(changes), "steps": steps, "method": method},
-        parents=([gs.ParentRef(kind="latents", digest=src.digest, path=src.location)] if src.digest else []) + _parents(ck),
-        overwrite=overwrite,
-    )  # fmt: skip
+    ode_settings = _ode_settings(conds, scales, method, steps, precision, _checkpoint_info(ck, weights))
+    w = _derived_writer(out_dir, src, ck, weights,
+                        {"stage": "counterfactual", "changes": dict(changes), "steps": steps, "method": method}, overwrite)
     with w:
         bar = tqdm(total=len(todo), desc="counterfactual", unit="latent", disable=not progress)
         for start in range(0, len(todo), batch_size):
@@ -276,11 +287,9 @@ def counterfactual_latents(
                 request = {
                     "stage": "counterfactual", "source": {"key": src.keys[i], "set": src.digest},
                     "original": origs[i], "changes": {k: (None if v is None else str(v)) for k, v in changes.items()},
-                    "conditions": news[i], "sampler": method, "steps": steps,
-                    "guidance": {c.name: scales[c.name] for c in conds if not c.spec.always_on},
-                    "precision": precision, "seed": None, "checkpoint": ck_info,
+                    "conditions": news[i], **ode_settings,
                 }  # fmt: skip
-                fields = {k: v for k, v in base.items() if k not in ("extra", "request", "synthetic", "source_sha256")}
+                fields = _source_fields(base)
                 for c in conds:
                     if c.name in changes and c.spec.field in gs.SampleMeta.model_fields:
                         fields[c.spec.field] = meta_value(c.spec.field, news[i][c.name])
