@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from g3n_tokenizer.metrics import blur_valid
 
 SSIM_SIGMA = 1.5
 SSIM_TAPS = 11
@@ -80,14 +81,6 @@ def gaussian_taps(sigma: float = SSIM_SIGMA, taps: int = SSIM_TAPS) -> torch.Ten
     return g / g.sum()
 
 
-def _blur_valid(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter, 'valid' region only. v: (B, 1, X, Y, Z)."""
-    k = g.numel()
-    v = F.conv3d(v, g.view(1, 1, k, 1, 1))
-    v = F.conv3d(v, g.view(1, 1, 1, k, 1))
-    return F.conv3d(v, g.view(1, 1, 1, 1, k))
-
-
 def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float | None = None, sigma: float = SSIM_SIGMA,
              taps: int = SSIM_TAPS) -> tuple[np.ndarray, int]:
     """The 3D SSIM map over the valid region, and the border (voxels cropped per side)."""
@@ -104,7 +97,7 @@ def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float | None = None, sigm
     xt = torch.from_numpy(xa)[None, None]
     yt = torch.from_numpy(ya)[None, None]
     stack = torch.cat([xt, yt, xt * xt, yt * yt, xt * yt], dim=0)
-    mx, my, mxx, myy, mxy = _blur_valid(stack, g)
+    mx, my, mxx, myy, mxy = blur_valid(stack, g)
     vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s[0].numpy(), taps // 2

@@ -50,7 +50,8 @@ def _gauss(sigma: float, truncate: float = 3.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def blur_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable 3D filter with 1D taps ``g``, 'valid' region only. x: (B, 1, X, Y, Z)."""
     k = g.numel()
     x = F.conv3d(x, g.view(1, 1, k, 1, 1))
     x = F.conv3d(x, g.view(1, 1, 1, k, 1))
@@ -65,10 +66,10 @@ def ssim(recon: torch.Tensor, target: torch.Tensor, sigma: float = 1.5, k1: floa
         raise ValueError(f"volume {tuple(r.shape[2:])} smaller than the SSIM window ({g.numel()})")
     rng = data_range(target).double().view(-1, 1, 1, 1, 1)
     c1, c2 = (k1 * rng) ** 2, (k2 * rng) ** 2
-    mu_r, mu_t = _blur(r, g), _blur(t, g)
-    srr = _blur(r * r, g) - mu_r**2
-    stt = _blur(t * t, g) - mu_t**2
-    srt = _blur(r * t, g) - mu_r * mu_t
+    mu_r, mu_t = blur_valid(r, g), blur_valid(t, g)
+    srr = blur_valid(r * r, g) - mu_r**2
+    stt = blur_valid(t * t, g) - mu_t**2
+    srt = blur_valid(r * t, g) - mu_r * mu_t
     s = ((2 * mu_r * mu_t + c1) * (2 * srt + c2)) / ((mu_r**2 + mu_t**2 + c1) * (srr + stt + c2))
     return s.flatten(1).mean(1).float()
 
