@@ -12,7 +12,6 @@ LPS origin/direction. :func:`to_sitk` and :func:`grid_affine` convert between th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import locale
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from g3n_shards import file_sha256 as sha256_file  # noqa: F401 - the sample's source_sha256
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -32,15 +32,6 @@ class InputError(ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes: the sample's ``source_sha256`` (traceable without a path)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _checked_affine(path: str | Path, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

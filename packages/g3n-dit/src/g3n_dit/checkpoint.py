@@ -15,7 +15,6 @@ It is written into a temporary folder and renamed into place (atomic); only the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from g3n_shards import file_sha256
 from safetensors.torch import load_file, save_file
 
 from .conditions import Condition
@@ -39,14 +39,6 @@ NORM_KEYS = ("norm.mean", "norm.std")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match what is asked of it."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,7 +160,7 @@ def save_checkpoint(
                 train_tensors[f"rng.cuda.{i}"] = s
         save_file(train_tensors, str(tmp / "train.safetensors"), metadata={"format": FORMAT, "step": str(step)})
         for name in ("model.safetensors", "ema.safetensors", "train.safetensors"):
-            files[name] = sha256_file(tmp / name)
+            files[name] = file_sha256(tmp / name)
         doc = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_param_groups": groups, "files": files, **state}
         with open(tmp / "state.json", "w") as f:
             json.dump(doc, f, indent=2, sort_keys=True)
@@ -221,7 +213,7 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True, verify: boo
         f = p / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
-        if verify and sha256_file(f) != state["files"][name]:
+        if verify and file_sha256(f) != state["files"][name]:
             raise CheckpointError(f"{f}: SHA-256 differs from state.json: modified or corrupt")
         loaded[name] = load_file(str(f))
     norm = {k: loaded["ema.safetensors"].pop(k) for k in NORM_KEYS}

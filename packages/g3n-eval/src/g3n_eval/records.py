@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from g3n_shards import atomic_write_bytes as shards_atomic_write_bytes
+from g3n_shards import file_sha256  # noqa: F401 - re-exported for the measurements
 
 #: Version of the measurement definitions in this package. Bump the minor for additions,
 #: the major when an existing figure would change value for the same inputs.
@@ -78,14 +79,6 @@ def input_ref(path: str | os.PathLike[str], role: str) -> dict[str, Any]:
     return ref
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def metrics_document(measurement: str, settings: Mapping[str, Any], inputs: list[dict[str, Any]],

@@ -22,7 +22,6 @@ Why this shape:
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from g3n_shards import atomic_write_text  # noqa: F401 - re-exported: one atomic writer for the project
+from g3n_shards import atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
 
 from . import __version__
 from .config import ModelConfig, config_to_json, model_config_from_json
@@ -68,14 +67,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

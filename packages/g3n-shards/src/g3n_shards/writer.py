@@ -56,7 +56,8 @@ def vocab_value(value: Any) -> str:
     return str(value)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks: the one file digest every stage uses."""
     import hashlib
 
     h = hashlib.sha256()

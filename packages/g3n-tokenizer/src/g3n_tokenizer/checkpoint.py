@@ -11,7 +11,6 @@ Writes are atomic (temp file + ``os.replace``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from g3n_mae.checkpoint import atomic_save_safetensors  # one atomic safetensors writer (the encoder's package)
-from g3n_shards import atomic_write_text  # noqa: F401 - re-exported: one atomic writer for the project
+from g3n_shards import atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
 
 from .errors import CheckpointError
 
 FORMAT = "g3n-tokenizer-weights"
 FORMAT_VERSION = "1"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def same_digest(a: str | None, b: str | None) -> bool:
