@@ -190,17 +190,21 @@ def _sessions(subdir: Path, mapper: Mapper) -> dict[str, tuple[dict, dict]]:
     return _keyed_table(subdir / f"{subdir.name}_sessions.tsv", mapper, "session", "ses-", "no session_id column")
 
 
+def _start(cohort: str, mapping: ColumnMapping | None) -> tuple[ColumnMapping, MappingReport, Mapper, _Builder]:
+    """The mapping (its cohort defaulting to ``cohort``), report, column mapper and sample builder of an ingest."""
+    mapping = mapping or ColumnMapping()
+    if mapping.cohort is None:
+        mapping = mapping.model_copy(update={"cohort": cohort})
+    report = MappingReport()
+    return mapping, report, Mapper(mapping, report), _Builder(mapping, report)
+
+
 def ingest_bids(root: str | Path, mapping: ColumnMapping | None = None) -> IngestResult:
     """Discover a BIDS dataset's anatomical images and their metadata."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
-    mapping = mapping or ColumnMapping()
-    if mapping.cohort is None:
-        mapping = mapping.model_copy(update={"cohort": root.name})
-    report = MappingReport()
-    mapper = Mapper(mapping, report)
-    b = _Builder(mapping, report)
+    mapping, report, mapper, b = _start(root.name, mapping)
     parts = _participants(root, mapper)
     seen_subjects = set()
     for subdir in sorted(p for p in root.glob("sub-*") if p.is_dir()):
@@ -246,12 +250,8 @@ def ingest_bids(root: str | Path, mapping: ColumnMapping | None = None) -> Inges
 def ingest_csv(csv_path: str | Path, mapping: ColumnMapping | None = None) -> IngestResult:
     """A manifest with one row per image: a path column plus metadata columns."""
     p = Path(csv_path)
-    mapping = mapping or ColumnMapping()
-    if mapping.cohort is None:
-        mapping = mapping.model_copy(update={"cohort": p.stem})
-    report = MappingReport(tables=[str(p)])
-    mapper = Mapper(mapping, report)
-    b = _Builder(mapping, report)
+    mapping, report, mapper, b = _start(p.stem, mapping)
+    report.tables.append(str(p))
     rows = read_table(p)
     if rows and mapping.path_column not in rows[0]:
         raise TableError(f"{p}: no path column {mapping.path_column!r} (columns: {list(rows[0])}); "
@@ -323,12 +323,7 @@ def _ingest_dicom(root: str | Path, out_dir: str | Path, mapping: ColumnMapping 
     import SimpleITK as sitk
 
     root, out_dir = Path(root), Path(out_dir)
-    mapping = mapping or ColumnMapping()
-    if mapping.cohort is None:
-        mapping = mapping.model_copy(update={"cohort": root.name})
-    report = MappingReport()
-    mapper = Mapper(mapping, report)
-    b = _Builder(mapping, report)
+    mapping, report, mapper, b = _start(root.name, mapping)
     meta_rows: dict[str, tuple[dict, dict]] = {}
     if table:
         report.tables.append(str(table))
