@@ -2,6 +2,8 @@ import json
 
 import nibabel as nib
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 import g3n_shards as gs
 from g3n_tokenizer.cli import main
@@ -54,3 +56,18 @@ def test_cli_sweep(tmp_path, volumes_set, mae_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "| MAE c=4 | 256 |" in out and "idh1 AUC" in out
     assert (tmp_path / "s" / "table5.csv").read_text().startswith("tokenizer,values_per_volume,mse,psnr,ssim,idh1_auc\n")
+
+
+def test_cli_train_is_repeatable_whatever_the_process_rng_holds(tmp_path, mae_checkpoint, volumes_set, capsys):
+    """The tokenizer's new layers are initialised from --seed: two runs give the same weights."""
+    weights = []
+    for i, state in enumerate((1, 2)):
+        torch.manual_seed(state)  # what earlier work in the process left in the global RNG
+        run = tmp_path / f"run{i}"
+        assert main(["train", "--volumes", str(volumes_set), "--out", str(run), "--mae-checkpoint", str(mae_checkpoint),
+                     "--preset", "test", "--epochs", "1", "--steps-per-epoch", "1", "--c", "4", "--seed", "7",
+                     "--device", "cpu", "--quiet"]) == 0
+        capsys.readouterr()
+        weights.append(load_file(str(run / "tokenizer.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

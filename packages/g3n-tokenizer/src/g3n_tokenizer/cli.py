@@ -68,6 +68,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     ss = gs.ShardSet.open(a.volumes, kind="volumes")
     dev = _device(a.device)
     vg = volume_geometry_from(ss.manifest.geometry)
+    # the new layers are initialised from the seed, not from whatever the process's RNG holds, so a run
+    # is repeated exactly by running it again
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
     if a.tokenizer == "mae-cnn":
         if not a.mae_checkpoint:
             print("error: --mae-checkpoint is required for the mae-cnn tokenizer", file=sys.stderr)
