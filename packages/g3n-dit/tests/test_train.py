@@ -10,7 +10,7 @@ import torch
 from g3n_dit.checkpoint import list_checkpoints, load_checkpoint
 from g3n_dit.conditions import encode
 from g3n_dit.config import preset_run_config
-from g3n_dit.data import in_memory
+from g3n_dit.data import ELEMENT_STD_FLOOR, in_memory, normalisation_stats
 from g3n_dit.flow import initial_noise, resolve_scales, sample
 from g3n_dit.train import TrainingError, load_model, next_batch, train
 
@@ -62,6 +62,23 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_element_statistics_are_per_token_and_channel_with_a_floor():
+    data = toy_set(16)
+    x = data.latents.clone()
+    x[:, 5, 2] = 7.0  # an element that never varies (an empty background)
+    mean, std = normalisation_stats(x, "element")
+    assert mean.shape == std.shape == (64, 4)
+    torch.testing.assert_close(mean, x.mean(0))
+    torch.testing.assert_close(std[0], x[:, 0].std(0, unbiased=False))
+    # the constant element gets 1 % of its channel's spread, not 0: a new latent that differs there
+    # by a little stays a little after standardisation
+    assert std[5, 2] == pytest.approx(ELEMENT_STD_FLOOR * float(x[..., 2].reshape(-1).std(unbiased=False)), rel=1e-5)
+    cm, cs = normalisation_stats(x, "channel")
+    assert cm.shape == cs.shape == (4,)
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        normalisation_stats(x, "token")
+
+
 def test_cursor_covers_every_item_once_per_epoch():
     seen, cur = [], {"epoch": 0, "pos": 0}
     for _ in range(5):
@@ -79,12 +96,14 @@ def test_resume_refuses_another_dataset(tmp_path):
         train(tiny_cfg(max_steps=4), data, tmp_path, progress=False)
 
 
-def test_condition_moves_samples_in_the_requested_direction(tmp_path):
+@pytest.mark.parametrize("normalise", ["channel", "element"])
+def test_condition_moves_samples_in_the_requested_direction(tmp_path, normalise):
     torch.manual_seed(0)
     data = toy_set(64, shift=2.0)
-    cfg = tiny_cfg(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.9)
+    cfg = tiny_cfg(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.9, normalise=normalise)
     train(cfg, data, tmp_path, progress=False)
     model, conds, (mean, std), _ = load_model(tmp_path, "ema", "cpu")
+    assert mean.shape == std.shape == ((4,) if normalise == "channel" else (64, 4))
     scales = resolve_scales(conds, 1.5)
     n = 16
     out = {}

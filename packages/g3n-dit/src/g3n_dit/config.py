@@ -133,6 +133,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0, description="applied to matrices only (dim >= 2)")
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(default=1.0, ge=0, description="0 disables clipping")
+    normalise: Literal["channel", "element"] = Field(
+        default="channel",
+        description="latent statistics the flow's data are standardised with. channel: per-channel mean and std "
+        "over every token (method.md). element: per token and channel, so the flow models each latent's "
+        "deviation from the mean training latent in units of that element's spread, and an error of an "
+        "undertrained net is scaled down where the data hardly vary (the background)",
+    )
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
@@ -203,7 +210,10 @@ class RunConfig(BaseModel):
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(batch_size=64, max_steps=400_000, lr=1e-4, warmup_steps=1000, precision="bf16"),
     "tiny": dict(batch_size=8, max_steps=200, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100),
-    "small": dict(batch_size=8, max_steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100),
+    # element statistics: on the demo's latents (800 steps) samples' nearest real latent came 1.9x closer
+    # (145 vs 270; held-out real 106) and the latent-space age sweep's slope rose from 0.11 to 0.36
+    "small": dict(batch_size=8, max_steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100,
+                  normalise="element"),
 }
 
 

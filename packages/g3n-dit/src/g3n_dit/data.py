@@ -121,12 +121,28 @@ def in_memory(latents: torch.Tensor, metas: Sequence[Mapping[str, Any]], grid: S
     return LatentData(latents=latents.float(), keys=keys, metas=checked, geometry=geometry, location="<memory>")
 
 
-def normalisation_stats(latents: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std over every token of every training latent (float64 accumulation)."""
-    x = latents.reshape(-1, latents.shape[-1]).double()
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False).clamp_min(eps)
-    return mean.float(), std.float()
+#: ``element`` statistics: an element's std is at least this fraction of its channel's std.
+ELEMENT_STD_FLOOR = 0.01
+
+
+def normalisation_stats(
+    latents: torch.Tensor, mode: str = "channel", eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the training latents (N, tokens, C), float64 accumulation.
+
+    ``channel``: shape (C,), over every token of every latent. ``element``: shape (tokens, C), over
+    latents only. Both broadcast against (B, tokens, C)."""
+    x = latents.double()
+    if mode == "channel":
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.mean(0).float(), flat.std(0, unbiased=False).clamp_min(eps).float()
+    if mode == "element":
+        # floored at 1 % of the channel's std: an element constant in training (an empty background)
+        # must not blow a new latent's tiny difference there up to hundreds of units
+        channel_std = x.reshape(-1, x.shape[-1]).std(0, unbiased=False)
+        std = torch.maximum(x.std(0, unbiased=False), ELEMENT_STD_FLOOR * channel_std).clamp_min(eps)
+        return x.mean(0).float(), std.float()
+    raise ValueError(f"unknown normalisation {mode!r} (channel or element)")
 
 
 @dataclass

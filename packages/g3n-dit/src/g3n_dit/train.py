@@ -397,7 +397,7 @@ def train(
         norm = (ck.norm_mean, ck.norm_std)
     else:
         used = torch.unique(torch.cat([base_idx, follow_idx])) if longitudinal else item_idx
-        norm = normalisation_stats(data.latents[used])
+        norm = normalisation_stats(data.latents[used], tcfg.normalise)
     latents = (data.latents - norm[0]) / norm[1]
 
     torch.manual_seed(tcfg.seed)
