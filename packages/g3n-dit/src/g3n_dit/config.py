@@ -210,8 +210,10 @@ class RunConfig(BaseModel):
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(batch_size=64, max_steps=400_000, lr=1e-4, warmup_steps=1000, precision="bf16"),
     "tiny": dict(batch_size=8, max_steps=200, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100),
-    # element statistics: on the demo's latents (800 steps) samples' nearest real latent came 1.9x closer
-    # (145 vs 270; held-out real 106) and the latent-space age sweep's slope rose from 0.11 to 0.36
+    # element statistics: on the demo's latents (800 steps, two tokenizers/seeds) the samples' mean distance
+    # to their nearest training latent fell from 250-270 to 144-145 (held-out real latents: 106-107), and
+    # their share of variance in the real latents' top-10 principal components rose from 0.13-0.16 to
+    # 0.35-0.37 (held-out real: 0.77)
     "small": dict(batch_size=8, max_steps=1000, lr=1e-3, warmup_steps=10, ema_decay=0.99, log_every=10, ckpt_every=100,
                   normalise="element"),
 }
