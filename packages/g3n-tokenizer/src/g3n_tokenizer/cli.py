@@ -59,32 +59,17 @@ def _config(a: argparse.Namespace):
 def cmd_train(a: argparse.Namespace) -> int:
     import g3n_shards as gs
 
-    from .autoencoderkl import AutoencoderKLTokenizer
     from .base import volume_geometry_from
-    from .mae_cnn import MaeCnnTokenizer
+    from .build import new_tokenizer
     from .train import train_tokenizer
 
     cfg = _config(a)
     ss = gs.ShardSet.open(a.volumes, kind="volumes")
-    dev = _device(a.device)
-    vg = volume_geometry_from(ss.manifest.geometry)
-    # the new layers are initialised from the seed, not from whatever the process's RNG holds, so a run
-    # is repeated exactly by running it again
-    import torch
-
-    torch.manual_seed(cfg.train.seed)
-    if a.tokenizer == "mae-cnn":
-        if not a.mae_checkpoint:
-            print("error: --mae-checkpoint is required for the mae-cnn tokenizer", file=sys.stderr)
-            return 2
-        tok = MaeCnnTokenizer.from_mae(a.mae_checkpoint, cfg.mae_cnn, vg, map_location=dev)
-        loss = cfg.mae_cnn.loss
-    else:
-        acfg = cfg.autoencoderkl
-        if ss.manifest.geometry.shape is not None:
-            acfg = type(acfg).model_validate({**acfg.model_dump(), "img_size": tuple(ss.manifest.geometry.shape)})
-        tok = AutoencoderKLTokenizer(acfg, vg).to(dev)
-        loss = acfg.loss
+    if a.tokenizer == "mae-cnn" and not a.mae_checkpoint:
+        print("error: --mae-checkpoint is required for the mae-cnn tokenizer", file=sys.stderr)
+        return 2
+    tok, loss = new_tokenizer(a.tokenizer, cfg, volume_geometry_from(ss.manifest.geometry), a.mae_checkpoint,
+                              ss.manifest.geometry.shape, _device(a.device))
     res = train_tokenizer(tok, ss, cfg.train, a.out, loss_kind=loss, resume=a.resume, progress=not a.quiet)
     print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.digest, "best_val": res.best_val,
                       "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "stopped_early": res.stopped_early}, indent=1))

@@ -24,13 +24,12 @@ from tqdm import tqdm
 
 import g3n_shards as gs
 
-from .autoencoderkl import AutoencoderKLTokenizer
 from .base import TorchTokenizer, volume_geometry_from
+from .build import new_tokenizer
 from .checkpoint import atomic_write_text
 from .config import TokenizerConfig, preset
 from .data import iter_batches, split_subjects
 from .interface import values_per_volume
-from .mae_cnn import MaeCnnTokenizer
 from .metrics import reconstruction_metrics, summarize
 from .train import train_tokenizer
 
@@ -155,18 +154,13 @@ def run_sweep(volumes: str | Path | gs.ShardSet, mae_checkpoint: str | Path, out
         arms.append(("autoencoderkl", None))
     rows, details = [], []
     for name, c in tqdm(arms, desc="sweep", unit="arm", disable=not progress):
+        arm_cfg = base.model_copy(update={"mae_cnn": base.mae_cnn.model_copy(update={"c": c})}) if name == "mae-cnn" else base
+        tok, loss_kind = new_tokenizer(name, arm_cfg, volume_geometry_from(ss.manifest.geometry), mae_checkpoint,
+                                       shape, device)
         if name == "mae-cnn":
-            tcfg = base.mae_cnn.model_copy(update={"c": c})
-            tok: TorchTokenizer = MaeCnnTokenizer.from_mae(mae_checkpoint, tcfg, volume_geometry_from(ss.manifest.geometry),
-                                                           map_location=device)
-            loss_kind, run = tcfg.loss, f"mae-c{c if c is not None else 'none'}"
-            label = arm_label(name, c, tok.mae_cfg.embed_dim)
+            run, label = f"mae-c{c if c is not None else 'none'}", arm_label(name, c, tok.mae_cfg.embed_dim)
         else:
-            acfg = base.autoencoderkl.model_copy(update={"img_size": tuple(shape)}) if shape else base.autoencoderkl
-            acfg = type(acfg).model_validate(acfg.model_dump())  # re-validate (divisibility of the new size)
-            tok = AutoencoderKLTokenizer(acfg, volume_geometry_from(ss.manifest.geometry)).to(device)
-            loss_kind, run, label = acfg.loss, "autoencoderkl", arm_label(name, None)
-        torch.manual_seed(cfg.seed)
+            run, label = "autoencoderkl", arm_label(name, None)
         result = train_tokenizer(tok, ss, base.train, out / run, splits=train_splits, loss_kind=loss_kind, progress=progress)
         best = type(tok).from_checkpoint(result.checkpoint, map_location=device)
         recon, X, keys, metas = evaluate(best, ss, splits["test"], all_keys, cfg.batch_size)
