@@ -133,13 +133,13 @@ def normalisation_stats(
     ``channel``: shape (C,), over every token of every latent. ``element``: shape (tokens, C), over
     latents only. Both broadcast against (B, tokens, C)."""
     x = latents.double()
+    flat = x.reshape(-1, x.shape[-1])
+    channel_std = flat.std(0, unbiased=False)
     if mode == "channel":
-        flat = x.reshape(-1, x.shape[-1])
-        return flat.mean(0).float(), flat.std(0, unbiased=False).clamp_min(eps).float()
+        return flat.mean(0).float(), channel_std.clamp_min(eps).float()
     if mode == "element":
-        # floored at 1 % of the channel's std: an element constant in training (an empty background)
-        # must not blow a new latent's tiny difference there up to hundreds of units
-        channel_std = x.reshape(-1, x.shape[-1]).std(0, unbiased=False)
+        # floored: an element constant in training (an empty background) must not blow a new
+        # latent's tiny difference there up to hundreds of units
         std = torch.maximum(x.std(0, unbiased=False), ELEMENT_STD_FLOOR * channel_std).clamp_min(eps)
         return x.mean(0).float(), std.float()
     raise ValueError(f"unknown normalisation {mode!r} (channel or element)")
