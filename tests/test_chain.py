@@ -62,4 +62,13 @@ def test_report_and_results_exist(run):
                          ("fidelity", "fidelity"), ("forecast", "forecast"), ("controllability-latent", "controllability")):
         d = json.loads((run / "eval" / folder / f"{name}.json").read_text(encoding="utf-8"))
         assert d["protocol_version"] and d["inputs"], folder
-    assert json.loads((run / "eval" / "controllability-latent" / "controllability.json").read_text())["settings"]["space"] == "latent"
+    lat = json.loads((run / "eval" / "controllability-latent" / "controllability.json").read_text())
+    assert lat["settings"]["space"] == "latent"
+    # the demo samples paired: each sex request's sample j shares its noise with the other's
+    for folder in ("controllability", "controllability-latent"):
+        doc = json.loads((run / "eval" / folder / "controllability.json").read_text())
+        res = doc["results"]
+        assert doc["settings"]["generation"]["paired"] is True, folder
+        assert res["tasks"]["sex:F-vs-M"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
+        assert res["sweeps"]["age"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
+    assert "paired moved" in (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")

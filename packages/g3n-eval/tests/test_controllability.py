@@ -2,9 +2,17 @@ import math
 
 import numpy as np
 import pytest
-from g3n_eval.controllability import ClassTask, class_controllability, evaluate, value_sweep
+from g3n_eval.controllability import (
+    ClassTask,
+    class_controllability,
+    evaluate,
+    paired_shifts,
+    paired_sweep,
+    pairing_key,
+    value_sweep,
+)
 from g3n_eval.forecast import ageing_recovery, difference_map
-from g3n_eval.stats import auc_binary, line_fit
+from g3n_eval.stats import auc_binary, line_fit, sign_test
 
 
 def test_auc_binary_known_values():
@@ -81,6 +89,59 @@ def test_evaluate_with_g3n_probe():
     assert row["real"]["agreement"] >= 0.9
     assert "diagnosis:HC-vs-PD" in out["skipped"]
     assert out["sweeps"]["age"]["slope"] > 0.5 and out["sweeps"]["age"]["pearson_r"] > 0.8
+
+
+def test_sign_test():
+    assert sign_test(8, 0) == pytest.approx(1 / 256)
+    assert sign_test(7, 1) == pytest.approx(9 / 256)
+    assert sign_test(0, 3) == pytest.approx(1.0)
+    assert math.isnan(sign_test(0, 0))
+
+
+def _gen(conditions: dict, seed: int, **fields) -> dict:
+    return {"synthetic": True, **fields, "request": {"seed": seed, "conditions": conditions}}
+
+
+def test_pairing_key_drops_the_task_condition_only():
+    hc = _gen({"disease": "HC", "modality": "T1"}, 5, diagnosis="HC", modality="T1")
+    ad = _gen({"disease": "AD", "modality": "T1"}, 5, diagnosis="AD", modality="T1")
+    assert pairing_key(hc, "diagnosis") == pairing_key(ad, "diagnosis") == (5, ("modality", "T1"))
+    assert pairing_key(hc, "diagnosis") != pairing_key({**ad, "request": {**ad["request"], "seed": 6}}, "diagnosis")
+    old = _gen({"age": 70, "modality": "T1"}, 5, age=70.0, modality="T1")  # the record holds a float, the request an int
+    assert pairing_key(old, "age") == (5, ("modality", "T1"))
+    assert pairing_key({"diagnosis": "HC"}, "diagnosis") is None  # real samples have no seed
+
+
+def test_paired_shifts_see_a_small_effect_that_unpaired_samples_hide():
+    """Noise that moves the probe a lot plus a request effect of +0.05: the unpaired AUC is near
+    chance, the paired column finds every group moved."""
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(0.2, 0.8, 8)
+    requested = ["HC"] * 8 + ["AD"] * 8
+    keys = [(s,) for s in range(8)] * 2
+    p_ad = np.r_[noise, noise + 0.05]
+    proba = np.stack([1 - p_ad, p_ad], axis=1)
+    assert class_controllability(["HC", "AD"], requested, proba)["cond"]["auc"] < 0.7
+    out = paired_shifts(["HC", "AD"], requested, keys, proba)
+    assert out["n_groups"] == 8 and out["n_moved"] == 8 and out["moved"] == 1.0
+    assert out["mean_shift"] == pytest.approx(0.05) and out["p"] == pytest.approx(1 / 256)
+    against = paired_shifts(["HC", "AD"], requested[::-1], keys, proba)  # asked the other way round
+    assert against["n_against"] == 8 and against["p"] == pytest.approx(1.0)
+    unpaired = paired_shifts(["HC", "AD"], requested, [(s,) for s in range(16)], proba)
+    assert unpaired["n_groups"] == 0 and math.isnan(unpaired["p"])
+
+
+def test_paired_shifts_four_classes_and_a_sweep():
+    classes = ["T1", "T2", "FLAIR", "T1c"]
+    requested = classes * 3
+    keys = [(s,) for s in range(3) for _ in classes]
+    proba = np.tile(np.eye(4) * 0.7 + 0.075, (3, 1))  # each sample looks like what it asked for
+    out = paired_shifts(classes, requested, keys, proba)
+    assert out["n_groups"] == 3 and out["n_moved"] == 3 and out["mean_shift"] == pytest.approx(0.7)
+    req = [30, 50, 70] * 4
+    pred = [60 + 0.5 * r + 10 * s for s in range(4) for r in (30, 50, 70)]  # offset per seed, slope 0.5 within
+    sw = paired_sweep(req, pred, [(s,) for s in range(4) for _ in range(3)])
+    assert sw["n_groups"] == 4 and sw["n_moved"] == 4 and sw["mean_slope"] == pytest.approx(0.5)
 
 
 def test_forecast_recovery_and_map():

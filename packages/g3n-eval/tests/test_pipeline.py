@@ -74,7 +74,7 @@ def test_controllability(runs):
     assert "diagnosis:HC-vs-PD" in doc["results"]["skipped"]
     sw = doc["results"]["sweeps"]["age"]
     assert set(sw["levels"]) == {"30", "50", "70"} and sw["n"] == 9
-    assert doc["settings"]["generation"]["seeds"] == {"n": 12, "min": 0, "max": 11, "contiguous": True}
+    assert doc["settings"]["generation"]["seeds"] == {"n": 12, "distinct": 12, "min": 0, "max": 11, "contiguous": True}
     assert (out / "controllability" / "sweep_age.png").is_file()
 
 

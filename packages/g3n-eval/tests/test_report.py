@@ -77,3 +77,21 @@ def test_report_renders_in_a_browser(report, tmp_path):
     assert len(img) >= 200, len(img)  # at least ~200k pixels of rendered figures
     assert len(img) > 10 * max(len(ctl), 1), (len(img), len(ctl))
     assert len(np.unique(img)) > 100  # many grey levels: pictures, not flat boxes
+
+
+def test_control_section_shows_paired_rows_and_flags_a_blind_probe():
+    from g3n_eval.report import _control_section
+
+    def row(real_auc, moved):
+        return {"real": {"agreement": 0.7, "auc": real_auc}, "cond": {"agreement": 0.6, "auc": 0.7, "n": 16},
+                "null": {"fraction": None, "class": None, "n": 0}, "prior": {"fraction": 0.6, "class": "HC", "n": 40},
+                "paired": {"n_groups": 8, "n_moved": moved, "n_against": 8 - moved, "mean_shift": 0.1, "p": 0.0039}}
+
+    doc = {"settings": {"space": "latent", "generated_path": "latents", "generation": {"paired": True}},
+           "results": {"tasks": {"diagnosis:HC-vs-AD": row(0.8, 8), "diagnosis:MCI-vs-AD": row(0.3, 6)},
+                       "sweeps": {"age": {"slope": 0.5, "pearson_r": 0.7, "levels": {"30": {"n": 8, "mean": 40.0, "std": 2.0}},
+                                          "paired": {"n_groups": 8, "n_moved": 7, "mean_slope": 0.4, "p": 0.035}}}}}
+    page = _control_section(doc)
+    assert "paired moved" in page and "8/8" in page and "6/8" in page
+    assert "slope positive in 7/8 groups" in page
+    assert "The probe of diagnosis:MCI-vs-AD does not separate" in page and "HC-vs-AD does not" not in page

@@ -101,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         reqs.append(GenerationRequest(conditions=_pairs(args.condition, "--condition"), n=args.n))
     cfg = SampleConfig(
         steps=args.steps, method=args.sampler, guidance=args.guidance, guidance_per_condition=_scales(args.guidance_for),
-        seed=args.seed, batch_size=args.batch_size, precision=args.precision, weights=args.weights,
+        seed=args.seed, paired=args.paired, batch_size=args.batch_size, precision=args.precision, weights=args.weights,
     )  # fmt: skip
     m = sample_latents(args.checkpoint, reqs, args.out, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "samples": m.num_samples, "digest": m.digest}))
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--condition", action="append", metavar="NAME=VALUE", help="e.g. disease=AD, age=70 (repeatable)")
     p.add_argument("--requests", help="JSONL of {\"conditions\": {...}, \"n\": N} (instead of --condition)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--paired", action="store_true",
+                   help="sample j of every request uses seed + j: requests share their noise and differ only in "
+                        "their conditions (paired controllability)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("forecast", help="forecast follow-up latents from baselines at given intervals")

@@ -178,6 +178,10 @@ class SampleConfig(BaseModel):
     guidance: float = Field(default=1.5, description="default per-condition guidance scale w")
     guidance_per_condition: dict[str, float] = Field(default_factory=dict)
     seed: int = 0
+    paired: bool = Field(default=False, description=(
+        "sample j of every request starts from the same noise (seed + j), so requests differ only in their "
+        "conditions and a probe's change between them is the conditions' effect (paired comparisons); "
+        "off: sample i of the whole run uses seed + i"))
     batch_size: int = Field(default=16, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     weights: Literal["ema", "raw"] = "ema"

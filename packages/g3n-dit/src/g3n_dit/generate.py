@@ -67,18 +67,20 @@ def sample_latents(
     progress: bool = True,
     overwrite: bool = False,
 ) -> gs.Manifest:
-    """Generate latents for every request; sample i of the run uses seed ``cfg.seed + i``."""
+    """Generate latents for every request; sample i of the run uses seed ``cfg.seed + i``, or with
+    ``cfg.paired`` sample j of each request uses ``cfg.seed + j`` (the same noise for every request)."""
     model, conds, (mean, std), ck = load_model(checkpoint, cfg.weights, device)
     if ck.run_config.task != "generation":
         raise ConditionError(f"{ck.path}: a {ck.run_config.task} checkpoint cannot sample from noise; use forecast")
     scales = resolve_scales(conds, cfg.guidance, cfg.guidance_per_condition)
     flat: list[dict[str, Any]] = []
+    seeds: list[int] = []
     for r in requests:
         encode(conds, [r.conditions])  # validate before any work
         if "modality" in {c.spec.field for c in conds} and not _fields(conds, r.conditions).get("modality"):
             raise ConditionError("every generated latent needs a modality (metadata requires it): request one, e.g. modality=T1")
+        seeds += [cfg.seed + j + (0 if cfg.paired else len(flat)) for j in range(r.n)]
         flat += [dict(r.conditions)] * r.n
-    seeds = [cfg.seed + i for i in range(len(flat))]
     shape = (ck.run_config.model.num_tokens, ck.run_config.model.channels)
     data_state = ck.state.get("data", {})
     w = synthetic_writer(
@@ -95,13 +97,16 @@ def sample_latents(
                        cfg.steps, cfg.method, cfg.precision)  # fmt: skip
             x = (x * std + mean).cpu().numpy()
             for j, (req, seed) in enumerate(zip(reqs, sds)):
+                i = start + j
                 request = {
                     "stage": "sample", "conditions": req, "sampler": cfg.method, "steps": cfg.steps,
                     "guidance": {c.name: scales[c.name] for c in conds if not c.spec.always_on},
-                    "precision": cfg.precision, "seed": seed, "checkpoint": ck_info,
+                    "precision": cfg.precision, "seed": seed, "paired": cfg.paired, "checkpoint": ck_info,
                 }  # fmt: skip
                 fields = _fields(conds, req)
-                fields.update(subject=f"syn-{ck.digest(cfg.weights)[7:15]}-{seed}", cohort="synthetic")
+                # paired runs reuse seeds across requests: the sample's index keeps subjects distinct
+                fields.update(subject=f"syn-{ck.digest(cfg.weights)[7:15]}-{f'{i}-' if cfg.paired else ''}{seed}",
+                              cohort="synthetic")
                 meta = synthetic_meta(fields, request, source=f"sample seed {seed}")
                 w.write(gs.sample_key(meta), meta, {"latent": x[j]})
             bar.update(len(reqs))

@@ -13,7 +13,14 @@ class pair (or the 4-way modality task) four columns are reported:
   fraction -- what a generator that ignores the request would hit by chance.
 
 Continuous conditions (age) get a sweep: requested vs probe-predicted value, slope and Pearson r.
-The pure functions here take predictions; :func:`evaluate` fits the probes with g3n-probe.
+
+When requests share their noise (``g3n-dit sample --paired``: sample j of every request starts
+from seed + j), a task also gets a **paired** column. Samples with the same seed and the same other
+conditions differ only in the requested class, so the change of the probe's score between them is
+the request's effect alone; between unpaired samples it is buried under the spread of the noise.
+It reports how many such groups moved toward the requested class and a one-sided sign test; a sweep
+gets the slope within each group. The pure functions here take predictions; :func:`evaluate` fits
+the probes with g3n-probe.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import auc_ovr, line_fit
+from .stats import auc_ovr, line_fit, sign_test
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,75 @@ def value_sweep(requested: Sequence[float], predicted: Sequence[float]) -> dict[
     return {**line_fit(r, p), "levels": levels}
 
 
+def pairing_key(record: Mapping[str, Any], field: str) -> tuple | None:
+    """Samples with equal keys started from the same noise and were asked for the same conditions
+    except ``field``: (seed, the request's other conditions). None without a recorded seed.
+
+    The request names conditions (``disease``), the record fields (``diagnosis``); the condition
+    that set ``field`` is the one whose requested value is the record's value."""
+    req = record.get("request") or {}
+    seed = req.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return None
+    own = _norm(record.get(field))
+    others = sorted((str(k), _norm(v)) for k, v in (req.get("conditions") or {}).items() if _norm(v) != own)
+    return (seed, *others)
+
+
+def _norm(v: Any) -> str | None:
+    from .data import label_of
+
+    return label_of(float(v)) if isinstance(v, int) and not isinstance(v, bool) else label_of(v)
+
+
+def _groups(keys: Sequence[tuple | None]) -> dict[tuple, list[int]]:
+    out: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        if k is not None:
+            out.setdefault(k, []).append(i)
+    return out
+
+
+def paired_shifts(classes: Sequence[str], requested: Sequence[str | None], keys: Sequence[tuple | None],
+                  proba: np.ndarray) -> dict[str, Any]:
+    """Paired direction of a class task: within each group of samples that share noise and other
+    conditions (:func:`pairing_key`) and ask for at least two of the classes, the shift of class c's
+    probability between samples asking for c and those asking for another class, averaged over the
+    group's classes (for two classes: p_b(asked b) - p_b(asked a)). A group moved when its shift is
+    positive; ``p`` is the one-sided sign test over groups (ties dropped)."""
+    classes = [str(c) for c in classes]
+    P = np.asarray(proba, dtype=np.float64)
+    shifts = []
+    for idx in _groups(keys).values():
+        asked = {c: [i for i in idx if requested[i] == c] for c in classes}
+        present = [c for c in classes if asked[c]]
+        if len(present) < 2:
+            continue
+        d = []
+        for c in present:
+            j = classes.index(c)
+            rest = [i for o in present if o != c for i in asked[o]]
+            d.append(P[asked[c], j].mean() - P[rest, j].mean())
+        shifts.append(float(np.mean(d)))
+    return _direction(shifts, "mean_shift")
+
+
+def paired_sweep(requested: Sequence[float], predicted: Sequence[float], keys: Sequence[tuple | None]) -> dict[str, Any]:
+    """Paired sweep: the slope of predicted on requested value within each group that shares noise
+    and other conditions and asks for at least two values; a group moved when its slope is positive."""
+    r = np.asarray(requested, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    slopes = [line_fit(r[idx], p[idx])["slope"] for idx in _groups(keys).values() if np.unique(r[idx]).size >= 2]
+    return _direction(slopes, "mean_slope")
+
+
+def _direction(values: Sequence[float], name: str) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    up, down = int((v > 0).sum()), int((v < 0).sum())
+    return {"n_groups": int(v.size), name: float(v.mean()) if v.size else math.nan,
+            "moved": up / v.size if v.size else math.nan, "n_moved": up, "n_against": down, "p": sign_test(up, down)}
+
+
 # ---- fitting probes through g3n-probe and applying them -------------------------------------
 
 
@@ -186,6 +262,8 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
             proba_g[:, task.classes.index(c)] = Pg[:, j]
         row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
         row["field"] = task.field
+        row["paired"] = paired_shifts(task.classes, [gen_req[i] for i in sel],
+                                      [pairing_key(generated.records[i], task.field) for i in sel], proba_g)
         out["tasks"][task.name] = row
     for field in sweeps:
         ys = [r.get(field) for r in real.records]
@@ -202,6 +280,8 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
             continue
         pred = probe.predict_scores(generated.X[gsel])
         out["sweeps"][field] = value_sweep([float(req[i]) for i in gsel], pred)
+        out["sweeps"][field]["paired"] = paired_sweep([float(req[i]) for i in gsel], pred,
+                                                      [pairing_key(generated.records[i], field) for i in gsel])
     return out
 
 

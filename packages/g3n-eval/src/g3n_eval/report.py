@@ -111,6 +111,11 @@ def _recon_section(doc: dict[str, Any]) -> str:
     return head + _table(["metric", "region", "mean", "std", "median", "min", "max", "n"], rows, left=2)
 
 
+#: A controllability row whose probe reaches at most this cross-validated AUC on real data is
+#: flagged: a probe that cannot tell the real classes apart cannot judge generated ones.
+BLIND_AUC = 0.55
+
+
 def _control_section(doc: dict[str, Any]) -> str:
     res = doc["results"]
     space = doc["settings"].get("space", "volume")
@@ -120,19 +125,38 @@ def _control_section(doc: dict[str, Any]) -> str:
     for name, r in res["tasks"].items():
         null = r["null"]
         prior = r["prior"]
+        pair = r.get("paired") or {}
         rows.append([name, (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
+                     _moved(pair), pair.get("mean_shift"), pair.get("p"),
                      f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
                      f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
-    out = head + _table(["task", "real", "cond", "cond AUC", "n cond", "null", "n null", "prior"], rows)
+    out = head + _table(["task", "real", "cond", "cond AUC", "n cond", "paired moved", "paired shift", "paired p",
+                         "null", "n null", "prior"], rows)
+    if any((r.get("paired") or {}).get("n_groups") for r in res["tasks"].values()):
+        out += ("<p>Paired: generated samples that share their noise and other conditions and differ only in the "
+                "requested class; <i>moved</i> counts the groups whose probe probability moved toward the requested "
+                "class, <i>shift</i> is its mean change, <i>p</i> the one-sided sign test.</p>")
+    blind = [name for name, r in res["tasks"].items()
+             if isinstance((r.get("real") or {}).get("auc"), float) and r["real"]["auc"] <= BLIND_AUC]
+    if blind:
+        out += (f"<p>The probe of {', '.join(html.escape(b) for b in blind)} does not separate the real classes "
+                f"(cross-validated AUC at most {BLIND_AUC}): its cond and paired columns cannot show controllability.</p>")
     for field, sw in res.get("sweeps", {}).items():
         lv = [[f"{field} {k}", v["n"], v["mean"], v["std"]] for k, v in sw["levels"].items()]
-        out += f"<p>{html.escape(field)} sweep: slope {_fmt(sw['slope'])}, Pearson r {_fmt(sw['pearson_r'])}</p>"
+        pair = sw.get("paired") or {}
+        paired = (f"; paired: slope positive in {_moved(pair)} groups, mean slope {_fmt(pair.get('mean_slope'))}, "
+                  f"sign-test p {_fmt(pair.get('p'), 3)}") if pair.get("n_groups") else ""
+        out += f"<p>{html.escape(field)} sweep: slope {_fmt(sw['slope'])}, Pearson r {_fmt(sw['pearson_r'])}{paired}</p>"
         out += _table(["requested", "n", "predicted mean", "std"], lv)
     if res.get("skipped"):
         out += "<p>Skipped: " + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in res["skipped"].items()) + "</p>"
     gen = doc["settings"].get("generation") or {}
     out += "<p>Generation: " + html.escape(", ".join(f"{k}={json.dumps(v)}" for k, v in gen.items() if k != "checkpoint")) + "</p>"
     return out
+
+
+def _moved(pair: dict[str, Any]) -> str:
+    return f"{pair['n_moved']}/{pair['n_groups']}" if pair.get("n_groups") else "-"
 
 
 def _fidelity_section(doc: dict[str, Any]) -> str:

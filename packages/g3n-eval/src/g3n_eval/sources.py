@@ -132,10 +132,10 @@ def features_of(path: str | Path, encoder: MAEFeatures | None, tokenizers: Token
 
 def request_settings(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Generation settings recorded in synthetic samples' ``request`` (sampler, steps, guidance,
-    precision, seeds, checkpoint), summarised: a single value when all agree, else the distinct values."""
+    precision, paired, seeds, checkpoint), summarised: a single value when all agree, else the distinct values."""
     reqs = [m.get("request") or {} for m in metas if m.get("synthetic")]
     out: dict[str, Any] = {"n_synthetic": len(reqs)}
-    for field in ("stage", "sampler", "steps", "guidance", "precision", "checkpoint"):
+    for field in ("stage", "sampler", "steps", "guidance", "precision", "paired", "checkpoint"):
         vals = [r.get(field) for r in reqs if field in r]
         uniq = []
         for v in vals:
@@ -145,8 +145,9 @@ def request_settings(metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[field] = uniq[0] if len(uniq) == 1 else uniq
     seeds = sorted(int(r["seed"]) for r in reqs if isinstance(r.get("seed"), int))
     if seeds:
-        out["seeds"] = {"n": len(seeds), "min": seeds[0], "max": seeds[-1],
-                        "contiguous": seeds == list(range(seeds[0], seeds[0] + len(seeds)))}
+        distinct = sorted(set(seeds))  # paired runs reuse each seed once per request
+        out["seeds"] = {"n": len(seeds), "distinct": len(distinct), "min": seeds[0], "max": seeds[-1],
+                        "contiguous": distinct == list(range(seeds[0], seeds[0] + len(distinct)))}
     return out
 
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import binomtest, rankdata
 
 
 def auc_binary(positive: Sequence[bool] | np.ndarray, score: Sequence[float] | np.ndarray) -> float:
@@ -46,3 +46,9 @@ def line_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     if np.ptp(ya) > 0:
         out["pearson_r"] = float((xc * yc).sum() / math.sqrt((xc * xc).sum() * (yc * yc).sum()))
     return out
+
+
+def sign_test(up: int, down: int) -> float:
+    """One-sided sign test: P(at least ``up`` of ``up + down`` fair coin flips come up), NaN if none."""
+    n = up + down
+    return float(binomtest(up, n, 0.5, alternative="greater").pvalue) if n else math.nan

@@ -2,7 +2,9 @@
 
 The built-in cohort is the labelled synthetic cohort of `g3n-data synth` plus the 10 real IXI
 T1 volumes shipped in this package. Every stage is one of the stage packages' own commands;
-every intermediate is a shard set in the run folder, and a re-run skips finished stages:
+every intermediate is a shard set in the run folder, and a re-run skips finished stages. A stage
+whose settings changed (e.g. `dit_steps: 2400` in a --config file) starts over, and so does every
+stage after it:
 
     synth ─┐
     real ──┴▶ volumes ─▶ mae ─▶ tokens ─▶ probe
@@ -24,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from g3n_shards import ShardSet, atomic_write_bytes, subset_shard_set
 
-from .runner import Stage, StageFailed, run_stage
+from .runner import Stage, StageFailed, run_stages
 
 #: The samples the demo asks the generator for: one request per class of each condition, so that
 #: the evaluation can compare what was requested with what a probe sees (method.md Table 2a).
+#: They are sampled paired (sample j of every request from the same noise), so the evaluation can
+#: also compare requests that differ in one condition only, noise for noise.
 SAMPLE_REQUESTS: list[dict] = [
     *({"conditions": {"disease": d, "modality": "T1"}} for d in ("HC", "MCI", "AD", "PD")),
     *({"conditions": {"sex": s, "modality": "T1"}} for s in ("F", "M")),
@@ -122,12 +126,12 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
               after=lambda r: _split_subsets(r, "latents", "latents")),
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train, sample; g3n-tokenizer decode)",
-              ["dit", "samples", "samples-decoded"], lambda r: [
+              ["dit", "samples", "samples-decoded"], inputs=["requests.jsonl"], commands=lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", cfg.dit_preset,
              "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed)],
             ["g3n_dit.cli", "sample", "--checkpoint", s(r / "dit"), "--out", s(r / "samples"),
              "--requests", s(r / "requests.jsonl"), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed),
-             "--overwrite"],
+             "--paired", "--overwrite"],
             # decoded once here, for every measurement that looks at generated volumes
             ["g3n_tokenizer.cli", "decode", "--latents", s(r / "samples"), "--out", s(r / "samples-decoded"),
              "--format", "volumes", "--overwrite"]]),
@@ -208,12 +212,12 @@ def headline(run: Path) -> list[str]:
             if cond.get("agreement") is not None:
                 lines.append(f"controllability [{space}] {task}: agreement {cond['agreement']:.2f}, AUC of the probe "
                              f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real data: "
-                             f"AUC {(r.get('real') or {}).get('auc', float('nan')):.2f})")
+                             f"AUC {(r.get('real') or {}).get('auc', float('nan')):.2f}){_paired(r.get('paired'), 'shift')}")
         age = (ctrl.get("sweeps") or {}).get("age")
         if age:
             means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
             lines.append(f"age sweep [{space}] (requested->predicted): {means}; slope {age['slope']:.2f}, "
-                         f"r {age['pearson_r']:.2f}")
+                         f"r {age['pearson_r']:.2f}{_paired(age.get('paired'), 'slope')}")
     mem = load("memorisation")
     if mem:
         lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "
@@ -227,6 +231,17 @@ def headline(run: Path) -> list[str]:
     return lines
 
 
+def _paired(pair: dict | None, what: str) -> str:
+    """'; paired: 8/8 moved toward the request (shift +0.11, p 0.004)' for a summary line."""
+    if not pair or not pair.get("n_groups"):
+        return ""
+    def num(v: float | None, fmt: str) -> str:  # NaN is written to JSON as null
+        return "n/a" if v is None or v != v else format(v, fmt)
+
+    return (f"; paired: {pair['n_moved']}/{pair['n_groups']} moved toward the request "
+            f"({what} {num(pair.get(f'mean_{what}'), '+.2f')}, p {num(pair.get('p'), '.3f')})")
+
+
 def run_demo(cfg: DemoConfig, force: bool = False, until: str | None = None) -> Path:
     run = cfg.run_dir.resolve()
     run.mkdir(parents=True, exist_ok=True)
@@ -238,10 +253,7 @@ def run_demo(cfg: DemoConfig, force: bool = False, until: str | None = None) -> 
     if until is not None and until not in names:
         raise SystemExit(f"--until: unknown stage {until!r}; stages: {', '.join(names)}")
     t = time.perf_counter()
-    for i, stage in enumerate(stages, 1):
-        run_stage(run, stage, i, len(stages), force=force)
-        if stage.name == until:
-            break
+    run_stages(run, stages, force=force, until=until)
     print(f"\nBrainG3N demo finished in {time.perf_counter() - t:.0f} s; run folder {run}")
     report = run / "eval" / "report" / "index.html"
     if report.is_file():

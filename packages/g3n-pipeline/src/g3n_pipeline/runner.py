@@ -3,13 +3,17 @@
 Why subprocesses: every stage is one of the packages' own command lines, so the demo exercises
 exactly what a team runs by hand, each stage gets a fresh interpreter (peak memory and thread
 settings are its own), and a crash names the stage and its log. A stage that finished wrote a
-marker with its outputs' manifest digests; a re-run skips it while those outputs are intact.
+marker with its commands, the digests of its input files and its outputs' manifest digests; a
+re-run skips it while all of them are unchanged. Changed settings (other commands, another
+requests file) or a damaged output run it again, and every stage after it (its inputs changed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +39,20 @@ class Stage:
     #: optional in-process step after the commands (e.g. a merge through the Python API)
     after: Callable[[Path], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: plain files (relative to the run folder) the commands read whose content is a setting
+    #: (e.g. a requests file): a change re-runs the stage
+    inputs: Sequence[str] = ()
+
+
+def _fingerprint(run_dir: Path, stage: Stage) -> dict:
+    """What the stage's result depends on beyond earlier stages: its commands and input files."""
+    files = {}
+    for rel in stage.inputs:
+        p = run_dir / rel
+        files[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    root = str(run_dir)  # the run folder may move: paths inside it are kept relative
+    commands = [[a.replace(root, "{run}", 1) if a.startswith(root) else a for a in argv] for argv in stage.commands(run_dir)]
+    return {"commands": commands, "inputs": files}
 
 
 def output_digest(path: Path) -> str | None:
@@ -53,6 +71,11 @@ def is_done(run_dir: Path, stage: Stage) -> bool:
     if not marker.is_file():
         return False
     recorded = json.loads(marker.read_text())
+    try:
+        if recorded.get("fingerprint") != _fingerprint(run_dir, stage):
+            return False
+    except Exception:  # noqa: BLE001 - commands that cannot be built (an input is gone): run the stage again
+        return False
     for rel in stage.outputs:
         p = run_dir / rel
         if not p.exists():
@@ -65,12 +88,27 @@ def is_done(run_dir: Path, stage: Stage) -> bool:
     return True
 
 
+def clear_outputs(run_dir: Path, stage: Stage) -> None:
+    """Remove what the stage wrote: the top folder (or file) of each output, e.g. ``mae`` for ``mae/export``.
+    A stage killed half way has no marker and keeps its outputs, so that its commands resume."""
+    for top in dict.fromkeys(Path(rel).parts[0] for rel in stage.outputs):
+        p = run_dir / top
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool = False) -> float:
     """Run one stage unless it is already done; returns its wall time in seconds (0 if skipped)."""
     head = f"[{index}/{total}] {stage.title}"
     if not force and is_done(run_dir, stage):
         print(f"{head}: done already, skipped", flush=True)
         return 0.0
+    marker = _marker(run_dir, stage)
+    if force or marker.is_file():  # a finished stage run again starts over: its commands would resume
+        clear_outputs(run_dir, stage)  # from their old checkpoints and keep what no longer holds
+        marker.unlink(missing_ok=True)
     print(f"{head} ...", flush=True)
     t = time.perf_counter()
     log_dir = run_dir / "logs"
@@ -105,9 +143,21 @@ def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool =
         if not p.exists():
             raise StageFailed(f"stage '{stage.name}' finished but did not produce {p}")
         outputs[rel] = output_digest(p)
-    marker = _marker(run_dir, stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - t
-    atomic_write_bytes(marker, json.dumps({"outputs": outputs, "seconds": round(elapsed, 1)}, indent=2).encode())
+    atomic_write_bytes(marker, json.dumps({"outputs": outputs, "fingerprint": _fingerprint(run_dir, stage),
+                                           "seconds": round(elapsed, 1)}, indent=2).encode())
     print(f"{head}: done in {elapsed:.0f} s", flush=True)
     return elapsed
+
+
+def run_stages(run_dir: Path, stages: Sequence[Stage], force: bool = False, until: str | None = None) -> list[str]:
+    """Run the stages in order (up to and including ``until``); returns the names of those that ran.
+    A stage that ran has new outputs, and every later stage reads them: they run too."""
+    ran: list[str] = []
+    for i, stage in enumerate(stages, 1):
+        if run_stage(run_dir, stage, i, len(stages), force=force or bool(ran)) > 0:
+            ran.append(stage.name)
+        if stage.name == until:
+            break
+    return ran

@@ -1,0 +1,48 @@
+"""The stage runner: a re-run skips a finished stage only while its commands, its input files and
+its outputs are unchanged; a stage run again starts over, and so does every stage after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from g3n_pipeline.runner import Stage, is_done, run_stages
+
+
+def _stages(indent: int) -> list[Stage]:
+    # `python -m json.tool IN OUT` stands in for a stage command; b reads what a wrote
+    def keep(r: Path) -> None:  # a folder output, as a training run leaves one
+        (r / "a-dir").mkdir(exist_ok=True)
+        (r / "a-dir" / "x.json").write_bytes((r / "a-out.json").read_bytes())
+
+    return [
+        Stage("a", "copy the settings", ["a-out.json", "a-dir"], inputs=["settings.json"], after=keep, commands=lambda r: [
+            ["json.tool", "--indent", str(indent), str(r / "settings.json"), str(r / "a-out.json")]]),
+        Stage("b", "copy a's output", ["b-out.json"], commands=lambda r: [
+            ["json.tool", str(r / "a-dir" / "x.json"), str(r / "b-out.json")]]),
+    ]
+
+
+def test_rerun_follows_commands_inputs_and_outputs(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"steps": 800}))
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    assert run_stages(run, _stages(2)) == []  # nothing changed: all skipped
+    assert all(is_done(run, st) for st in _stages(2))
+
+    (run / "a-dir" / "stale.txt").write_text("left by the old run")
+    assert run_stages(run, _stages(4)) == ["a", "b"]  # a's command changed: a and everything after it
+    assert not (run / "a-dir" / "stale.txt").exists()  # a started over
+    assert (run / "a-dir" / "x.json").read_text().startswith('{\n    "steps"')
+
+    (run / "settings.json").write_text(json.dumps({"steps": 2400}))
+    assert run_stages(run, _stages(4)) == ["a", "b"]  # an input file changed
+    assert json.loads((run / "b-out.json").read_text()) == {"steps": 2400}
+
+    (run / "b-out.json").unlink()
+    assert run_stages(run, _stages(4)) == ["b"]  # a missing output: that stage only
+
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert run_stages(moved, _stages(4)) == []  # paths inside the run folder are recorded relative to it
