@@ -139,8 +139,9 @@ def _control_section(doc: dict[str, Any]) -> str:
     blind = [name for name, r in res["tasks"].items()
              if isinstance((r.get("real") or {}).get("auc"), float) and r["real"]["auc"] <= BLIND_AUC]
     if blind:
-        out += (f"<p>The probe of {', '.join(html.escape(b) for b in blind)} does not separate the real classes "
-                f"(cross-validated AUC at most {BLIND_AUC}): its cond and paired columns cannot show controllability.</p>")
+        out += (f"<p>Blind probes (cross-validated AUC on real data at most {BLIND_AUC}: they cannot tell the real "
+                f"classes apart, so their cond and paired columns cannot show controllability): "
+                f"{', '.join(html.escape(b) for b in blind)}.</p>")
     for field, sw in res.get("sweeps", {}).items():
         lv = [[f"{field} {k}", v["n"], v["mean"], v["std"]] for k, v in sw["levels"].items()]
         pair = sw.get("paired") or {}
