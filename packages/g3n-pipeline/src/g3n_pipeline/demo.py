@@ -235,6 +235,7 @@ def _paired(pair: dict | None, what: str) -> str:
     """'; paired: 8/8 moved toward the request (shift +0.11, p 0.004)' for a summary line."""
     if not pair or not pair.get("n_groups"):
         return ""
+
     def num(v: float | None, fmt: str) -> str:  # NaN is written to JSON as null
         return "n/a" if v is None or v != v else format(v, fmt)
 

@@ -44,15 +44,17 @@ class Stage:
     inputs: Sequence[str] = ()
 
 
-def _fingerprint(run_dir: Path, stage: Stage) -> dict:
-    """What the stage's result depends on beyond earlier stages: its commands and input files."""
+def _fingerprint(run_dir: Path, stage: Stage, commands: list[list[str]] | None = None) -> dict:
+    """What the stage's result depends on beyond earlier stages: its commands (built here unless
+    given) and input files."""
     files = {}
     for rel in stage.inputs:
         p = run_dir / rel
         files[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
     root = str(run_dir)  # the run folder may move: paths inside it are kept relative
-    commands = [[a.replace(root, "{run}", 1) if a.startswith(root) else a for a in argv] for argv in stage.commands(run_dir)]
-    return {"commands": commands, "inputs": files}
+    rel = [[a.replace(root, "{run}", 1) if a.startswith(root) else a for a in argv]
+           for argv in (stage.commands(run_dir) if commands is None else commands)]
+    return {"commands": rel, "inputs": files}
 
 
 def output_digest(path: Path) -> str | None:
@@ -111,10 +113,12 @@ def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool =
         marker.unlink(missing_ok=True)
     print(f"{head} ...", flush=True)
     t = time.perf_counter()
+    commands = stage.commands(run_dir)
+    fingerprint = _fingerprint(run_dir, stage, commands)  # what runs now is what the marker records
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **stage.env}
-    for argv in stage.commands(run_dir):
+    for argv in commands:
         cmd = [sys.executable, "-m", *argv]
         log = log_dir / f"{stage.name}.log"
         with open(log, "a", encoding="utf-8") as f:
@@ -145,7 +149,7 @@ def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool =
         outputs[rel] = output_digest(p)
     marker.parent.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - t
-    atomic_write_bytes(marker, json.dumps({"outputs": outputs, "fingerprint": _fingerprint(run_dir, stage),
+    atomic_write_bytes(marker, json.dumps({"outputs": outputs, "fingerprint": fingerprint,
                                            "seconds": round(elapsed, 1)}, indent=2).encode())
     print(f"{head}: done in {elapsed:.0f} s", flush=True)
     return elapsed
