@@ -20,7 +20,7 @@ import torch
 
 from g3n_dit.conditions import encode, resolve_conditions
 from g3n_dit.config import DiTConfig, MODEL_PRESETS, TRAIN_PRESETS, default_generation_conditions
-from g3n_dit.flow import autocast_for, flow_matching_loss, initial_noise, resolve_scales, sample
+from g3n_dit.flow import autocast_for, flow_matching_loss, initial_noise, resolve_precision, resolve_scales, sample
 from g3n_dit.model import DiT, count_parameters
 from g3n_dit.train import param_groups
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=None, help="sampling batch (default: all n on CUDA, 16 on CPU)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="auto",
+                    help="default auto: bf16 on CUDA and on CPUs with AMX, else fp32")
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--train-batch", type=int, default=None, help="default: the preset's training batch")
     ap.add_argument("--threads", type=int, default=None,
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     preset = args.preset or ("paper" if device.type == "cuda" else "tiny")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
     batch = args.batch or (args.n if device.type == "cuda" else 16)
     model, conds = build(preset, device)
     res = {

@@ -10,7 +10,16 @@ from g3n_dit.bridge import bridge_point, forecast, gamma
 from g3n_dit.conditions import ConditionError, drop_conditions, encode
 from g3n_dit.config import BridgeConfig
 from g3n_dit.counterfactual import apply_changes, counterfactual
-from g3n_dit.flow import guided_velocity, initial_noise, interpolate, mask_to, resolve_scales, sample
+from g3n_dit.flow import (
+    guided_velocity,
+    initial_noise,
+    interpolate,
+    mask_to,
+    resolve_precision,
+    resolve_scales,
+    sample,
+    sample_times,
+)
 from g3n_dit.model import DiT
 
 REQ = {"disease": "AD", "sex": "M", "modality": "T2", "age": 72.0}
@@ -19,6 +28,32 @@ REQ = {"disease": "AD", "sex": "M", "modality": "T2", "age": 72.0}
 def _model(**kw):
     torch.manual_seed(0)
     return perturb(DiT(tiny_model_config(**kw), toy_conditions())).eval()
+
+
+def test_training_times_uniform_and_logit_normal():
+    u = sample_times(20000, torch.Generator().manual_seed(0))
+    ln = sample_times(20000, torch.Generator().manual_seed(0), "logit_normal")
+    assert torch.equal(ln, sample_times(20000, torch.Generator().manual_seed(0), "logit_normal"))
+    for t in (u, ln):
+        assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.02
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).float().mean().item()  # noqa: E731
+    assert abs(middle(u) - 0.5) < 0.02 and abs(middle(ln) - 0.728) < 0.02  # P(|N(0,1)| < ln 3)
+    late = sample_times(20000, torch.Generator().manual_seed(0), "logit_normal", mean=1.0, std=0.5)
+    assert abs(late.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
+    with pytest.raises(ValueError, match="cosine"):
+        sample_times(4, torch.Generator(), "cosine")
+
+
+def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)  # an older torch
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
 
 
 def test_interpolant_endpoints_and_target():

@@ -8,11 +8,25 @@ import torch
 from dit_testutil import perturb, tiny_model_config, toy_conditions
 from g3n_dit.conditions import encode
 from g3n_dit.config import DiTConfig, MODEL_PRESETS
-from g3n_dit.model import DiT, DiTBlock, count_parameters, sincos_3d
+from g3n_dit.model import Attention, DiT, DiTBlock, count_parameters, sincos_3d
 
 
 def _cond(conds, n):
     return encode(conds, [{"disease": "AD", "sex": "M", "modality": "T1", "age": 70.0}] * n)
+
+
+def test_cpu_attention_is_scaled_dot_product_attention():
+    """Under bf16 autocast on CPU, short sequences go through plain matmuls (faster there than
+    torch's fused kernel); it is the same function."""
+    torch.manual_seed(0)
+    att = Attention(64, 4)
+    x = torch.randn(3, 50, 64)
+    b, n, d = x.shape
+    q, k, v = att.qkv(x).reshape(b, n, 3, 4, d // 4).permute(2, 0, 3, 1, 4)
+    ref = att.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+    assert torch.allclose(att(x), ref, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.allclose(att(x).float(), ref, atol=5e-2)
 
 
 def test_adaln_zero_blocks_start_as_identity():

@@ -96,11 +96,12 @@ def test_resume_refuses_another_dataset(tmp_path):
         train(tiny_cfg(max_steps=4), data, tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("normalise", ["channel", "element"])
-def test_condition_moves_samples_in_the_requested_direction(tmp_path, normalise):
+@pytest.mark.parametrize("normalise,times", [("channel", "uniform"), ("element", "uniform"), ("channel", "logit_normal")])
+def test_condition_moves_samples_in_the_requested_direction(tmp_path, normalise, times):
     torch.manual_seed(0)
     data = toy_set(64, shift=2.0)
-    cfg = tiny_cfg(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.9, normalise=normalise)
+    cfg = tiny_cfg(max_steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.9, normalise=normalise,
+                   time_sampling=times)
     train(cfg, data, tmp_path, progress=False)
     model, conds, (mean, std), _ = load_model(tmp_path, "ema", "cpu")
     assert mean.shape == std.shape == ((4,) if normalise == "channel" else (64, 4))
@@ -135,6 +136,10 @@ def test_bf16_autocast_step_and_launcher_args(tmp_path, monkeypatch):
     data = toy_set(8)
     r = train(tiny_cfg(max_steps=1, precision="bf16"), data, tmp_path, progress=False)
     assert r.step == 1 and all(map(lambda v: v == v, r.losses))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["precision"] == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    train(tiny_cfg(max_steps=1, precision="auto"), data, tmp_path / "auto", progress=False)
+    assert json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[-1])["precision"] == "fp32"
     from g3n_dit.cli import strip_launcher_args
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)

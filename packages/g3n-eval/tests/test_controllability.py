@@ -9,6 +9,7 @@ from g3n_eval.controllability import (
     paired_shifts,
     paired_sweep,
     pairing_key,
+    real_slice,
     value_sweep,
 )
 from g3n_eval.forecast import ageing_recovery, difference_map
@@ -89,6 +90,49 @@ def test_evaluate_with_g3n_probe():
     assert row["real"]["agreement"] >= 0.9
     assert "diagnosis:HC-vs-PD" in out["skipped"]
     assert out["sweeps"]["age"]["slope"] > 0.5 and out["sweeps"]["age"]["pearson_r"] > 0.8
+
+
+def test_probes_are_fitted_on_the_contrast_the_samples_asked_for():
+    """Generated T1 samples are scored by a probe fitted on the real T1 volumes only. The real T2
+    volumes here are all HC and sit where T1 AD does on the disease feature: a probe fitted on every
+    contrast takes part of that feature for HC and calls some T1 samples asked for AD HC."""
+    from g3n_probe import from_arrays, protocol_preset
+
+    rng = np.random.default_rng(1)
+    recs, X = [], []
+    for i in range(60):
+        mod, dx = ("T1", "AD" if i % 2 else "HC") if i < 40 else ("T2", "HC")
+        recs.append({"key": f"r{i:03d}", "subject": f"s{i}", "modality": mod, "diagnosis": dx, "age": 40.0 + i % 30})
+        shift = 1.5 if dx == "AD" or mod == "T2" else 0.0
+        X.append([shift + rng.normal(0, 0.3), (3.0 if mod == "T2" else 0.0) + rng.normal(0, 0.3),
+                  (40.0 + i % 30) / 10 + rng.normal(0, 0.05)])
+    real = from_arrays(np.array(X), recs)
+    grecs, G = [], []
+    for i in range(16):
+        dx = "AD" if i % 2 else "HC"
+        grecs.append({"key": f"g{i:03d}", "subject": f"g{i}", "modality": "T1", "diagnosis": dx, "age": 50.0,
+                      "synthetic": True, "request": {"seed": i // 2, "conditions": {"disease": dx, "modality": "T1"}}})
+        G.append([(1.5 if dx == "AD" else 0.0) + rng.normal(0, 0.3), rng.normal(0, 0.3), 5.0])
+    gen = from_arrays(np.array(G), grecs)
+    assert real_slice(grecs, "diagnosis", ("HC", "AD")) == {"modality": "T1"}
+    assert real_slice(grecs, "modality", ("T1", "T2")) == {}  # a task never slices on its own field
+    proto = protocol_preset("paper", threads=1)
+    task = [ClassTask.parse("diagnosis:HC,AD")]
+    row = evaluate(real, gen, task, ["age"], protocol=proto, n_splits=3)
+    assert row["tasks"]["diagnosis:HC-vs-AD"]["real_slice"] == {"modality": "T1"}
+    assert row["tasks"]["diagnosis:HC-vs-AD"]["real"]["n"] == 40
+    assert row["sweeps"]["age"]["real_slice"] == {"modality": "T1"}
+    assert row["tasks"]["diagnosis:HC-vs-AD"]["paired"]["n_moved"] == 8
+    every = evaluate(real, gen, task, protocol=proto, n_splits=3, match=())
+    assert every["tasks"]["diagnosis:HC-vs-AD"]["cond"]["agreement"] < row["tasks"]["diagnosis:HC-vs-AD"]["cond"]["agreement"] == 1.0
+    assert every["tasks"]["diagnosis:HC-vs-AD"]["real_slice"] == {}
+    assert every["tasks"]["diagnosis:HC-vs-AD"]["real"]["n"] == 60
+    # asked for T2, where the real data hold no AD: the probe falls back to every real volume
+    t2 = [{**r, "modality": "T2", "request": {**r["request"], "conditions": {**r["request"]["conditions"], "modality": "T2"}}}
+          for r in grecs]
+    fallback = evaluate(real, from_arrays(np.array(G), t2), task, protocol=proto, n_splits=3)
+    assert fallback["tasks"]["diagnosis:HC-vs-AD"]["real_slice"] == {}
+    assert fallback["tasks"]["diagnosis:HC-vs-AD"]["real"]["n"] == 60
 
 
 def test_sign_test():

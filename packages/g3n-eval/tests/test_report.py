@@ -88,10 +88,13 @@ def test_control_section_shows_paired_rows_and_flags_a_blind_probe():
                 "paired": {"n_groups": 8, "n_moved": moved, "n_against": 8 - moved, "mean_shift": 0.1, "p": 0.0039}}
 
     doc = {"settings": {"space": "latent", "generated_path": "latents", "generation": {"paired": True}},
-           "results": {"tasks": {"diagnosis:HC-vs-AD": row(0.8, 8), "diagnosis:MCI-vs-AD": row(0.3, 6)},
-                       "sweeps": {"age": {"slope": 0.5, "pearson_r": 0.7, "levels": {"30": {"n": 8, "mean": 40.0, "std": 2.0}},
+           "results": {"tasks": {"diagnosis:HC-vs-AD": {**row(0.8, 8), "real_slice": {"modality": "T1"}},
+                                 "diagnosis:MCI-vs-AD": row(0.3, 6)},
+                       "sweeps": {"age": {"real_slice": {"modality": "T1", "sex": "F"}, "slope": 0.5, "pearson_r": 0.7, "levels": {"30": {"n": 8, "mean": 40.0, "std": 2.0}},
                                           "paired": {"n_groups": 8, "n_moved": 7, "mean_slope": 0.4, "p": 0.035}}}}}
     page = _control_section(doc)
     assert "paired moved" in page and "8/8" in page and "6/8" in page
     assert "slope positive in 7/8 groups" in page
+    assert "fitted on" in page and '<td class="l">T1</td>' in page and '<td class="l">all</td>' in page  # the second row: an older document
+    assert "probe fitted on modality=T1, sex=F" in page
     assert "Blind probes" in page and "controllability): diagnosis:MCI-vs-AD.</p>" in page

@@ -171,7 +171,8 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["torch", "deepspeed"], default=None)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None,
                    help="DeepSpeed ZeRO stage (engine deepspeed): 1 shards the optimizer state, 2 also gradients")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=None,
+                   help="training precision (default: the preset's); auto = bf16 on CUDA and on CPUs with AMX")
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
     p.add_argument("--quiet", action="store_true")

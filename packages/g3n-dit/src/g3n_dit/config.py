@@ -140,12 +140,17 @@ class TrainConfig(BaseModel):
         "deviation from the mean training latent in units of that element's spread, and an error of an "
         "undertrained net is scaled down where the data hardly vary (the background)",
     )
+    time_sampling: Literal["uniform", "logit_normal"] = Field(
+        default="uniform", description="training times: uniform on (0, 1), or sigmoid of a normal (SD3's logit-normal)")
+    time_mean: float = Field(default=0.0, description="logit_normal only: mean of the normal")
+    time_std: float = Field(default=1.0, gt=0, description="logit_normal only: std of the normal")
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
     seed: int = 0
     log_every: int = Field(default=50, gt=0)
     ckpt_every: int = Field(default=1000, gt=0)
     keep_last: int = Field(default=3, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        default="fp32", description="bf16 autocast (fp32 master weights); auto: bf16 on CUDA and on CPUs with AMX")
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[0, 1, 2] = Field(default=0, description="DeepSpeed ZeRO stage (engine=deepspeed only)")
     num_threads: int | None = Field(default=None, description="torch CPU threads; None = torch default")

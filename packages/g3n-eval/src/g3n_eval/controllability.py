@@ -223,12 +223,49 @@ def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], proto
     return pred, proba, classes
 
 
+#: Categorical conditions a probe's real training data are matched on (:func:`real_slice`).
+MATCH_FIELDS = ("modality",)
+
+
+def real_slice(generated_records: Sequence[Mapping[str, Any]], field: str, classes: Sequence[str] | None = None,
+               match: Sequence[str] = MATCH_FIELDS) -> dict[str, str]:
+    """The other conditions that every generated sample of a task asked for, e.g. {"modality": "T1"}
+    for the diagnosis rows (their requests all name T1). ``classes=None``: every sample with a value
+    for ``field`` (a sweep).
+
+    The probe is fitted on the real samples of this slice only. Fitted on every modality, the HC-vs-AD
+    probe also learns what tells the cohorts apart (T2 and FLAIR volumes come from HC-heavy cohorts),
+    and a T1 sample asked for AD is then scored partly on how T1 it looks: the request's effect is
+    measured against the wrong contrast. Only the contrast is matched by default: matching the
+    disease too would fit the IDH1 probe on the few real glioma volumes of one contrast (the GBMs,
+    all wildtype, left out), too few for a probe that can see anything."""
+    from .data import label_of
+
+    asked = [r for r in generated_records
+             if (label_of(r.get(field)) in classes if classes is not None else r.get(field) is not None)]
+    out: dict[str, str] = {}
+    for g in match:
+        values = {label_of(r.get(g)) for r in asked}
+        if g != field and len(values) == 1 and None not in values:
+            out[g] = values.pop()
+    return out
+
+
+def _in_slice(records: Sequence[Mapping[str, Any]], where: Mapping[str, str]) -> list[int]:
+    from .data import label_of
+
+    return [i for i, r in enumerate(records) if all(label_of(r.get(g)) == v for g, v in where.items())]
+
+
 def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequence[str] = (),
-             protocol: Any = None, n_splits: int = 5) -> dict[str, Any]:
+             protocol: Any = None, n_splits: int = 5, match: Sequence[str] = MATCH_FIELDS) -> dict[str, Any]:
     """Fit one probe per task on the real FeatureSet, apply it to the generated FeatureSet.
 
     ``real`` and ``generated`` are g3n_probe FeatureSets (the generated one from re-encoded
-    decoded samples). Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
+    decoded samples). Each probe is fitted on the real samples that match the conditions its task's
+    samples all asked for (:func:`real_slice` over ``match``; ``()`` fits on every real sample); when
+    that slice lacks a class, on every real sample. Each row records its ``real_slice``.
+    Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
     """
     from g3n_probe import fit_classifier, fit_regressor, protocol_preset
 
@@ -238,7 +275,11 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
     out: dict[str, Any] = {"tasks": {}, "sweeps": {}, "skipped": {}}
     for task in tasks:
         y_all = _labels(real.records, task.field)
-        keep = [i for i, v in enumerate(y_all) if v in task.classes]
+        where = real_slice(generated.records, task.field, task.classes, match)
+        keep = [i for i in _in_slice(real.records, where) if y_all[i] in task.classes]
+        if len({y_all[i] for i in keep}) < 2:  # the slice lacks a class: fit on every real sample
+            where = {}
+            keep = [i for i, v in enumerate(y_all) if v in task.classes]
         present = sorted({y_all[i] for i in keep})
         if len(present) < 2:
             out["skipped"][task.name] = f"real data have {present or 'no'} of classes {list(task.classes)}"
@@ -262,12 +303,16 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
             proba_g[:, task.classes.index(c)] = Pg[:, j]
         row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
         row["field"] = task.field
+        row["real_slice"] = where
         row["paired"] = paired_shifts(task.classes, [gen_req[i] for i in sel],
                                       [pairing_key(generated.records[i], task.field) for i in sel], proba_g)
         out["tasks"][task.name] = row
     for field in sweeps:
         ys = [r.get(field) for r in real.records]
-        keep = [i for i, v in enumerate(ys) if v is not None]
+        where = real_slice(generated.records, field, None, match)
+        keep = [i for i in _in_slice(real.records, where) if ys[i] is not None]
+        if len(keep) < 3:
+            where, keep = {}, [i for i, v in enumerate(ys) if v is not None]
         if len(keep) < 3:
             out["skipped"][f"{field}:sweep"] = f"only {len(keep)} real samples with {field}"
             continue
@@ -280,6 +325,7 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
             continue
         pred = probe.predict_scores(generated.X[gsel])
         out["sweeps"][field] = value_sweep([float(req[i]) for i in gsel], pred)
+        out["sweeps"][field]["real_slice"] = where
         out["sweeps"][field]["paired"] = paired_sweep([float(req[i]) for i in gsel], pred,
                                                       [pairing_key(generated.records[i], field) for i in gsel])
     return out
@@ -321,7 +367,7 @@ def latent_features(real: Any, generated: Any, limit: int | None = None) -> tupl
 def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str] = PAPER_TASKS,
                         sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
                         protocol: Any = None, n_splits: int = 5, limit: int | None = None,
-                        progress: bool = True, space: str = "volume") -> dict[str, Any]:
+                        progress: bool = True, space: str = "volume", match: Sequence[str] = MATCH_FIELDS) -> dict[str, Any]:
     """Table 2a from a real feature source and a generated set (tokens / feature table, or a
     latents set that is decoded through the registry and re-encoded by the MAE encoder); with
     ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`)."""
@@ -344,7 +390,7 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
         gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
     parsed = [ClassTask.parse(t) for t in tasks]
-    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits)
+    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match)
     figures: dict[str, str] = {}
     if gen_vols is not None:  # condition sweeps as images: first sample per requested value
         for field in [*sweeps, *dict.fromkeys(t.field for t in parsed)]:
@@ -360,7 +406,8 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                 figures[f"sweep_{field}"] = name
     settings = {
         "probe": {"kind": "g3n-probe linear (logistic / ridge)", "protocol": protocol.model_dump(mode="json"),
-                  "real_cv_folds": n_splits, "trained_on": "real features"},
+                  "real_cv_folds": n_splits, "trained_on": "real features",
+                  "matched_on": list(match)},
         "space": space,
         "generated_path": "decoded by the tokenizer and re-encoded by the MAE encoder" if gen_vols is not None
         else "latents averaged over tokens (no decoding)" if space == "latent" else "features given",

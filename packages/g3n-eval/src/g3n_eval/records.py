@@ -23,7 +23,9 @@ from g3n_shards import file_sha256  # noqa: F401 - re-exported for the measureme
 
 #: Version of the measurement definitions in this package. Bump the minor for additions,
 #: the major when an existing figure would change value for the same inputs.
-PROTOCOL_VERSION = "1.0"
+#: 1.1: controllability's paired columns. 2.0: controllability probes fitted on the real samples of
+#: the requested contrast (``real_slice``), not on every real sample.
+PROTOCOL_VERSION = "2.0"
 FORMAT = "g3n-eval/metrics"
 
 

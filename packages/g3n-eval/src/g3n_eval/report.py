@@ -120,18 +120,20 @@ def _control_section(doc: dict[str, Any]) -> str:
     res = doc["results"]
     space = doc["settings"].get("space", "volume")
     head = (f"<p>Feature space: <b>{html.escape(space)}</b> — generated samples "
-            f"{html.escape(str(doc['settings'].get('generated_path', '')))}; probes trained on real samples.</p>")
+            f"{html.escape(str(doc['settings'].get('generated_path', '')))}; each probe trained on the real samples "
+            f"of the conditions every sample of its row asked for (<i>fitted on</i>, e.g. the T1 volumes when every "
+            f"request named T1), or on every real sample where that slice lacks a class.</p>")
     rows = []
     for name, r in res["tasks"].items():
         null = r["null"]
         prior = r["prior"]
         pair = r.get("paired") or {}
-        rows.append([name, (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
+        rows.append([name, _fitted_on(r), (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
                      _moved(pair), pair.get("mean_shift"), pair.get("p"),
                      f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
                      f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
-    out = head + _table(["task", "real", "cond", "cond AUC", "n cond", "paired moved", "paired shift", "paired p",
-                         "null", "n null", "prior"], rows)
+    out = head + _table(["task", "fitted on", "real", "cond", "cond AUC", "n cond", "paired moved", "paired shift", "paired p",
+                         "null", "n null", "prior"], rows, left=2)
     if any((r.get("paired") or {}).get("n_groups") for r in res["tasks"].values()):
         out += ("<p>Paired: generated samples that share their noise and other conditions and differ only in the "
                 "requested class; <i>moved</i> counts the groups whose probe probability moved toward the requested "
@@ -147,13 +149,20 @@ def _control_section(doc: dict[str, Any]) -> str:
         pair = sw.get("paired") or {}
         paired = (f"; paired: slope positive in {_moved(pair)} groups, mean slope {_fmt(pair.get('mean_slope'))}, "
                   f"sign-test p {_fmt(pair.get('p'), 3)}") if pair.get("n_groups") else ""
-        out += f"<p>{html.escape(field)} sweep: slope {_fmt(sw['slope'])}, Pearson r {_fmt(sw['pearson_r'])}{paired}</p>"
+        out += (f"<p>{html.escape(field)} sweep (probe fitted on {html.escape(_fitted_on(sw))}): slope {_fmt(sw['slope'])}, "
+                f"Pearson r {_fmt(sw['pearson_r'])}{paired}</p>")
         out += _table(["requested", "n", "predicted mean", "std"], lv)
     if res.get("skipped"):
         out += "<p>Skipped: " + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in res["skipped"].items()) + "</p>"
     gen = doc["settings"].get("generation") or {}
     out += "<p>Generation: " + html.escape(", ".join(f"{k}={json.dumps(v)}" for k, v in gen.items() if k != "checkpoint")) + "</p>"
     return out
+
+
+def _fitted_on(row: dict[str, Any]) -> str:
+    """The real slice a probe was fitted on: 'T1', 'modality=T1, sex=F', or 'all' (older documents: 'all')."""
+    where = row.get("real_slice") or {}
+    return ", ".join(where.values()) if len(where) == 1 else ", ".join(f"{k}={v}" for k, v in where.items()) or "all"
 
 
 def _moved(pair: dict[str, Any]) -> str:

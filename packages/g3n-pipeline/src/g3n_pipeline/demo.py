@@ -3,7 +3,7 @@
 The built-in cohort is the labelled synthetic cohort of `g3n-data synth` plus the 10 real IXI
 T1 volumes shipped in this package. Every stage is one of the stage packages' own commands;
 every intermediate is a shard set in the run folder, and a re-run skips finished stages. A stage
-whose settings changed (e.g. `dit_steps: 2400` in a --config file) starts over, and so does every
+whose settings changed (e.g. `samples_per_request: 16` in a --config file) starts over, and so does every
 stage after it:
 
     synth ─┐
@@ -21,6 +21,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,7 +62,12 @@ class DemoConfig(BaseModel):
     tokenizer_epochs: int = 2
     tokenizer_steps_per_epoch: int = 20
     dit_preset: str = Field("small", description="g3n-dit preset of the generator (small: 2x2x2 latent patches)")
-    dit_steps: int = 800
+    dit_steps: int = Field(2400, description="generator training steps. At 800 (three seeds), disease requests "
+                           "moved the latents but hardly the decoded anatomy: an AD sample's ventricles were 0.03-0.08 "
+                           "z darker than its HC pair's (real AD vs HC: 0.26), and HC->AD moved 1-3 of 8 paired groups "
+                           "on decoded volumes. At 2400: 0.21-0.28 z, and 7-8 of 8 groups")
+    dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision: fp32, bf16, or auto (bf16 on CPUs "
+                               "with AMX, where it trains 1.6x faster, and on CUDA)")
     longitudinal_steps: int = 200
     recon_volumes: int = 8
     samples_per_request: int = 8
@@ -128,7 +134,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train, sample; g3n-tokenizer decode)",
               ["dit", "samples", "samples-decoded"], inputs=["requests.jsonl"], commands=lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", cfg.dit_preset,
-             "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed)],
+             "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed), "--precision", cfg.dit_precision],
             ["g3n_dit.cli", "sample", "--checkpoint", s(r / "dit"), "--out", s(r / "samples"),
              "--requests", s(r / "requests.jsonl"), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed),
              "--paired", "--overwrite"],
@@ -210,8 +216,9 @@ def headline(run: Path) -> list[str]:
         for task, r in (ctrl.get("tasks") or {}).items():
             cond = r.get("cond") or {}
             if cond.get("agreement") is not None:
+                on = "".join(f"{v} " for v in (r.get("real_slice") or {}).values())
                 lines.append(f"controllability [{space}] {task}: agreement {cond['agreement']:.2f}, AUC of the probe "
-                             f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real data: "
+                             f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real {on}data: "
                              f"AUC {(r.get('real') or {}).get('auc', float('nan')):.2f}){_paired(r.get('paired'), 'shift')}")
         age = (ctrl.get("sweeps") or {}).get("age")
         if age:
