@@ -15,7 +15,7 @@ def _cond(conds, n):
     return encode(conds, [{"disease": "AD", "sex": "M", "modality": "T1", "age": 70.0}] * n)
 
 
-def test_cpu_attention_is_scaled_dot_product_attention():
+def test_cpu_attention_is_scaled_dot_product_attention(monkeypatch):
     """Under bf16 autocast on CPU, short sequences go through plain matmuls (faster there than
     torch's fused kernel); it is the same function."""
     torch.manual_seed(0)
@@ -27,6 +27,16 @@ def test_cpu_attention_is_scaled_dot_product_attention():
     assert torch.allclose(att(x), ref, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.allclose(att(x).float(), ref, atol=5e-2)
+    # and that is the path taken: short bf16 sequences never reach the fused kernel, long ones do
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[-2]) or fused(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        att(x)
+        att(torch.randn(1, 300, 64))
+    att(x)
+    assert calls == [300, 50]
 
 
 def test_adaln_zero_blocks_start_as_identity():
