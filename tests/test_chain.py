@@ -11,7 +11,7 @@ import pytest
 import g3n_shards as gs
 from g3n_pipeline.demo import DemoConfig, run_demo
 from g3n_pipeline.runner import is_done
-from g3n_pipeline.demo import build_stages
+from g3n_pipeline.demo import build_stages, headline
 
 TINY = dict(subjects=24, real=False, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
             dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2)
@@ -71,4 +71,13 @@ def test_report_and_results_exist(run):
         assert doc["settings"]["generation"]["paired"] is True, folder
         assert res["tasks"]["sex:F-vs-M"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
         assert res["sweeps"]["age"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
-    assert "paired moved" in (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")
+    page = (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "paired moved" in page and "Anatomy of generated samples" in page
+    # the known anatomy: every effect is measured in real data and on the paired samples that asked for it
+    effects = json.loads((run / "eval" / "anatomy" / "anatomy.json").read_text())["results"]["effects"]
+    assert len(effects) == 5
+    for name, row in effects.items():
+        assert row["real"]["difference"] is not None, name
+        if name.startswith(("diagnosis:HC->AD", "diagnosis:HC->PD", "age:")):  # T1 requests the demo makes
+            assert row["paired"]["n_groups"] == TINY["samples_per_request"], name
+    assert any(line.startswith("anatomy (no probe) diagnosis:HC->AD [T1]") for line in headline(run))

@@ -354,3 +354,23 @@ def test_asset_provenance_matches_shared():
     for name, digest in recorded.items():
         folder = "sri24-atlas" if name.startswith("t1_skullstripped") else "mni152-2009a"
         assert hashlib.sha256((shared / folder / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_synth_anatomy_command_writes_the_spec_and_its_regions(tmp_path, capsys):
+    import yaml
+
+    from g3n_data.cli import main
+    from g3n_data.synth.anatomy import REGIONS_NAME, SPEC_NAME
+
+    assert main(["synth-anatomy", "--out", str(tmp_path), "--geometry", "tiny"]) == 0
+    assert "40x48x40 grid" in capsys.readouterr().out
+    spec = yaml.safe_load((tmp_path / SPEC_NAME).read_text())
+    with np.load(tmp_path / REGIONS_NAME, allow_pickle=False) as z:
+        regions = {k: z[k] for k in z.files}
+    named = {spec["brain"]} | {s[k] for s in spec["signatures"] for k in ("region", "reference") if s.get(k)}
+    assert named == set(regions)
+    assert all(r.shape == (40, 48, 40) and r.dtype == np.float32 and 0 <= r.min() and r.max() <= 1 for r in regions.values())
+    assert {e["signature"] for e in spec["effects"]} <= {s["name"] for s in spec["signatures"]}
+    # the effects' reasons quote the generative model's own numbers
+    why = {e["to"]: e["why"] for e in spec["effects"]}
+    assert "1.8 mm" in why["AD"] and "10%" in why["PD"]

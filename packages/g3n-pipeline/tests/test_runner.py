@@ -46,3 +46,18 @@ def test_rerun_follows_commands_inputs_and_outputs(tmp_path):
     moved = tmp_path / "moved"
     run.rename(moved)
     assert run_stages(moved, _stages(4)) == []  # paths inside the run folder are recorded relative to it
+
+
+def test_demo_flags_override_the_config_file_and_only_when_given(tmp_path, monkeypatch):
+    from g3n_pipeline import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, force=False, until=None: seen.append(cfg))
+    cfg_file = tmp_path / "demo.yaml"
+    cfg_file.write_text(f"run_dir: {tmp_path / 'from-config'}\nsubjects: 40\n")
+    assert demo.main(["--config", str(cfg_file)]) == 0
+    assert seen[-1].run_dir == tmp_path / "from-config" and seen[-1].subjects == 40  # no flag: the file's run_dir
+    assert demo.main(["--config", str(cfg_file), "--run-dir", str(tmp_path / "flag"), "--subjects", "30"]) == 0
+    assert seen[-1].run_dir == tmp_path / "flag" and seen[-1].subjects == 30
+    assert demo.main([]) == 0
+    assert seen[-1].run_dir == demo.DemoConfig().run_dir

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "g3n_data.ingest",
     "preprocess": "g3n_data.preprocess",
     "synth": "g3n_data.synth",
+    "synth-anatomy": "g3n_data.synth.anatomy",
     "split": "g3n_data.splits",
     "check": "g3n_data.check",
 }

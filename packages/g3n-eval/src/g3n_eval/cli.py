@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     _enc_args(p)
     _common(p)
 
+    p = sub.add_parser("anatomy", help="known anatomical effects of requests, measured on generated volumes (no probe)",
+                       description="Measure the signatures of an anatomy spec (regions npz + YAML: region means, "
+                       "contrasts, left-right asymmetries) on real volumes, to check each effect in real data, and on "
+                       "generated volumes sampled with --paired, to see whether each request moved its signature the "
+                       "expected way (sign test over noise groups). g3n-data synth-anatomy writes the spec of the "
+                       "synthetic cohort.")
+    p.add_argument("--spec", required=True, help="anatomy spec (YAML/JSON) with its regions npz beside it")
+    p.add_argument("--real", required=True, help="real volumes shard set (on the spec's grid)")
+    p.add_argument("--generated", required=True, help="generated volumes shard set (decoded samples)")
+    p.add_argument("--limit", type=int, default=None, help="first N volumes of each set (key order)")
+    _common(p)
+
     p = sub.add_parser("fidelity", help="FID on central slices and encoder-space Frechet distance")
     p.add_argument("--real", required=True, help="volumes set (or latents set to decode)")
     p.add_argument("--generated", default=None, help="generated latents set (decoded) or volumes set")
@@ -178,6 +190,19 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():
             print(f"{name}: skipped ({why})")
+        return 0
+    if args.cmd == "anatomy":
+        from .anatomy import run_anatomy
+
+        doc = run_anatomy(args.spec, args.real, args.generated, args.out, args.limit, progress)
+        def num(v: float | None) -> str:  # NaN is written as null
+            return "n/a" if v is None else f"{v:+.3f}"
+
+        for name, row in doc["results"]["effects"].items():
+            pair = row["paired"]
+            print(f"{name} ({row['signature']}, expect {row['expect']}): real {num(row['real']['difference'])} "
+                  f"({'confirms' if row['real_confirms'] else 'does not confirm'}); generated pairs moved "
+                  f"{pair['n_moved']}/{pair['n_groups']}, mean change {num(pair['mean_change'])}")
         return 0
     if args.cmd == "fidelity":
         from .fidelity import run_fidelity

@@ -169,6 +169,31 @@ def _moved(pair: dict[str, Any]) -> str:
     return f"{pair['n_moved']}/{pair['n_groups']}" if pair.get("n_groups") else "-"
 
 
+def _anatomy_section(doc: dict[str, Any]) -> str:
+    spec = doc["settings"].get("spec") or {}
+    rows = []
+    for name, r in doc["results"]["effects"].items():
+        real, pair = r["real"], r["paired"]
+        n_real = real.get("n") if "n" in real else f"{real.get('n_from')}/{real.get('n_to')}"
+        rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real["d"], r["real_confirms"],
+                     _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")])
+    head = ("<p>Known effects measured on the volumes themselves, no probe: each volume z-scored over the brain, "
+            "then a region mean, a contrast of two regions, or a left-right asymmetry. <i>real</i> is the effect in "
+            "real data (class means, or the slope times the change for numbers) and Cohen's d; <i>as expected</i> "
+            "says whether real data confirm the direction. <i>paired moved</i> counts the generated groups (same "
+            "noise, other conditions equal) whose signature changed the expected way; <i>of real</i> is their mean "
+            "change as a fraction of the real effect.")
+    if spec.get("source"):
+        head += f" Effects from: {html.escape(str(spec['source']))}."
+    out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "real d", "as expected",
+                                  "paired moved", "paired p", "paired change", "of real"], rows, left=3)
+    items = [f"<li><b>{html.escape(s['name'])}</b>: {html.escape(s.get('why') or s['kind'])}</li>"
+             for s in spec.get("signatures", [])]
+    items += [f"<li>{html.escape(name)}: {html.escape(r['why'])}</li>"
+              for name, r in doc["results"]["effects"].items() if r.get("why")]
+    return out + (f"<ul>{''.join(items)}</ul>" if items else "")
+
+
 def _fidelity_section(doc: dict[str, Any]) -> str:
     res = doc["results"]
     pairs = sorted(set(res.get("fid", {})) | set(res.get("encoder_fd", {})))
@@ -247,6 +272,7 @@ def _probe_section(run: Path) -> str:
 SECTIONS = {
     "reconstruction": ("Reconstruction", _recon_section),
     "controllability": ("Controllability", _control_section),
+    "anatomy": ("Anatomy of generated samples", _anatomy_section),
     "fidelity": ("Fidelity", _fidelity_section),
     "memorisation": ("Memorisation audit", _memo_section),
     "forecast": ("Longitudinal forecasts", _forecast_section),

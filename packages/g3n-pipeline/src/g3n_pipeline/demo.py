@@ -160,6 +160,10 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              "--encoder", s(r / "mae"), "--out", s(r / "eval" / "controllability")],
             ["g3n_eval.cli", "controllability", "--space", "latent", "--real", s(r / "latents"), "--generated",
              s(r / "samples"), "--out", s(r / "eval" / "controllability-latent")],
+            # the synthetic cohort's known anatomy (ventricles, putamen, lesion site), measured without a probe
+            ["g3n_data.cli", "synth-anatomy", "--out", s(r / "eval" / "anatomy-spec"), "--geometry", "demo"],
+            ["g3n_eval.cli", "anatomy", "--spec", s(r / "eval" / "anatomy-spec" / "anatomy.yaml"), "--real",
+             s(r / "volumes"), "--generated", s(r / "samples-decoded"), "--out", s(r / "eval" / "anatomy")],
             ["g3n_eval.cli", "memorisation", "--synthetic", s(r / "samples"), "--train", s(r / "latents-train"),
              "--heldout", s(r / "latents-test"), "--out", s(r / "eval" / "memorisation")],
             ["g3n_eval.cli", "fidelity", "--real", s(r / "volumes-test"), "--generated", s(r / "samples-decoded"),
@@ -168,7 +172,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_eval.cli", "forecast", "--forecasts", s(r / "forecasts"), "--baselines", s(r / "latents-test"),
              "--real", s(r / "tokens"), "--encoder", s(r / "mae"), "--out", s(r / "eval" / "forecast")],
             ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
-             s(r / "eval" / "controllability-latent"),
+             s(r / "eval" / "controllability-latent"), s(r / "eval" / "anatomy"),
              s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
              "--probe-run", s(r / "probe"), "--volumes", f"real={r / 'volumes-test'}",
              "--volumes", f"generated={r / 'samples-decoded'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
@@ -194,7 +198,7 @@ def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None
 
 def headline(run: Path) -> list[str]:
     """The figures printed at the end: probe scores on the main tasks, controllability, the age
-    sweep, memorisation, fidelity and forecasts, read from the stages' own result files."""
+    sweep, the known anatomy, memorisation, fidelity and forecasts, read from the stages' own result files."""
     lines = []
     results = run / "probe" / "results.csv"
     if results.is_file():
@@ -225,6 +229,11 @@ def headline(run: Path) -> list[str]:
             means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
             lines.append(f"age sweep [{space}] (requested->predicted): {means}; slope {age['slope']:.2f}, "
                          f"r {age['pearson_r']:.2f}{_paired(age.get('paired'), 'slope')}")
+    for name, r in (load("anatomy").get("effects") or {}).items():
+        real = (r.get("real") or {}).get("difference")
+        if real is not None and (r.get("paired") or {}).get("n_groups"):
+            lines.append(f"anatomy (no probe) {name} {r['signature']} (expected to {r['expect']}): real change "
+                         f"{real:+.2f}{_paired(r['paired'], 'change')}")
     mem = load("memorisation")
     if mem:
         lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "
@@ -273,7 +282,8 @@ def run_demo(cfg: DemoConfig, force: bool = False, until: str | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="g3n-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", type=Path, default=DemoConfig().run_dir, help="run folder (default runs/demo)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help=f"run folder (default: the config's run_dir, else {DemoConfig().run_dir})")
     p.add_argument("--config", type=Path, help="JSON/YAML DemoConfig; flags override it")
     p.add_argument("--subjects", type=int, help="synthetic subjects")
     p.add_argument("--workers", type=int, help="parallel processes for data stages")
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         data = yaml.safe_load(args.config.read_text()) or {}
-    data["run_dir"] = args.run_dir
+    if args.run_dir is not None:
+        data["run_dir"] = args.run_dir
     for k in ("subjects", "workers"):
         if getattr(args, k) is not None:
             data[k] = getattr(args, k)

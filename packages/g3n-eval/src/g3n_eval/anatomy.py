@@ -1,0 +1,277 @@
+"""Anatomy of generated samples: do they carry the *known* effect of what was requested?
+
+Probes (``controllability``) read whatever separates the real classes, and on a small cohort that
+can be the site a disease was scanned at rather than the disease. Where the anatomy of an effect is
+known -- AD enlarges the ventricles, PD darkens the putamen on T1, a synthetic cohort's generative
+model says exactly what it did -- it can be measured directly, with no probe:
+
+* a **spec** (YAML/JSON, :class:`AnatomySpec`) names region masks (an ``.npz`` of arrays on the
+  volumes' grid, loaded without pickle), the **signatures** measured on each volume, and the
+  **effects**: a request (field, from one class or value to another, in one modality) and the
+  direction its signature must move;
+* every volume is z-scored over the spec's brain region; a signature is the mean z in a region
+  (``mean``), minus the mean in a reference region (``contrast``), or the left-right asymmetry
+  ``|z - mirror(z)|`` in a region minus in a reference (``asymmetry``: a one-sided lesion whose
+  side is random);
+* **real**: the effect in real data (difference of class means, or for numeric values the
+  least-squares slope times the requested change), with Cohen's d; it checks the signature and
+  the spec before the generator is judged by them;
+* **paired**: generated samples that share their noise and other conditions (``g3n-dit sample
+  --paired``, the same pairing as controllability) and differ only in the requested value; a
+  group moved when its signature changed in the expected direction; one-sided sign test, and the
+  mean change as a fraction of the real effect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .controllability import _direction, _groups, pairing_key
+from .data import InputError, iter_set, label_of
+from .stats import line_fit
+
+MASK_THRESHOLD = 0.5
+
+
+class Signature(BaseModel):
+    """One number per volume, from the z-scored volume and the regions."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: Literal["mean", "contrast", "asymmetry"]
+    region: str
+    reference: str | None = Field(default=None, description="contrast and asymmetry: subtracted region")
+    why: str = ""
+
+    @model_validator(mode="after")
+    def _reference(self) -> Signature:
+        if (self.kind != "mean") != (self.reference is not None):
+            need = "needs" if self.kind != "mean" else "takes no"
+            raise ValueError(f"signature {self.name}: kind {self.kind} {need} a reference")
+        return self
+
+
+class Effect(BaseModel):
+    """A request and the direction it must move a signature. ``low``/``high`` are classes
+    (diagnosis HC -> AD) or numbers (age 30 -> 70)."""
+
+    model_config = ConfigDict(extra="forbid")
+    field: str
+    low: str | float = Field(alias="from")
+    high: str | float = Field(alias="to")
+    modality: str | None = Field(default=None, description="real and generated samples of this modality only")
+    signature: str
+    expect: Literal["increase", "decrease"]
+    why: str = ""
+
+    @property
+    def name(self) -> str:
+        where = f" [{self.modality}]" if self.modality else ""
+        return f"{self.field}:{label_of(self.low)}->{label_of(self.high)}{where}"
+
+    @property
+    def numeric(self) -> bool:
+        return not isinstance(self.low, str) and not isinstance(self.high, str)
+
+
+class AnatomySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    regions: str = Field(description="npz of region weights in [0, 1] on the volumes' grid, relative to the spec")
+    brain: str = Field(description="region every volume is z-scored over")
+    midline: float | None = Field(default=None,
+                                  description="asymmetry: voxel index of the mid-sagittal plane on axis 0")
+    signatures: list[Signature]
+    effects: list[Effect]
+    source: str = Field(default="", description="where the effects come from (shown in the report)")
+
+    @model_validator(mode="after")
+    def _names(self) -> AnatomySpec:
+        sigs = {s.name for s in self.signatures}
+        for e in self.effects:
+            if e.signature not in sigs:
+                raise ValueError(f"effect {e.name}: unknown signature {e.signature!r} (have {sorted(sigs)})")
+        if any(s.kind == "asymmetry" for s in self.signatures) and self.midline is None:
+            raise ValueError("an asymmetry signature needs the spec's midline")
+        return self
+
+
+class Anatomy:
+    """A loaded spec: masks as boolean arrays, and :meth:`signatures` of one volume."""
+
+    def __init__(self, spec: AnatomySpec, masks: Mapping[str, np.ndarray], path: str = "spec"):
+        self.spec, self.path = spec, path
+        need = {spec.brain, *(r for s in spec.signatures for r in (s.region, s.reference) if r)}
+        missing = sorted(need - set(masks))
+        if missing:
+            raise InputError(f"{path}: regions {missing} not in the regions file (has {sorted(masks)})")
+        self.masks = {k: np.asarray(masks[k]) > MASK_THRESHOLD for k in need}
+        shapes = {m.shape for m in self.masks.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise InputError(f"{path}: regions must be 3-D arrays of one shape, got {sorted(shapes)}")
+        self.shape: tuple[int, ...] = next(iter(shapes))
+        for k, m in self.masks.items():
+            if not m.any():
+                raise InputError(f"{path}: region {k!r} is empty")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Anatomy:
+        import yaml
+
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            spec = AnatomySpec.model_validate(raw)
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: cannot read the anatomy spec: {e}") from None
+        except (yaml.YAMLError, ValidationError) as e:
+            raise InputError(f"{p}: not a valid anatomy spec: {e}") from None
+        rp = p.parent / spec.regions
+        try:
+            with np.load(rp, allow_pickle=False) as z:
+                masks = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise InputError(f"{rp}: cannot read the regions file: {e}") from None
+        return cls(spec, masks, str(p))
+
+    def _mirror(self, v: np.ndarray) -> np.ndarray:
+        """v mirrored about the mid-sagittal plane (voxels mirrored off the grid are 0)."""
+        k = int(round(2 * float(self.spec.midline)))  # x -> k - x
+        out = np.zeros_like(v)
+        n = v.shape[0]
+        src = k - np.arange(n)
+        ok = (src >= 0) & (src < n)
+        out[ok] = v[src[ok]]
+        return out
+
+    def signatures(self, volume: np.ndarray, name: str = "volume") -> dict[str, float]:
+        v = np.asarray(volume, dtype=np.float64)
+        if v.shape != self.shape:
+            raise InputError(f"{name}: shape {v.shape}, the regions are {self.shape}")
+        if not np.isfinite(v).all():
+            raise InputError(f"{name}: volume contains NaN or Inf")
+        b = v[self.masks[self.spec.brain]]
+        sd = float(b.std())
+        if sd == 0:
+            raise InputError(f"{name}: constant inside the brain region")
+        z = (v - b.mean()) / sd
+        asym = np.abs(z - self._mirror(z)) if any(s.kind == "asymmetry" for s in self.spec.signatures) else None
+        out = {}
+        for s in self.spec.signatures:
+            src = asym if s.kind == "asymmetry" else z
+            val = float(src[self.masks[s.region]].mean())
+            if s.reference is not None:
+                val -= float(src[self.masks[s.reference]].mean())
+            out[s.name] = val
+        return out
+
+
+def _value(v: Any, numeric: bool) -> Any:
+    if numeric:
+        try:
+            return None if v is None or isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            return None
+    return label_of(v)
+
+
+def real_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Sequence[float]) -> dict[str, Any]:
+    """The effect in real data: class means (or the line fit for numeric values), difference, d."""
+    s = np.asarray(sig, dtype=np.float64)
+    idx = [i for i, r in enumerate(records) if effect.modality is None or label_of(r.get("modality")) == effect.modality]
+    if effect.numeric:
+        xs = [(i, _value(records[i].get(effect.field), True)) for i in idx]
+        xs = [(i, x) for i, x in xs if x is not None]
+        fit = line_fit([x for _, x in xs], s[[i for i, _ in xs]]) if len(xs) >= 2 else {"slope": math.nan, "n": len(xs)}
+        diff = fit["slope"] * (float(effect.high) - float(effect.low))
+        resid_sd = math.nan
+        if len(xs) >= 3 and math.isfinite(fit["slope"]):
+            x = np.array([x for _, x in xs])
+            resid_sd = float(np.std(s[[i for i, _ in xs]] - (fit["slope"] * x + fit["intercept"]), ddof=2))
+        return {"n": fit["n"], "slope": fit["slope"], "difference": diff,
+                "d": diff / resid_sd if resid_sd and math.isfinite(resid_sd) and resid_sd > 0 else math.nan}
+    lo = s[[i for i in idx if label_of(records[i].get(effect.field)) == label_of(effect.low)]]
+    hi = s[[i for i in idx if label_of(records[i].get(effect.field)) == label_of(effect.high)]]
+    out: dict[str, Any] = {"n_from": int(lo.size), "n_to": int(hi.size), "mean_from": math.nan, "mean_to": math.nan,
+                           "difference": math.nan, "d": math.nan}
+    if lo.size and hi.size:
+        out.update(mean_from=float(lo.mean()), mean_to=float(hi.mean()), difference=float(hi.mean() - lo.mean()))
+        if lo.size + hi.size > 2:
+            pooled = math.sqrt(((lo.size - 1) * lo.var(ddof=1 if lo.size > 1 else 0) + (hi.size - 1) *
+                                hi.var(ddof=1 if hi.size > 1 else 0)) / (lo.size + hi.size - 2))
+            out["d"] = out["difference"] / pooled if pooled > 0 else math.nan
+    return out
+
+
+def paired_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Sequence[float]) -> dict[str, Any]:
+    """Within each group of generated samples that share noise and other conditions, the signature
+    at ``to`` minus at ``from``; a group moved when that change has the expected sign."""
+    s = np.asarray(sig, dtype=np.float64)
+    want = (_value(effect.low, effect.numeric), _value(effect.high, effect.numeric))
+    sel = [i for i, r in enumerate(records) if (effect.modality is None or label_of(r.get("modality")) == effect.modality)
+           and _value(r.get(effect.field), effect.numeric) in want]
+    keys = [pairing_key(records[i], effect.field) for i in sel]
+    changes = []
+    for group in _groups(keys).values():
+        vals = {w: [s[sel[j]] for j in group if _value(records[sel[j]].get(effect.field), effect.numeric) == w] for w in want}
+        if vals[want[0]] and vals[want[1]]:
+            changes.append(float(np.mean(vals[want[1]]) - np.mean(vals[want[0]])))
+    sign = 1.0 if effect.expect == "increase" else -1.0
+    out = _direction([sign * c for c in changes], "toward")
+    out.pop("toward")
+    out["mean_change"] = float(np.mean(changes)) if changes else math.nan
+    return out
+
+
+def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]],
+             generated: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]]) -> dict[str, Any]:
+    """Per effect: the real effect, the paired generated change, and whether each goes the expected way."""
+    rows: dict[str, Any] = {}
+    for e in anatomy.spec.effects:
+        sign = 1.0 if e.expect == "increase" else -1.0
+        r = real_effect(e, real[0], [x[e.signature] for x in real[1]])
+        g = paired_effect(e, generated[0], [x[e.signature] for x in generated[1]])
+        diff = r["difference"]
+        rows[e.name] = {
+            "field": e.field, "from": e.low, "to": e.high, "modality": e.modality, "signature": e.signature,
+            "expect": e.expect, "why": e.why, "real": r,
+            "real_confirms": bool(math.isfinite(diff) and sign * diff > 0),
+            "paired": g,
+            "of_real": g["mean_change"] / diff if math.isfinite(diff) and diff != 0 and g["n_groups"] else math.nan,
+        }
+    return {"effects": rows}
+
+
+def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str):
+    from tqdm import tqdm
+
+    recs, sigs = [], []
+    for key, meta, arr in tqdm(iter_set(path, "volumes", limit), desc=f"anatomy: {what}", unit="vol", disable=not progress):
+        recs.append(meta)
+        sigs.append(anatomy.signatures(arr, f"{path}: {key}"))
+    if not recs:
+        raise InputError(f"{path}: no volumes")
+    return recs, sigs
+
+
+def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: str | Path,
+                limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Measure the spec's signatures on a real and a generated volumes set; write ``anatomy.json``."""
+    from .records import input_ref, write_metrics
+    from .sources import request_settings
+
+    anatomy = Anatomy.load(spec)
+    real_m = _measure(anatomy, real, limit, progress, "real")
+    gen_m = _measure(anatomy, generated, limit, progress, "generated")
+    res = evaluate(anatomy, real_m, gen_m)
+    settings = {"spec": anatomy.spec.model_dump(mode="json", by_alias=True), "limit": limit,
+                "z_scored_over": anatomy.spec.brain, "mask_threshold": MASK_THRESHOLD,
+                "generation": request_settings(gen_m[0])}
+    inputs = [input_ref(spec, "anatomy spec"), input_ref(Path(spec).parent / anatomy.spec.regions, "regions"),
+              input_ref(real, "real volumes"), input_ref(generated, "generated volumes")]
+    return write_metrics(Path(out) / "anatomy.json", "anatomy", settings, inputs, res)

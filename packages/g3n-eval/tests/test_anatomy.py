@@ -1,0 +1,191 @@
+"""Anatomy: signatures on hand-made volumes, real effects, paired generated changes, bad specs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import g3n_shards as gs
+from g3n_eval.anatomy import Anatomy, AnatomySpec
+from g3n_eval.cli import main
+from g3n_eval.data import InputError
+from g3n_eval.report import build_report
+
+SHAPE = (16, 12, 10)
+MIDLINE = 7.5  # x -> 15 - x
+
+
+def _box(*sl) -> np.ndarray:
+    m = np.zeros(SHAPE, np.float32)
+    m[sl] = 1.0
+    return m
+
+
+def _mirrored(m: np.ndarray) -> np.ndarray:
+    return np.maximum(m, m[::-1])
+
+
+REGIONS = {
+    "brain": _box(slice(1, 15), slice(1, 11), slice(1, 9)),
+    "roi": _box(slice(4, 7), slice(4, 7), slice(3, 6)),
+    "ref": _box(slice(9, 12), slice(4, 7), slice(3, 6)),
+    "site_a": _mirrored(_box(slice(2, 5), slice(2, 5), slice(2, 5))),
+    "site_b": _mirrored(_box(slice(2, 5), slice(7, 10), slice(5, 8))),
+}
+SPEC = {
+    "source": "a test world",
+    "regions": "regions.npz",
+    "brain": "brain",
+    "midline": MIDLINE,
+    "signatures": [
+        {"name": "roi_signal", "kind": "mean", "region": "roi"},
+        {"name": "roi_vs_ref", "kind": "contrast", "region": "roi", "reference": "ref"},
+        {"name": "site_a_lesion", "kind": "asymmetry", "region": "site_a", "reference": "site_b"},
+    ],
+    "effects": [
+        {"field": "diagnosis", "from": "HC", "to": "AD", "modality": "T1", "signature": "roi_vs_ref",
+         "expect": "decrease", "why": "AD darkens the roi"},
+        {"field": "idh1", "from": "wildtype", "to": "mutant", "modality": "T1c", "signature": "site_a_lesion",
+         "expect": "increase"},
+        {"field": "age", "from": 30, "to": 70, "modality": "T1", "signature": "roi_signal", "expect": "decrease"},
+    ],
+}
+
+
+def volume(rng, *, dark: float = 0.0, lesion: str | None = None, side: int = 0) -> np.ndarray:
+    v = np.where(REGIONS["brain"] > 0, 100.0 + rng.normal(0, 5, SHAPE), 0.0)
+    v[4:7, 4:7, 3:6] -= dark
+    if lesion:
+        x = slice(2, 5) if side == 0 else slice(11, 14)
+        v[(x, slice(2, 5), slice(2, 5)) if lesion == "mutant" else (x, slice(7, 10), slice(5, 8))] += 60.0
+    return v.astype(np.float32)
+
+
+def write_spec(folder: Path, spec: dict | None = None, regions: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "regions.npz", **(REGIONS if regions is None else regions))
+    (folder / "anatomy.yaml").write_text(yaml.safe_dump(SPEC if spec is None else spec))
+    return folder / "anatomy.yaml"
+
+
+def write_set(path: Path, items, shape=SHAPE) -> Path:
+    with gs.ShardWriter(path, kind="volumes", producer=gs.Producer(package="g3n-eval-tests"),
+                        geometry=gs.Geometry(shape=shape, spacing=(2.0, 2.0, 2.0), patch_size=(2, 2, 2))) as w:
+        for meta, v in items:
+            w.write(gs.sample_key(meta), meta, {"volume": v})
+    return path
+
+
+def test_signatures_are_region_means_contrasts_and_asymmetries(tmp_path):
+    a = Anatomy.load(write_spec(tmp_path))
+    rng = np.random.default_rng(0)
+    v = volume(rng, dark=30.0, lesion="mutant", side=1)
+    s = a.signatures(v)
+    brain = REGIONS["brain"] > 0
+    z = (v - v[brain].mean()) / v[brain].std()
+    assert s["roi_signal"] == pytest.approx(z[4:7, 4:7, 3:6].mean())
+    assert s["roi_vs_ref"] == pytest.approx(z[4:7, 4:7, 3:6].mean() - z[9:12, 4:7, 3:6].mean())
+    asym = np.abs(z - z[::-1])  # midline 7.5 on a 16-voxel axis: the plain flip
+    assert s["site_a_lesion"] == pytest.approx(asym[REGIONS["site_a"] > 0].mean() - asym[REGIONS["site_b"] > 0].mean())
+    assert s["site_a_lesion"] > 1.0  # the lesion, on either side, shows at site a
+    assert a.signatures(volume(rng, lesion="wildtype"))["site_a_lesion"] < -1.0
+    # a mid-plane off the grid's centre mirrors about it: x -> 14 - x, column 15 has no mirror
+    b = Anatomy(AnatomySpec.model_validate({**SPEC, "midline": 7.0}), REGIONS)
+    m = b._mirror(np.arange(16.0)[:, None, None] * np.ones(SHAPE))
+    assert m[0, 0, 0] == 14 and m[14, 0, 0] == 0 and m[15, 0, 0] == 0
+
+
+def test_real_and_paired_effects_through_the_cli(tmp_path):
+    rng = np.random.default_rng(1)
+    real = []
+    for i in range(16):  # AD darkens the roi by 25; the roi darkens 0.5 per year of age
+        dx = "AD" if i % 2 else "HC"
+        age = 30.0 + 3 * i
+        real.append((gs.SampleMeta(subject=f"r{i}", modality="T1", diagnosis=dx, age=age),
+                     volume(rng, dark=(25.0 if dx == "AD" else 0.0) + 0.5 * (age - 30))))
+    for i in range(8):
+        idh = "mutant" if i % 2 else "wildtype"
+        real.append((gs.SampleMeta(subject=f"t{i}", modality="T1c", idh1=idh, diagnosis="glioma"),
+                     volume(rng, lesion=idh, side=i % 3 == 0)))
+    gen = []
+    for seed in range(5):  # groups 0-3 darken AD; group 4 brightens it (against)
+        for dx in ("HC", "AD"):
+            dark = {"HC": 0.0, "AD": 20.0 if seed < 4 else -20.0}[dx]
+            req = {"stage": "sample", "conditions": {"disease": dx, "modality": "T1"}, "seed": seed}
+            gen.append((gs.SampleMeta(subject=f"g{seed}{dx}", modality="T1", diagnosis=dx, synthetic=True, request=req),
+                        volume(np.random.default_rng(seed), dark=dark)))
+    rp, gp = write_set(tmp_path / "real", real), write_set(tmp_path / "gen", gen)
+    out = tmp_path / "out"
+    assert main(["anatomy", "--spec", str(write_spec(tmp_path / "spec")), "--real", str(rp), "--generated", str(gp),
+                 "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "anatomy.json").read_text())
+    assert doc["measurement"] == "anatomy"
+    assert {r["role"] for r in doc["inputs"]} == {"anatomy spec", "regions", "real volumes", "generated volumes"}
+    ad = doc["results"]["effects"]["diagnosis:HC->AD [T1]"]
+    assert ad["real"]["n_from"] == ad["real"]["n_to"] == 8 and ad["real"]["difference"] < 0 and ad["real_confirms"]
+    assert ad["real"]["d"] < -2
+    p = ad["paired"]
+    assert (p["n_groups"], p["n_moved"], p["n_against"]) == (5, 4, 1) and p["p"] == pytest.approx(6 / 32)
+    assert ad["of_real"] == pytest.approx(p["mean_change"] / ad["real"]["difference"])
+    idh = doc["results"]["effects"]["idh1:wildtype->mutant [T1c]"]
+    assert idh["real_confirms"] and idh["real"]["n_from"] == idh["real"]["n_to"] == 4
+    assert idh["paired"]["n_groups"] == 0  # no generated T1c
+    age = doc["results"]["effects"]["age:30->70 [T1]"]
+    assert age["real"]["n"] == 16 and age["real"]["slope"] < 0 and age["real_confirms"]
+    assert age["real"]["difference"] == pytest.approx(40 * age["real"]["slope"])
+    page = build_report([out], tmp_path / "report").read_text()
+    assert "Anatomy of generated samples" in page and "diagnosis:HC-&gt;AD [T1]" in page and "4/5" in page
+    assert "AD darkens the roi" in page and "a test world" in page and "&lt;" not in page
+
+
+def test_a_generated_numeric_sweep_pairs_by_seed(tmp_path):
+    rng = np.random.default_rng(2)
+    real = [(gs.SampleMeta(subject=f"r{i}", modality="T1", age=30.0 + 5 * i), volume(rng, dark=1.0 * i)) for i in range(9)]
+    gen = []
+    for seed in range(3):
+        for age in (30, 50, 70):
+            req = {"stage": "sample", "conditions": {"age": age, "modality": "T1"}, "seed": seed}
+            gen.append((gs.SampleMeta(subject=f"g{seed}-{age}", modality="T1", age=float(age), synthetic=True, request=req),
+                        volume(np.random.default_rng(seed), dark=0.4 * (age - 30))))
+    a = Anatomy.load(write_spec(tmp_path / "spec"))
+    from g3n_eval.anatomy import evaluate
+
+    meas = [(list(m.model_dump() for m, _ in s), [a.signatures(v) for _, v in s]) for s in (real, gen)]
+    row = evaluate(a, meas[0], meas[1])["effects"]["age:30->70 [T1]"]
+    assert row["paired"]["n_groups"] == 3 and row["paired"]["n_moved"] == 3  # 30 and 70 of each seed; 50 unused
+    assert row["real_confirms"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s, r: s["signatures"].append({"name": "x", "kind": "contrast", "region": "roi"}), "needs a reference"),
+    (lambda s, r: s["effects"].append({**s["effects"][0], "signature": "nope"}), "unknown signature 'nope'"),
+    (lambda s, r: s.pop("midline"), "needs the spec's midline"),
+    (lambda s, r: r.pop("ref"), r"regions \['ref'\] not in the regions file"),
+    (lambda s, r: r.update(roi=np.zeros(SHAPE)), "region 'roi' is empty"),
+    (lambda s, r: r.update(ref=np.ones((4, 4, 4))), "3-D arrays of one shape"),
+])
+def test_bad_specs_name_the_file_and_the_reason(tmp_path, change, message):
+    spec, regions = json.loads(json.dumps(SPEC)), dict(REGIONS)
+    change(spec, regions)
+    path = write_spec(tmp_path, spec, regions)
+    with pytest.raises(InputError, match=message) as e:
+        Anatomy.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_bad_volumes_are_named(tmp_path):
+    a = Anatomy.load(write_spec(tmp_path / "spec"))
+    with pytest.raises(InputError, match=r"v1: shape \(4, 4, 4\), the regions are \(16, 12, 10\)"):
+        a.signatures(np.zeros((4, 4, 4)), "v1")
+    bad = volume(np.random.default_rng(0))
+    bad[5, 5, 5] = np.nan
+    with pytest.raises(InputError, match="v2: volume contains NaN"):
+        a.signatures(bad, "v2")
+    rp = write_set(tmp_path / "real", [(gs.SampleMeta(subject="r0", modality="T1"), np.ones((8, 8, 8), np.float32))], (8, 8, 8))
+    code = main(["anatomy", "--spec", str(tmp_path / "spec" / "anatomy.yaml"), "--real", str(rp), "--generated", str(rp),
+                 "--out", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
