@@ -137,9 +137,45 @@ def test_real_and_paired_effects_through_the_cli(tmp_path):
     age = doc["results"]["effects"]["age:30->70 [T1]"]
     assert age["real"]["n"] == 16 and age["real"]["slope"] < 0 and age["real_confirms"]
     assert age["real"]["difference"] == pytest.approx(40 * age["real"]["slope"])
+    figs = doc["results"]["figures"]
+    assert set(figs) == {"anatomy_0_diagnosis_HC_to_AD"} and (out / figs["anatomy_0_diagnosis_HC_to_AD"]).is_file()
     page = build_report([out], tmp_path / "report").read_text()
     assert "Anatomy of generated samples" in page and "diagnosis:HC-&gt;AD [T1]" in page and "4/5" in page
     assert "AD darkens the roi" in page and "a test world" in page and "&lt;" not in page
+
+
+def test_effect_maps_agree_with_the_linear_signatures(tmp_path):
+    """A mean or contrast signature is linear in z, so applied to an effect's map it must give the
+    effect's real difference (class means; numbers: slope x change) and its mean paired change."""
+    from g3n_eval.anatomy import EffectMaps, effect_figures, evaluate
+
+    a = Anatomy.load(write_spec(tmp_path))
+    rng = np.random.default_rng(3)
+    real = [(dict(modality="T1", diagnosis="HC" if i % 3 else "AD", age=20.0 + 7 * i), volume(rng, dark=2.0 * i))
+            for i in range(12)]
+    gen = [(dict(modality="T1", diagnosis=dx, synthetic=True,
+                 request={"seed": s, "conditions": {"disease": dx, "modality": "T1"}}), volume(rng, dark=d))
+           for s in range(3) for dx, d in (("HC", 0.0), ("AD", 10.0 * s - 5))]
+    maps = EffectMaps(a.spec.effects)
+    meas = []
+    for add, items in ((maps.add_real, real), (maps.add_generated, gen)):
+        sigs = []
+        for m, v in items:
+            z = a.zscore(v)
+            add(m, z)
+            sigs.append(a.signatures(v, z=z))
+        meas.append(([m for m, _ in items], sigs))
+    rows = evaluate(a, *meas)["effects"]
+    roi, ref = a.masks["roi"], a.masks["ref"]
+    for i, name in ((0, "diagnosis:HC->AD [T1]"), (2, "age:30->70 [T1]")):
+        real_map, gen_map = maps.maps(i)
+        sig = (lambda m: m[roi].mean() - m[ref].mean()) if i == 0 else (lambda m: m[roi].mean())
+        assert sig(real_map) == pytest.approx(rows[name]["real"]["difference"], rel=1e-4, abs=1e-6)
+        if i == 0:
+            assert sig(gen_map) == pytest.approx(rows[name]["paired"]["mean_change"], rel=1e-4)
+        else:
+            assert gen_map is None  # no generated sample asked for an age
+    assert list(effect_figures(a, maps, tmp_path)) == ["anatomy_0_diagnosis_HC_to_AD"]
 
 
 def test_a_generated_numeric_sweep_pairs_by_seed(tmp_path):

@@ -19,7 +19,9 @@ model says exactly what it did -- it can be measured directly, with no probe:
 * **paired**: generated samples that share their noise and other conditions (``g3n-dit sample
   --paired``, the same pairing as controllability) and differ only in the requested value; a
   group moved when its signature changed in the expected direction; one-sided sign test, and the
-  mean change as a fraction of the real effect.
+  mean change as a fraction of the real effect;
+* **maps**: per effect, the real and the generated change voxel by voxel (:class:`EffectMaps`),
+  drawn side by side on one colour scale.
 """
 
 from __future__ import annotations
@@ -149,7 +151,8 @@ class Anatomy:
         out[ok] = v[src[ok]]
         return out
 
-    def signatures(self, volume: np.ndarray, name: str = "volume") -> dict[str, float]:
+    def zscore(self, volume: np.ndarray, name: str = "volume") -> np.ndarray:
+        """The volume z-scored over the spec's brain region (float64)."""
         v = np.asarray(volume, dtype=np.float64)
         if v.shape != self.shape:
             raise InputError(f"{name}: shape {v.shape}, the regions are {self.shape}")
@@ -159,7 +162,10 @@ class Anatomy:
         sd = float(b.std())
         if sd == 0:
             raise InputError(f"{name}: constant inside the brain region")
-        z = (v - b.mean()) / sd
+        return (v - b.mean()) / sd
+
+    def signatures(self, volume: np.ndarray, name: str = "volume", z: np.ndarray | None = None) -> dict[str, float]:
+        z = self.zscore(volume, name) if z is None else z
         asym = np.abs(z - self._mirror(z)) if any(s.kind == "asymmetry" for s in self.spec.signatures) else None
         out = {}
         for s in self.spec.signatures:
@@ -228,6 +234,83 @@ def paired_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Seq
     return out
 
 
+class EffectMaps:
+    """Voxel maps of each effect, accumulated one volume at a time (no set is held in memory):
+    real, the difference of class means (numbers: the voxelwise slope times the change); generated,
+    the mean over paired groups of the group's change. Shown beside each other they say *where* a
+    generated change lands, which the signature alone cannot."""
+
+    def __init__(self, effects: Sequence[Effect]):
+        self.effects = list(effects)
+        self.real: list[dict[str, Any]] = [{} for _ in self.effects]
+        self.gen: list[dict[tuple, dict[Any, list]]] = [{} for _ in self.effects]
+
+    @staticmethod
+    def _add(acc: dict, key: Any, z: np.ndarray) -> None:
+        cur = acc.get(key)  # float32 sums: a paired group holds two volumes per effect until the end
+        if cur is None:
+            acc[key] = [z.astype(np.float32), 1]
+        else:
+            cur[0] += z
+            cur[1] += 1
+
+    def _wanted(self, e: Effect, meta: Mapping[str, Any]) -> Any:
+        if e.modality is not None and label_of(meta.get("modality")) != e.modality:
+            return None
+        return _value(meta.get(e.field), e.numeric)
+
+    def add_real(self, meta: Mapping[str, Any], z: np.ndarray) -> None:
+        for e, acc in zip(self.effects, self.real):
+            v = self._wanted(e, meta)
+            if v is None:
+                continue
+            if e.numeric:  # sums for the voxelwise least-squares slope (x centred by the requested range)
+                x = v - 0.5 * (float(e.low) + float(e.high))
+                for k, term in (("n", 1.0), ("x", x), ("xx", x * x), ("z", z), ("xz", x * z)):
+                    acc[k] = acc.get(k, 0.0) + term
+            elif v in (label_of(e.low), label_of(e.high)):
+                self._add(acc, v, z)
+
+    def add_generated(self, meta: Mapping[str, Any], z: np.ndarray) -> None:
+        for e, groups in zip(self.effects, self.gen):
+            v = self._wanted(e, meta)
+            if v is not None and v in (_value(e.low, e.numeric), _value(e.high, e.numeric)):
+                key = pairing_key(meta, e.field)
+                if key is not None:
+                    self._add(groups.setdefault(key, {}), v, z)
+
+    def maps(self, e_index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(real map, generated map) of one effect, None where there is no data."""
+        e, acc, groups = self.effects[e_index], self.real[e_index], self.gen[e_index]
+        lo, hi = _value(e.low, e.numeric), _value(e.high, e.numeric)
+        real = None
+        if e.numeric and acc.get("n", 0) >= 2:
+            den = acc["n"] * acc["xx"] - acc["x"] ** 2
+            if den > 0:
+                real = (acc["n"] * acc["xz"] - acc["x"] * acc["z"]) / den * (float(e.high) - float(e.low))
+        elif not e.numeric and lo in acc and hi in acc:
+            real = acc[hi][0] / acc[hi][1] - acc[lo][0] / acc[lo][1]
+        changes = [g[hi][0] / g[hi][1] - g[lo][0] / g[lo][1] for g in groups.values() if lo in g and hi in g]
+        return real, (sum(changes) / len(changes) if changes else None)
+
+
+def effect_figures(anatomy: Anatomy, maps: EffectMaps, out: Path) -> dict[str, str]:
+    """One PNG per effect with both maps: central planes, red = brighter, blue = darker, one scale."""
+    from .figures import diff_montage
+
+    brain = anatomy.masks[anatomy.spec.brain]
+    figures = {}
+    for i, e in enumerate(maps.effects):
+        real, gen = maps.maps(i)
+        if real is None or gen is None:
+            continue
+        name = f"anatomy_{i}_{e.field}_{label_of(e.low)}_to_{label_of(e.high)}"
+        diff_montage([real * brain, gen * brain], [f"real {label_of(e.high)}-{label_of(e.low)}", "generated, paired"],
+                     out / f"{name}.png")
+        figures[name] = f"{name}.png"
+    return figures
+
+
 def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]],
              generated: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]]) -> dict[str, Any]:
     """Per effect: the real effect, the paired generated change, and whether each goes the expected way."""
@@ -247,13 +330,17 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
     return {"effects": rows}
 
 
-def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str):
+def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str,
+             each: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     from tqdm import tqdm
 
     recs, sigs = [], []
     for key, meta, arr in tqdm(iter_set(path, "volumes", limit), desc=f"anatomy: {what}", unit="vol", disable=not progress):
+        z = anatomy.zscore(arr, f"{path}: {key}")
         recs.append(meta)
-        sigs.append(anatomy.signatures(arr, f"{path}: {key}"))
+        sigs.append(anatomy.signatures(arr, key, z))
+        if each is not None:
+            each(meta, z)
     if not recs:
         raise InputError(f"{path}: no volumes")
     return recs, sigs
@@ -266,9 +353,11 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
     from .sources import request_settings
 
     anatomy = Anatomy.load(spec)
-    real_m = _measure(anatomy, real, limit, progress, "real")
-    gen_m = _measure(anatomy, generated, limit, progress, "generated")
+    maps = EffectMaps(anatomy.spec.effects)
+    real_m = _measure(anatomy, real, limit, progress, "real", maps.add_real)
+    gen_m = _measure(anatomy, generated, limit, progress, "generated", maps.add_generated)
     res = evaluate(anatomy, real_m, gen_m)
+    res["figures"] = effect_figures(anatomy, maps, Path(out))
     settings = {"spec": anatomy.spec.model_dump(mode="json", by_alias=True), "limit": limit,
                 "z_scored_over": anatomy.spec.brain, "mask_threshold": MASK_THRESHOLD,
                 "generation": request_settings(gen_m[0])}

@@ -182,7 +182,9 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
             "real data (class means, or the slope times the change for numbers) and Cohen's d; <i>as expected</i> "
             "says whether real data confirm the direction. <i>paired moved</i> counts the generated groups (same "
             "noise, other conditions equal) whose signature changed the expected way; <i>of real</i> is their mean "
-            "change as a fraction of the real effect.")
+            "change as a fraction of the real effect. The images <i>anatomy</i> show each effect voxel by voxel, real above and "
+            "generated (mean paired change) below, on one colour scale (red brighter, blue darker): where a change "
+            "lands, e.g. a scanner's bias pattern learned with a disease.")
     if spec.get("source"):
         head += f" Effects from: {html.escape(str(spec['source']))}."
     out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "real d", "as expected",
