@@ -371,6 +371,7 @@ def test_synth_anatomy_command_writes_the_spec_and_its_regions(tmp_path, capsys)
     assert named == set(regions)
     assert all(r.shape == (40, 48, 40) and r.dtype == np.float32 and 0 <= r.min() and r.max() <= 1 for r in regions.values())
     assert {e["signature"] for e in spec["effects"]} <= {s["name"] for s in spec["signatures"]}
+    assert spec["within"] == "cohort"  # real effects within a cohort: PD and glioma come from one cohort each
     # the effects' reasons quote the generative model's own numbers
     why = {e["to"]: e["why"] for e in spec["effects"]}
     assert "1.8 mm" in why["AD"] and "10%" in why["PD"]

@@ -120,14 +120,15 @@ def test_real_and_paired_effects_through_the_cli(tmp_path):
                         volume(np.random.default_rng(seed), dark=dark)))
     rp, gp = write_set(tmp_path / "real", real), write_set(tmp_path / "gen", gen)
     out = tmp_path / "out"
-    assert main(["anatomy", "--spec", str(write_spec(tmp_path / "spec")), "--real", str(rp), "--generated", str(gp),
+    spec = write_spec(tmp_path / "spec", {**SPEC, "within": "cohort"})  # one cohort ('None'): as pooled
+    assert main(["anatomy", "--spec", str(spec), "--real", str(rp), "--generated", str(gp),
                  "--out", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "anatomy.json").read_text())
     assert doc["measurement"] == "anatomy"
     assert {r["role"] for r in doc["inputs"]} == {"anatomy spec", "regions", "real volumes", "generated volumes"}
     ad = doc["results"]["effects"]["diagnosis:HC->AD [T1]"]
     assert ad["real"]["n_from"] == ad["real"]["n_to"] == 8 and ad["real"]["difference"] < 0 and ad["real_confirms"]
-    assert ad["real"]["d"] < -2
+    assert ad["real"]["d"] < -2 and ad["real"]["pooled_difference"] == pytest.approx(ad["real"]["difference"])
     p = ad["paired"]
     assert (p["n_groups"], p["n_moved"], p["n_against"]) == (5, 4, 1) and p["p"] == pytest.approx(6 / 32)
     assert ad["of_real"] == pytest.approx(p["mean_change"] / ad["real"]["difference"])
@@ -142,21 +143,47 @@ def test_real_and_paired_effects_through_the_cli(tmp_path):
     page = build_report([out], tmp_path / "report").read_text()
     assert "Anatomy of generated samples" in page and "diagnosis:HC-&gt;AD [T1]" in page and "4/5" in page
     assert "AD darkens the roi" in page and "a test world" in page and "&lt;" not in page
+    assert "within each cohort" in page
 
 
-def test_effect_maps_agree_with_the_linear_signatures(tmp_path):
+def test_real_effects_within_strata_leave_out_differences_between_cohorts():
+    from g3n_eval.anatomy import Effect, real_effect
+
+    e = Effect.model_validate({"field": "diagnosis", "from": "HC", "to": "AD", "signature": "s", "expect": "decrease"})
+    recs = ([{"cohort": "A", "diagnosis": "HC"}] * 4 + [{"cohort": "A", "diagnosis": "AD"}] * 2
+            + [{"cohort": "B", "diagnosis": "HC"}] * 3 + [{"cohort": "B", "diagnosis": "AD"}] * 3
+            + [{"cohort": "C", "diagnosis": "HC"}] * 5)  # C: a scanner 5 units brighter, HC only
+    sig = [0, 0.2, -0.2, 0, -1, -1] + [10, 10, 10, 8, 8, 8] + [5] * 5
+    within = real_effect(e, recs, sig, "cohort")
+    w_a, w_b = 1 / (1 / 4 + 1 / 2), 1 / (1 / 3 + 1 / 3)
+    assert within["difference"] == pytest.approx((w_a * -1 + w_b * -2) / (w_a + w_b))
+    assert within["strata"] == ["A", "B"] and (within["n_from"], within["n_to"]) == (7, 5)
+    assert within["d"] == pytest.approx(within["difference"] / np.sqrt(0.08 / 8))  # only A's HC vary
+    pooled = real_effect(e, recs, sig)
+    assert pooled["difference"] == pytest.approx(np.mean([-1, -1, 8, 8, 8]) - np.mean(sig[:4] + sig[6:9] + sig[12:]))
+    assert pooled["difference"] > within["difference"] + 1  # pooled, the cohorts' scanners hide most of it
+    age = Effect.model_validate({"field": "age", "from": 30, "to": 70, "signature": "s", "expect": "increase"})
+    recs = [{"cohort": c, "age": float(x)} for c, xs in (("A", (0, 1, 2)), ("B", (10, 11, 12))) for x in xs]
+    y = [0, 2, 4, 120, 122, 124]  # slope 2 inside each cohort; B sits 100 higher
+    r = real_effect(age, recs, y, "cohort")
+    assert r["slope"] == pytest.approx(2.0) and r["difference"] == pytest.approx(80.0) and r["n"] == 6
+    assert real_effect(age, recs, y)["slope"] > 9  # pooled, the cohorts' offset reads as age
+
+
+@pytest.mark.parametrize("within", [None, "cohort"])
+def test_effect_maps_agree_with_the_linear_signatures(tmp_path, within):
     """A mean or contrast signature is linear in z, so applied to an effect's map it must give the
     effect's real difference (class means; numbers: slope x change) and its mean paired change."""
     from g3n_eval.anatomy import EffectMaps, effect_figures, evaluate
 
-    a = Anatomy.load(write_spec(tmp_path))
+    a = Anatomy.load(write_spec(tmp_path, {**SPEC, "within": within}))
     rng = np.random.default_rng(3)
-    real = [(dict(modality="T1", diagnosis="HC" if i % 3 else "AD", age=20.0 + 7 * i), volume(rng, dark=2.0 * i))
-            for i in range(12)]
+    real = [(dict(modality="T1", diagnosis="HC" if i % 3 else "AD", age=20.0 + 7 * i, cohort="AB"[i % 2]),
+             volume(rng, dark=2.0 * i + 9.0 * (i % 2))) for i in range(12)]
     gen = [(dict(modality="T1", diagnosis=dx, synthetic=True,
                  request={"seed": s, "conditions": {"disease": dx, "modality": "T1"}}), volume(rng, dark=d))
            for s in range(3) for dx, d in (("HC", 0.0), ("AD", 10.0 * s - 5))]
-    maps = EffectMaps(a.spec.effects)
+    maps = EffectMaps(a.spec.effects, within)
     meas = []
     for add, items in ((maps.add_real, real), (maps.add_generated, gen)):
         sigs = []

@@ -91,6 +91,9 @@ class AnatomySpec(BaseModel):
     signatures: list[Signature]
     effects: list[Effect]
     source: str = Field(default="", description="where the effects come from (shown in the report)")
+    within: str | None = Field(default=None, description=(
+        "metadata field (e.g. cohort) within whose strata real effects are estimated, so that differences "
+        "between cohorts (scanners, contrast) are not taken for the effect; None pools every real sample"))
 
     @model_validator(mode="after")
     def _names(self) -> AnatomySpec:
@@ -186,32 +189,65 @@ def _value(v: Any, numeric: bool) -> Any:
     return label_of(v)
 
 
-def real_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Sequence[float]) -> dict[str, Any]:
-    """The effect in real data: class means (or the line fit for numeric values), difference, d."""
+def _stratum(record: Mapping[str, Any], within: str | None) -> str:
+    return "all" if within is None else str(label_of(record.get(within)))
+
+
+def real_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Sequence[float],
+                within: str | None = None) -> dict[str, Any]:
+    """The effect in real data, and Cohen's d against the within-class (or residual) SD.
+
+    Classes: the difference of class means; numbers: the least-squares slope times the requested
+    change. With ``within`` (a field such as cohort) both are estimated inside each stratum and
+    combined (class differences weighted by 1/(1/n_from + 1/n_to), slopes pooled over the strata's
+    centred values), so a difference between cohorts -- scanners, contrast -- is not counted as the
+    effect; strata that lack a class do not count."""
     s = np.asarray(sig, dtype=np.float64)
-    idx = [i for i, r in enumerate(records) if effect.modality is None or label_of(r.get("modality")) == effect.modality]
+    strata: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if effect.modality is None or label_of(r.get("modality")) == effect.modality:
+            strata.setdefault(_stratum(r, within), []).append(i)
     if effect.numeric:
-        xs = [(i, _value(records[i].get(effect.field), True)) for i in idx]
-        xs = [(i, x) for i, x in xs if x is not None]
-        fit = line_fit([x for _, x in xs], s[[i for i, _ in xs]]) if len(xs) >= 2 else {"slope": math.nan, "n": len(xs)}
-        diff = fit["slope"] * (float(effect.high) - float(effect.low))
-        resid_sd = math.nan
-        if len(xs) >= 3 and math.isfinite(fit["slope"]):
+        sxx = sxy = 0.0
+        used, centred = [], []
+        for name, ids in strata.items():
+            xs = [(i, _value(records[i].get(effect.field), True)) for i in ids]
+            xs = [(i, x) for i, x in xs if x is not None]
+            if len(xs) < 2:
+                continue
             x = np.array([x for _, x in xs])
-            resid_sd = float(np.std(s[[i for i, _ in xs]] - (fit["slope"] * x + fit["intercept"]), ddof=2))
-        return {"n": fit["n"], "slope": fit["slope"], "difference": diff,
-                "d": diff / resid_sd if resid_sd and math.isfinite(resid_sd) and resid_sd > 0 else math.nan}
-    lo = s[[i for i in idx if label_of(records[i].get(effect.field)) == label_of(effect.low)]]
-    hi = s[[i for i in idx if label_of(records[i].get(effect.field)) == label_of(effect.high)]]
-    out: dict[str, Any] = {"n_from": int(lo.size), "n_to": int(hi.size), "mean_from": math.nan, "mean_to": math.nan,
-                           "difference": math.nan, "d": math.nan}
-    if lo.size and hi.size:
-        out.update(mean_from=float(lo.mean()), mean_to=float(hi.mean()), difference=float(hi.mean() - lo.mean()))
-        if lo.size + hi.size > 2:
-            pooled = math.sqrt(((lo.size - 1) * lo.var(ddof=1 if lo.size > 1 else 0) + (hi.size - 1) *
-                                hi.var(ddof=1 if hi.size > 1 else 0)) / (lo.size + hi.size - 2))
-            out["d"] = out["difference"] / pooled if pooled > 0 else math.nan
-    return out
+            y = s[[i for i, _ in xs]]
+            xc, yc = x - x.mean(), y - y.mean()
+            sxx, sxy = sxx + float((xc * xc).sum()), sxy + float((xc * yc).sum())
+            used.append(name)
+            centred.append((xc, yc))
+        n = sum(len(xc) for xc, _ in centred)
+        slope = sxy / sxx if sxx > 0 else math.nan
+        dof = n - len(used) - 1
+        resid_sd = math.nan
+        if math.isfinite(slope) and dof > 0:
+            resid_sd = math.sqrt(sum(float(((yc - slope * xc) ** 2).sum()) for xc, yc in centred) / dof)
+        diff = slope * (float(effect.high) - float(effect.low))
+        return {"n": n, "slope": slope, "difference": diff, "strata": used,
+                "d": diff / resid_sd if resid_sd > 0 else math.nan}
+    lo_c, hi_c = label_of(effect.low), label_of(effect.high)
+    num = den = ss = 0.0
+    n_from = n_to = dof = 0
+    used = []
+    for name, ids in strata.items():
+        lo = s[[i for i in ids if label_of(records[i].get(effect.field)) == lo_c]]
+        hi = s[[i for i in ids if label_of(records[i].get(effect.field)) == hi_c]]
+        if not lo.size or not hi.size:
+            continue
+        w = 1.0 / (1.0 / lo.size + 1.0 / hi.size)
+        num, den = num + w * float(hi.mean() - lo.mean()), den + w
+        ss += float(((lo - lo.mean()) ** 2).sum() + ((hi - hi.mean()) ** 2).sum())
+        n_from, n_to, dof = n_from + lo.size, n_to + hi.size, dof + lo.size + hi.size - 2
+        used.append(name)
+    diff = num / den if den else math.nan
+    sd = math.sqrt(ss / dof) if dof > 0 else math.nan
+    return {"n_from": n_from, "n_to": n_to, "difference": diff, "strata": used,
+            "d": diff / sd if sd > 0 else math.nan}
 
 
 def paired_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Sequence[float]) -> dict[str, Any]:
@@ -236,13 +272,14 @@ def paired_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Seq
 
 class EffectMaps:
     """Voxel maps of each effect, accumulated one volume at a time (no set is held in memory):
-    real, the difference of class means (numbers: the voxelwise slope times the change); generated,
-    the mean over paired groups of the group's change. Shown beside each other they say *where* a
-    generated change lands, which the signature alone cannot."""
+    real, the difference of class means (numbers: the voxelwise slope times the change), within
+    strata as :func:`real_effect`; generated, the mean over paired groups of the group's change.
+    Shown beside each other they say *where* a generated change lands, which the signature alone
+    cannot."""
 
-    def __init__(self, effects: Sequence[Effect]):
-        self.effects = list(effects)
-        self.real: list[dict[str, Any]] = [{} for _ in self.effects]
+    def __init__(self, effects: Sequence[Effect], within: str | None = None):
+        self.effects, self.within = list(effects), within
+        self.real: list[dict[str, dict[Any, Any]]] = [{} for _ in self.effects]  # per stratum
         self.gen: list[dict[tuple, dict[Any, list]]] = [{} for _ in self.effects]
 
     @staticmethod
@@ -260,10 +297,11 @@ class EffectMaps:
         return _value(meta.get(e.field), e.numeric)
 
     def add_real(self, meta: Mapping[str, Any], z: np.ndarray) -> None:
-        for e, acc in zip(self.effects, self.real):
+        for e, strata in zip(self.effects, self.real):
             v = self._wanted(e, meta)
             if v is None:
                 continue
+            acc = strata.setdefault(_stratum(meta, self.within), {})
             if e.numeric:  # sums for the voxelwise least-squares slope (x centred by the requested range)
                 x = v - 0.5 * (float(e.low) + float(e.high))
                 for k, term in (("n", 1.0), ("x", x), ("xx", x * x), ("z", z), ("xz", x * z)):
@@ -281,15 +319,20 @@ class EffectMaps:
 
     def maps(self, e_index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(real map, generated map) of one effect, None where there is no data."""
-        e, acc, groups = self.effects[e_index], self.real[e_index], self.gen[e_index]
+        e, strata, groups = self.effects[e_index], self.real[e_index].values(), self.gen[e_index]
         lo, hi = _value(e.low, e.numeric), _value(e.high, e.numeric)
         real = None
-        if e.numeric and acc.get("n", 0) >= 2:
-            den = acc["n"] * acc["xx"] - acc["x"] ** 2
-            if den > 0:
-                real = (acc["n"] * acc["xz"] - acc["x"] * acc["z"]) / den * (float(e.high) - float(e.low))
-        elif not e.numeric and lo in acc and hi in acc:
-            real = acc[hi][0] / acc[hi][1] - acc[lo][0] / acc[lo][1]
+        if e.numeric:  # slope pooled over the strata: sum of centred cross products / centred squares
+            used = [a for a in strata if a.get("n", 0) >= 2]
+            sxx = sum(a["xx"] - a["x"] ** 2 / a["n"] for a in used)
+            if sxx > 0:
+                sxz = sum(a["xz"] - a["x"] * a["z"] / a["n"] for a in used)
+                real = sxz / sxx * (float(e.high) - float(e.low))
+        else:
+            both = [a for a in strata if lo in a and hi in a]
+            w = [1.0 / (1.0 / a[lo][1] + 1.0 / a[hi][1]) for a in both]
+            if both:
+                real = sum(wi * (a[hi][0] / a[hi][1] - a[lo][0] / a[lo][1]) for wi, a in zip(w, both)) / sum(w)
         changes = [g[hi][0] / g[hi][1] - g[lo][0] / g[lo][1] for g in groups.values() if lo in g and hi in g]
         return real, (sum(changes) / len(changes) if changes else None)
 
@@ -317,7 +360,9 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
     rows: dict[str, Any] = {}
     for e in anatomy.spec.effects:
         sign = 1.0 if e.expect == "increase" else -1.0
-        r = real_effect(e, real[0], [x[e.signature] for x in real[1]])
+        r = real_effect(e, real[0], [x[e.signature] for x in real[1]], anatomy.spec.within)
+        if anatomy.spec.within is not None:  # beside it, what the strata's differences add
+            r["pooled_difference"] = real_effect(e, real[0], [x[e.signature] for x in real[1]])["difference"]
         g = paired_effect(e, generated[0], [x[e.signature] for x in generated[1]])
         diff = r["difference"]
         rows[e.name] = {
@@ -353,7 +398,7 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
     from .sources import request_settings
 
     anatomy = Anatomy.load(spec)
-    maps = EffectMaps(anatomy.spec.effects)
+    maps = EffectMaps(anatomy.spec.effects, anatomy.spec.within)
     real_m = _measure(anatomy, real, limit, progress, "real", maps.add_real)
     gen_m = _measure(anatomy, generated, limit, progress, "generated", maps.add_generated)
     res = evaluate(anatomy, real_m, gen_m)

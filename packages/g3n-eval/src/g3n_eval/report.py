@@ -175,11 +175,16 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
     for name, r in doc["results"]["effects"].items():
         real, pair = r["real"], r["paired"]
         n_real = real.get("n") if "n" in real else f"{real.get('n_from')}/{real.get('n_to')}"
-        rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real["d"], r["real_confirms"],
-                     _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")])
+        rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real.get("pooled_difference"),
+                     real["d"], r["real_confirms"], _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")])
+    within = ""
+    if spec.get("within"):
+        w = html.escape(str(spec["within"]))
+        within = (f", estimated within each {w} so that differences between {w}s (scanners, contrast) do not "
+                  f"count; <i>pooled</i>: over every real sample")
     head = ("<p>Known effects measured on the volumes themselves, no probe: each volume z-scored over the brain, "
             "then a region mean, a contrast of two regions, or a left-right asymmetry. <i>real</i> is the effect in "
-            "real data (class means, or the slope times the change for numbers) and Cohen's d; <i>as expected</i> "
+            f"real data (class means, or the slope times the change for numbers) and Cohen's d{within}; <i>as expected</i> "
             "says whether real data confirm the direction. <i>paired moved</i> counts the generated groups (same "
             "noise, other conditions equal) whose signature changed the expected way; <i>of real</i> is their mean "
             "change as a fraction of the real effect. The images <i>anatomy</i> show each effect voxel by voxel, real above and "
@@ -187,8 +192,8 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
             "lands, e.g. a scanner's bias pattern learned with a disease.")
     if spec.get("source"):
         head += f" Effects from: {html.escape(str(spec['source']))}."
-    out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "real d", "as expected",
-                                  "paired moved", "paired p", "paired change", "of real"], rows, left=3)
+    out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "pooled", "real d",
+                                  "as expected", "paired moved", "paired p", "paired change", "of real"], rows, left=3)
     items = [f"<li><b>{html.escape(s['name'])}</b>: {html.escape(s.get('why') or s['kind'])}</li>"
              for s in spec.get("signatures", [])]
     items += [f"<li>{html.escape(name)}: {html.escape(r['why'])}</li>"

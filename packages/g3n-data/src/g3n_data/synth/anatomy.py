@@ -86,6 +86,8 @@ def anatomy_spec(cfg: SynthConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
         "regions": REGIONS_NAME,
         "brain": "brain",
         "midline": round(midline, 4),
+        # every cohort has its own scanners and contrast, and PD or glioma come from one cohort each
+        "within": "cohort",
         "signatures": [
             {"name": "ventricle_signal", "kind": "mean", "region": "ventricles",
              "why": "mean z in the template's ventricles: lower when they widen (more CSF, dark on T1)"},
