@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .controllability import _direction, _groups, pairing_key
 from .data import InputError, iter_set, label_of
-from .stats import line_fit
 
 MASK_THRESHOLD = 0.5
 
