@@ -82,6 +82,8 @@ class Effect(BaseModel):
 
 
 class AnatomySpec(BaseModel):
+    """The YAML/JSON file: regions, signatures, effects (see the module docstring)."""
+
     model_config = ConfigDict(extra="forbid")
     regions: str = Field(description="npz of region weights in [0, 1] on the volumes' grid, relative to the spec")
     brain: str = Field(description="region every volume is z-scored over")
