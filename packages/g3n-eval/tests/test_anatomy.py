@@ -248,7 +248,23 @@ def test_bad_volumes_are_named(tmp_path):
     bad[5, 5, 5] = np.nan
     with pytest.raises(InputError, match="v2: volume contains NaN"):
         a.signatures(bad, "v2")
+    # a set on another grid: every volume is rejected, and the command fails naming the set
     rp = write_set(tmp_path / "real", [(gs.SampleMeta(subject="r0", modality="T1"), np.ones((8, 8, 8), np.float32))], (8, 8, 8))
     code = main(["anatomy", "--spec", str(tmp_path / "spec" / "anatomy.yaml"), "--real", str(rp), "--generated", str(rp),
                  "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 2
+    assert "r0-t1" in (tmp_path / "o" / "rejects.jsonl").read_text()
+    # one constant volume among good ones: it is recorded, the others are measured
+    rng = np.random.default_rng(4)
+    items = [(gs.SampleMeta(subject=f"r{i}", modality="T1", diagnosis="HC AD".split()[i % 2]), volume(rng, dark=9.0 * (i % 2)))
+             for i in range(4)]
+    items.append((gs.SampleMeta(subject="flat", modality="T1", diagnosis="HC"), np.full(SHAPE, 3.0, np.float32)))
+    good = write_set(tmp_path / "mixed", items)
+    assert main(["anatomy", "--spec", str(tmp_path / "spec" / "anatomy.yaml"), "--real", str(good), "--generated",
+                 str(good), "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "o2" / "anatomy.json").read_text())
+    assert doc["results"]["rejected"] == 2  # as a real and as a generated volume
+    assert doc["results"]["effects"]["diagnosis:HC->AD [T1]"]["real"]["n_from"] == 2
+    lines = (tmp_path / "o2" / "rejects.jsonl").read_text().splitlines()
+    assert [json.loads(x)["key"] for x in lines] == ["real:flat-t1", "generated:flat-t1"]
+    assert all("constant inside the brain region" in json.loads(x)["reason"] for x in lines)

@@ -377,18 +377,29 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
 
 
 def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str,
-             each: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+             each: Any = None, rejects: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Signatures of every volume of a set; a volume that cannot be measured (shape, NaN, constant)
+    goes to ``rejects`` and the set goes on."""
     from tqdm import tqdm
 
     recs, sigs = [], []
+    n_bad = 0
     for key, meta, arr in tqdm(iter_set(path, "volumes", limit), desc=f"anatomy: {what}", unit="vol", disable=not progress):
-        z = anatomy.zscore(arr, f"{path}: {key}")
+        try:
+            z = anatomy.zscore(arr, key)
+        except InputError as e:
+            if rejects is None:
+                raise
+            rejects.add(f"{what}:{key}", str(e))
+            n_bad += 1
+            continue
         recs.append(meta)
         sigs.append(anatomy.signatures(arr, key, z))
         if each is not None:
             each(meta, z)
     if not recs:
-        raise InputError(f"{path}: no volumes")
+        why = f" ({n_bad} rejected, see {rejects.path})" if n_bad else ""
+        raise InputError(f"{path}: no volume could be measured{why}")
     return recs, sigs
 
 
@@ -398,11 +409,15 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
     from .records import input_ref, write_metrics
     from .sources import request_settings
 
+    from .rejects import Rejects
+
     anatomy = Anatomy.load(spec)
     maps = EffectMaps(anatomy.spec.effects, anatomy.spec.within)
-    real_m = _measure(anatomy, real, limit, progress, "real", maps.add_real)
-    gen_m = _measure(anatomy, generated, limit, progress, "generated", maps.add_generated)
+    rejects = Rejects(out)
+    real_m = _measure(anatomy, real, limit, progress, "real", maps.add_real, rejects)
+    gen_m = _measure(anatomy, generated, limit, progress, "generated", maps.add_generated, rejects)
     res = evaluate(anatomy, real_m, gen_m)
+    res["rejected"] = rejects.count
     res["figures"] = effect_figures(anatomy, maps, Path(out))
     settings = {"spec": anatomy.spec.model_dump(mode="json", by_alias=True), "limit": limit,
                 "z_scored_over": anatomy.spec.brain, "mask_threshold": MASK_THRESHOLD,
