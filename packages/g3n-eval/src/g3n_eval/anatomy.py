@@ -80,6 +80,18 @@ class Effect(BaseModel):
     def numeric(self) -> bool:
         return not isinstance(self.low, str) and not isinstance(self.high, str)
 
+    @property
+    def ends(self) -> tuple[Any, Any]:
+        """``from`` and ``to`` as records' values are compared with them: labels, or floats for numbers."""
+        return _value(self.low, self.numeric), _value(self.high, self.numeric)
+
+    def value_in(self, record: Mapping[str, Any]) -> Any:
+        """The record's value of the field (a label, or a float for numbers); None when the record is
+        of another modality or has no value."""
+        if self.modality is not None and label_of(record.get("modality")) != self.modality:
+            return None
+        return _value(record.get(self.field), self.numeric)
+
 
 class AnatomySpec(BaseModel):
     """The YAML/JSON file: regions, signatures, effects (see the module docstring)."""
@@ -204,16 +216,15 @@ def real_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Seque
     centred values), so a difference between cohorts -- scanners, contrast -- is not counted as the
     effect; strata that lack a class do not count."""
     s = np.asarray(sig, dtype=np.float64)
-    strata: dict[str, list[int]] = {}
+    strata: dict[str, list[tuple[int, Any]]] = {}  # stratum -> (record index, value)
     for i, r in enumerate(records):
-        if effect.modality is None or label_of(r.get("modality")) == effect.modality:
-            strata.setdefault(_stratum(r, within), []).append(i)
+        v = effect.value_in(r)
+        if v is not None:
+            strata.setdefault(_stratum(r, within), []).append((i, v))
     if effect.numeric:
         sxx = sxy = 0.0
         used, centred = [], []
-        for name, ids in strata.items():
-            xs = [(i, _value(records[i].get(effect.field), True)) for i in ids]
-            xs = [(i, x) for i, x in xs if x is not None]
+        for name, xs in strata.items():
             if len(xs) < 2:
                 continue
             x = np.array([x for _, x in xs])
@@ -231,13 +242,13 @@ def real_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Seque
         diff = slope * (float(effect.high) - float(effect.low))
         return {"n": n, "slope": slope, "difference": diff, "strata": used,
                 "d": diff / resid_sd if resid_sd > 0 else math.nan}
-    lo_c, hi_c = label_of(effect.low), label_of(effect.high)
+    lo_c, hi_c = effect.ends
     num = den = ss = 0.0
     n_from = n_to = dof = 0
     used = []
-    for name, ids in strata.items():
-        lo = s[[i for i in ids if label_of(records[i].get(effect.field)) == lo_c]]
-        hi = s[[i for i in ids if label_of(records[i].get(effect.field)) == hi_c]]
+    for name, ivs in strata.items():
+        lo = s[[i for i, v in ivs if v == lo_c]]
+        hi = s[[i for i, v in ivs if v == hi_c]]
         if not lo.size or not hi.size:
             continue
         w = 1.0 / (1.0 / lo.size + 1.0 / hi.size)
@@ -255,15 +266,14 @@ def paired_effect(effect: Effect, records: Sequence[Mapping[str, Any]], sig: Seq
     """Within each group of generated samples that share noise and other conditions, the signature
     at ``to`` minus at ``from``; a group moved when that change has the expected sign."""
     s = np.asarray(sig, dtype=np.float64)
-    want = (_value(effect.low, effect.numeric), _value(effect.high, effect.numeric))
-    sel = [i for i, r in enumerate(records) if (effect.modality is None or label_of(r.get("modality")) == effect.modality)
-           and _value(r.get(effect.field), effect.numeric) in want]
-    keys = [pairing_key(records[i], effect.field) for i in sel]
+    lo, hi = effect.ends
+    sel = [(i, v) for i, v in ((i, effect.value_in(r)) for i, r in enumerate(records)) if v in (lo, hi)]
+    keys = [pairing_key(records[i], effect.field) for i, _ in sel]
     changes = []
     for group in _groups(keys).values():
-        vals = {w: [s[sel[j]] for j in group if _value(records[sel[j]].get(effect.field), effect.numeric) == w] for w in want}
-        if vals[want[0]] and vals[want[1]]:
-            changes.append(float(np.mean(vals[want[1]]) - np.mean(vals[want[0]])))
+        vals = {w: [s[sel[j][0]] for j in group if sel[j][1] == w] for w in (lo, hi)}
+        if vals[lo] and vals[hi]:
+            changes.append(float(np.mean(vals[hi]) - np.mean(vals[lo])))
     sign = 1.0 if effect.expect == "increase" else -1.0
     out = _direction([sign * c for c in changes], "toward")
     out.pop("toward")
@@ -292,14 +302,9 @@ class EffectMaps:
             cur[0] += z
             cur[1] += 1
 
-    def _wanted(self, e: Effect, meta: Mapping[str, Any]) -> Any:
-        if e.modality is not None and label_of(meta.get("modality")) != e.modality:
-            return None
-        return _value(meta.get(e.field), e.numeric)
-
     def add_real(self, meta: Mapping[str, Any], z: np.ndarray) -> None:
         for e, strata in zip(self.effects, self.real):
-            v = self._wanted(e, meta)
+            v = e.value_in(meta)
             if v is None:
                 continue
             acc = strata.setdefault(_stratum(meta, self.within), {})
@@ -307,13 +312,13 @@ class EffectMaps:
                 x = v - 0.5 * (float(e.low) + float(e.high))
                 for k, term in (("n", 1.0), ("x", x), ("xx", x * x), ("z", z), ("xz", x * z)):
                     acc[k] = acc.get(k, 0.0) + term
-            elif v in (label_of(e.low), label_of(e.high)):
+            elif v in e.ends:
                 self._add(acc, v, z)
 
     def add_generated(self, meta: Mapping[str, Any], z: np.ndarray) -> None:
         for e, groups in zip(self.effects, self.gen):
-            v = self._wanted(e, meta)
-            if v is not None and v in (_value(e.low, e.numeric), _value(e.high, e.numeric)):
+            v = e.value_in(meta)
+            if v is not None and v in e.ends:
                 key = pairing_key(meta, e.field)
                 if key is not None:
                     self._add(groups.setdefault(key, {}), v, z)
@@ -321,7 +326,7 @@ class EffectMaps:
     def maps(self, e_index: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(real map, generated map) of one effect, None where there is no data."""
         e, strata, groups = self.effects[e_index], self.real[e_index].values(), self.gen[e_index]
-        lo, hi = _value(e.low, e.numeric), _value(e.high, e.numeric)
+        lo, hi = e.ends
         real = None
         if e.numeric:  # slope pooled over the strata: sum of centred cross products / centred squares
             used = [a for a in strata if a.get("n", 0) >= 2]
@@ -361,9 +366,10 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
     rows: dict[str, Any] = {}
     for e in anatomy.spec.effects:
         sign = 1.0 if e.expect == "increase" else -1.0
-        r = real_effect(e, real[0], [x[e.signature] for x in real[1]], anatomy.spec.within)
+        real_sig = [x[e.signature] for x in real[1]]
+        r = real_effect(e, real[0], real_sig, anatomy.spec.within)
         if anatomy.spec.within is not None:  # beside it, what the strata's differences add
-            r["pooled_difference"] = real_effect(e, real[0], [x[e.signature] for x in real[1]])["difference"]
+            r["pooled_difference"] = real_effect(e, real[0], real_sig)["difference"]
         g = paired_effect(e, generated[0], [x[e.signature] for x in generated[1]])
         diff = r["difference"]
         rows[e.name] = {
@@ -377,9 +383,9 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
 
 
 def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str,
-             each: Any = None, rejects: Any = None) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
-    """Signatures of every volume of a set; a volume that cannot be measured (shape, NaN, constant)
-    goes to ``rejects`` and the set goes on."""
+             each: Any, rejects: Any) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Signatures of every volume of a set, each z-scored volume also handed to ``each``; a volume
+    that cannot be measured (shape, NaN, constant) goes to ``rejects`` and the set goes on."""
     from tqdm import tqdm
 
     recs, sigs = [], []
@@ -388,15 +394,12 @@ def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bo
         try:
             z = anatomy.zscore(arr, key)
         except InputError as e:
-            if rejects is None:
-                raise
             rejects.add(f"{what}:{key}", str(e))
             n_bad += 1
             continue
         recs.append(meta)
         sigs.append(anatomy.signatures(arr, key, z))
-        if each is not None:
-            each(meta, z)
+        each(meta, z)
     if not recs:
         why = f" ({n_bad} rejected, see {rejects.path})" if n_bad else ""
         raise InputError(f"{path}: no volume could be measured{why}")
@@ -407,9 +410,8 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
                 limit: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Measure the spec's signatures on a real and a generated volumes set; write ``anatomy.json``."""
     from .records import input_ref, write_metrics
-    from .sources import request_settings
-
     from .rejects import Rejects
+    from .sources import request_settings
 
     anatomy = Anatomy.load(spec)
     maps = EffectMaps(anatomy.spec.effects, anatomy.spec.within)
