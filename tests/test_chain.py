@@ -14,7 +14,8 @@ from g3n_pipeline.runner import is_done
 from g3n_pipeline.demo import build_stages, headline
 
 TINY = dict(subjects=24, real=False, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
-            dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2)
+            dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2,
+            probe_permutations=4)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,11 @@ def test_every_stage_recorded_and_is_skipped_on_rerun(run, capsys):
 def test_report_and_results_exist(run):
     assert (run / "eval" / "report" / "index.html").is_file()
     assert (run / "probe" / "results.csv").is_file()
+    # the headline probe rows carry their permutation test (sex and age are scored even on 24 subjects)
+    lines = headline(run)
+    assert any(line.startswith("probe sex (all): auc") and "permutation test: p" in line and "over 4 shuffled" in line
+               for line in lines), lines
+    assert (run / "probe" / "permutations" / "brain_age__T1.csv").is_file()
     for folder, name in (("recon", "recon"), ("controllability", "controllability"), ("memorisation", "memorisation"),
                          ("fidelity", "fidelity"), ("forecast", "forecast"), ("controllability-latent", "controllability")):
         d = json.loads((run / "eval" / folder / f"{name}.json").read_text(encoding="utf-8"))

@@ -272,6 +272,11 @@ def _probe_section(run: Path) -> str:
 
     note = ("" if "chance" not in cols else
             "<p>chance: the same folds scored by a constant predictor (training-part class frequencies or mean).</p>")
+    if any(r.get("perm_p") for r in rows):
+        note += ("<p>perm_p: permutation test, the share of cross-validations on labels shuffled between subjects "
+                 "(same folds; <code>permutations</code> of them) that scored at least as well; perm_null95: the score "
+                 "to beat for p &lt; 0.05 (the shuffled scores' 95th percentile, 5th for errors). With few subjects "
+                 "a probe that learned nothing can land far from chance; this says how far.</p>")
     return (f"<p>From <code>{html.escape(str(run))}</code></p>" + note
             + _table(cols, [[cell(r[c]) for c in cols] for r in rows], left=3))
 

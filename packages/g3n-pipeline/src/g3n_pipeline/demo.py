@@ -44,6 +44,13 @@ SAMPLE_REQUESTS: list[dict] = [
 ]
 
 
+#: the probe rows the headline prints: the labels method.md's signal must show on (age, sex,
+#: diagnosis, modality, IDH1); the probe stage runs its permutation test on these slices
+HEADLINE_PROBES: list[tuple[str, str, str]] = [
+    ("disease", "all", "auc"), ("sex", "all", "auc"), ("modality", "all", "auc"), ("idh1", "T1c", "auc"),
+    ("brain_age", "T1", "mae")]
+
+
 class DemoConfig(BaseModel):
     """Sizes of the demo run; the defaults finish in under 15 minutes on 2 idle CPU cores."""
 
@@ -68,6 +75,8 @@ class DemoConfig(BaseModel):
                            "on decoded volumes. At 2400: 0.21-0.28 z, and 7-8 of 8 groups")
     dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision: fp32, bf16, or auto (bf16 on CPUs "
                                "with AMX, where it trains 1.6x faster, and on CUDA)")
+    probe_permutations: int = Field(49, ge=0, description="permutation test of the headline probe rows: that many "
+                                    "cross-validations on shuffled labels each (p >= 1/50); 0 skips it")
     longitudinal_steps: int = 200
     recon_volumes: int = 8
     samples_per_request: int = 8
@@ -121,7 +130,9 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_mae.cli", "encode", s(r / "mae"), "--volumes", s(r / "volumes"), "--out", s(r / "tokens"),
              "--store", "both", "--overwrite"]]),
         Stage("probe", "the clinical probe panel (g3n-probe run)", ["probe"], lambda r: [
-            ["g3n_probe.cli", "run", s(r / "tokens"), "--out", s(r / "probe"), "--name", "BrainG3N-tiny"]]),
+            ["g3n_probe.cli", "run", s(r / "tokens"), "--out", s(r / "probe"), "--name", "BrainG3N-tiny",
+             *(["--permutations", str(cfg.probe_permutations),
+                "--permute", ",".join(f"{t}/{sl}" for t, sl, _ in HEADLINE_PROBES)] if cfg.probe_permutations else [])]]),
         Stage("tokenizer", "MAE-CNN tokenizer, tiny preset (g3n-tokenizer train, encode)",
               ["tokenizer/tokenizer.safetensors", "latents", "latents-train", "latents-test"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
@@ -204,11 +215,14 @@ def headline(run: Path) -> list[str]:
     if results.is_file():
         import csv
 
-        wanted = {("disease", "all", "auc"), ("sex", "all", "auc"), ("modality", "all", "auc"), ("idh1", "T1c", "auc"),
-                  ("brain_age", "T1", "mae")}
+        wanted = set(HEADLINE_PROBES)
         for row in csv.DictReader(results.open()):
             if (row.get("task"), row.get("slice"), row.get("metric")) in wanted:
-                chance = f" (chance {float(row['chance']):.3f})" if row.get("chance") else ""
+                chance = f"chance {float(row['chance']):.3f}" if row.get("chance") else ""
+                if row.get("perm_p"):
+                    chance += (f"; permutation test: p {float(row['perm_p']):.2g} over {row['permutations']} shuffled "
+                               f"labellings, {float(row['perm_null95']):.3f} to beat for p < 0.05")
+                chance = f" ({chance})" if chance else ""
                 lines.append(f"probe {row['task']} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}{chance}")
 
     def load(name: str, folder: str | None = None) -> dict:

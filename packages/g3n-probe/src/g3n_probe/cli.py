@@ -30,6 +30,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-reduce", default="flatten", choices=["flatten", "mean"], help="latents sets: flatten or mean over tokens")
     p.add_argument("--save-fold-probes", action="store_true", help="also save each fold's probe")
     p.add_argument("--no-probes", action="store_true", help="do not fit/save final probes")
+    p.add_argument("--permutations", type=int, metavar="N",
+                   help="permutation test: cross-validate the --permute slices N more times on labels shuffled between "
+                        "subjects, for a p-value beside each score (default from the protocol: 0, no test; 99 gives p >= 0.01)")
+    p.add_argument("--permute", metavar="WHICH",
+                   help="comma-separated slices for the permutation test: 'headline' (the panel's headline rows; default) "
+                        "and/or TASK/SLICE patterns with * and ?, e.g. 'disease/all,idh1/T1c' or '*/*' for every slice")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -43,6 +49,10 @@ def _protocol(a: argparse.Namespace):
         over["save_fold_probes"] = True
     if a.no_probes:
         over["save_probes"] = False
+    if a.permutations is not None:
+        over["permutations"] = a.permutations
+    if a.permute:
+        over["permute"] = [w.strip() for w in a.permute.split(",") if w.strip()]
     return load_protocol(a.protocol, preset=a.preset, **over)
 
 

@@ -177,6 +177,13 @@ class ProtocolConfig(BaseModel):
     save_probes: bool = True
     save_fold_probes: bool = False
     pooled_min_modalities: int = Field(default=1, ge=1)
+    permutations: int = Field(
+        default=0, ge=0,
+        description="cross-validate the selected slices this many more times on shuffled labels for a p-value (0: no test)")
+    permute: list[str] = Field(
+        default_factory=lambda: ["headline"], min_length=1,
+        description="slices the permutation test covers: 'headline' (the panel's headline rows) and/or TASK/SLICE "
+                    "patterns with * and ? (e.g. 'disease/all', '*/T1', '*/*')")
 
     @field_validator("ridge_inner_cv")
     @classmethod
@@ -186,8 +193,11 @@ class ProtocolConfig(BaseModel):
         return v
 
     def digest(self) -> str:
-        """Short content hash, recorded beside results so runs can be told apart."""
-        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        """Short content hash, recorded beside results so runs can be told apart.
+
+        The permutation test's settings are left out: they add p-values but change no split,
+        probe or score, so two runs that differ only in them hold comparable results."""
+        blob = json.dumps(self.model_dump(exclude={"permutations", "permute"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -5,6 +5,9 @@ task's labelled volumes (5-fold, stratified, grouped, seed 2025); every slice re
 assignment, so slices and feature sets see identical splits. Inside each fold the scaler and
 the probe are fitted on training units only. Too-small classes are dropped and too-small
 tasks or slices are skipped, each with a recorded reason; nothing here raises for lack of labels.
+
+With ``permutations`` > 0 the slices that ``permute`` selects are cross-validated again on
+shuffled labels (same folds; see permutation.py) for a p-value beside each score.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -22,10 +26,11 @@ from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from .config import Panel, ProtocolConfig, TaskSpec
+from .config import Panel, PanelError, ProtocolConfig, TaskSpec
 from .features import FeatureSet
 from .linear import FitReport, GramStats, LinearProbe, fit_classifier, fit_regressor, ridge_from_stats, wide
 from .metrics import classification_metric, regression_metric
+from .permutation import block_permutation, null_bound, p_value, slice_seed
 from .slices import build_view
 from .splits import assign_folds, check_no_leak, regression_strata
 from .targets import Labels, extract_labels, subject_id
@@ -95,10 +100,18 @@ class SliceResult:
     #: the same folds scored by a constant predictor (the training part's class frequencies or
     #: mean): the level a probe must beat to show the features carry the label
     chance_metrics: dict[str, list[float]] = field(default_factory=dict)
+    #: the fold-mean metric of each cross-validation on shuffled labels (empty: not tested)
+    null_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def chance(self, metric: str) -> float:
         vals = [v for v in self.chance_metrics.get(metric, []) if not math.isnan(v)]
         return float(np.mean(vals)) if vals else math.nan
+
+    def permutation(self, metric: str) -> tuple[float, float, int]:
+        """(p-value, the score to beat for p < 0.05, number of scored permutations); NaNs when untested."""
+        null = self.null_metrics.get(metric, [])
+        n = sum(not math.isnan(v) for v in null)
+        return p_value(self.summary(metric)[0], null, metric), null_bound(null, metric), n
 
     def summary(self, metric: str) -> tuple[float, float, int]:
         """Mean and sample SD over scored folds, and the number of scored folds."""
@@ -247,6 +260,71 @@ def _fit_folds(
     return fits
 
 
+def _score(task: TaskSpec, probe: LinearProbe, X: np.ndarray, y: np.ndarray, classes: list[str],
+           metric_names: list[str]) -> tuple[dict[str, float], np.ndarray]:
+    """Every metric of one fold's test part, and the scores (class columns in ``classes`` order)."""
+    scores = probe.predict_scores(X)
+    if task.kind != "classification":
+        return {m: regression_metric(m, y, scores) for m in metric_names}, scores
+    full = np.zeros((len(X), len(classes)), dtype=scores.dtype)
+    for j, c in enumerate(probe.classes):
+        full[:, classes.index(c)] = scores[:, j]
+    return {m: classification_metric(m, y, full, classes) for m in metric_names}, full
+
+
+def _scorable(task: TaskSpec, y: np.ndarray, ufold: np.ndarray, n_splits: int) -> list[int]:
+    return [k for k in range(n_splits) if (ufold == k).any()
+            and (task.kind != "classification" or len(set(y[ufold != k].tolist())) >= 2)]
+
+
+def _null_metrics(task: TaskSpec, slice_name: str, X: np.ndarray, y: np.ndarray, subj: np.ndarray, ufold: np.ndarray,
+                  classes: list[str], cfg: ProtocolConfig,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+    """The fold-mean of every metric over ``cfg.permutations`` cross-validations on shuffled labels."""
+    rng = np.random.default_rng(slice_seed(cfg.seed, task.name, slice_name))
+    fit_cfg = cfg.model_copy(update={"save_probes": False})
+    names = task.metric_names()
+    null: dict[str, list[float]] = {m: [] for m in names}
+    for b in range(cfg.permutations):
+        if progress is not None:
+            progress(b, cfg.permutations)
+        yb = y[block_permutation(subj, rng)]
+        scorable = _scorable(task, yb, ufold, cfg.n_splits)
+        fits = _fit_folds(task, X, yb, subj, ufold, scorable, fit_cfg)
+        folds: dict[str, list[float]] = {m: [] for m in names}
+        for k in scorable:
+            test = ufold == k
+            for m, v in _score(task, fits[k][0], X[test], yb[test], classes, names)[0].items():
+                folds[m].append(v)
+        for m in names:
+            vals = [v for v in folds[m] if not math.isnan(v)]
+            null[m].append(float(np.mean(vals)) if vals else math.nan)
+    return null
+
+
+def permuted_slices(panel: Panel, cfg: ProtocolConfig) -> set[tuple[str, str]]:
+    """The (task, slice) pairs ``cfg.permute`` selects in ``panel`` (none when permutations = 0).
+
+    An explicit pattern that selects nothing is an error (a typo would silently test nothing).
+    """
+    if cfg.permutations == 0:
+        return set()
+    pairs = [(t.name, s) for t in panel.tasks for s in t.slices]
+    chosen: set[tuple[str, str]] = set()
+    for pattern in cfg.permute:
+        if pattern == "headline":
+            hit = {(h.task, h.slice) for h in panel.headline} & set(pairs)
+            if not hit:
+                log.warning("permute: panel %s has no headline rows among its tasks; none tested for 'headline'", panel.name)
+        else:
+            hit = {(t, s) for t, s in pairs if fnmatchcase(f"{t}/{s}", pattern)}
+            if not hit:
+                raise PanelError(f"permute pattern {pattern!r} matches no task/slice of panel {panel.name!r} "
+                                 f"(e.g. {pairs[0][0]}/{pairs[0][1]}; patterns are TASK/SLICE with * and ?)")
+        chosen |= hit
+    return chosen
+
+
 def run_slice(
     task: TaskSpec,
     slice_name: str,
@@ -256,8 +334,13 @@ def run_slice(
     folds: np.ndarray,
     subjects: np.ndarray,
     cfg: ProtocolConfig,
+    permute: bool = False,
+    on_permutation: Callable[[int, int], None] | None = None,
 ) -> SliceResult | Skip:
-    """Cross-validate one task on one slice (fold assignment given), then fit the final probe."""
+    """Cross-validate one task on one slice (fold assignment given), then fit the final probe.
+
+    ``permute``: also cross-validate ``cfg.permutations`` times on shuffled labels (``null_metrics``).
+    """
     t0 = time.perf_counter()
     view = build_view(slice_name, fs.X, fs.records, np.flatnonzero(keep), cfg.pooled_min_modalities)
     if len(view.members) == 0:
@@ -287,37 +370,31 @@ def run_slice(
     chance_metrics: dict[str, list[float]] = {m: [] for m in metric_names}
     predictions = Predictions()
     unit_keys = np.asarray(view.unit_keys, dtype=object)
-    scorable: list[int] = []
+    scorable = _scorable(task, y, ufold, cfg.n_splits)
     for k in range(cfg.n_splits):
-        test = ufold == k
-        if not test.any():
+        if not (ufold == k).any():
             notes.append(f"fold {k}: no test units in this slice")
-        elif task.kind == "classification" and len(set(y[~test].tolist())) < 2:
+        elif k not in scorable:
             notes.append(f"fold {k}: training part has a single class; fold not scored")
-        else:
-            scorable.append(k)
     fits = _fit_folds(task, X, y, subj, ufold, scorable, cfg)
     fold_probes: list[LinearProbe | None] = [fits[k][0] if k in fits else None for k in range(cfg.n_splits)]
     not_converged = sum(int(not fits[k][1].converged) for k in scorable)
     for k in scorable:
         test = ufold == k
         probe, rep = fits[k]
-        scores = probe.predict_scores(X[test])
+        values, scores = _score(task, probe, X[test], y[test], classes, metric_names)
+        for m in metric_names:
+            fold_metrics[m].append(values[m])
         if task.kind == "classification":
-            full = np.zeros((int(test.sum()), len(classes)), dtype=scores.dtype)
-            for j, c in enumerate(probe.classes):
-                full[:, classes.index(c)] = scores[:, j]
             prior = np.asarray([np.mean(y[~test] == c) for c in classes])
             constant = np.tile(prior, (int(test.sum()), 1))
             for m in metric_names:
-                fold_metrics[m].append(classification_metric(m, y[test], full, classes))
                 chance_metrics[m].append(classification_metric(m, y[test], constant, classes))
-            pred = np.asarray(classes, dtype=object)[np.argmax(full, axis=1)]
-            chunk = {"y_true": y[test], "y_pred": pred, **{f"p_{c}": full[:, j] for j, c in enumerate(classes)}}
+            pred = np.asarray(classes, dtype=object)[np.argmax(scores, axis=1)]
+            chunk = {"y_true": y[test], "y_pred": pred, **{f"p_{c}": scores[:, j] for j, c in enumerate(classes)}}
         else:
             constant = np.full(int(test.sum()), float(np.mean(y[~test].astype(np.float64))))
             for m in metric_names:
-                fold_metrics[m].append(regression_metric(m, y[test], scores))
                 chance_metrics[m].append(regression_metric(m, y[test], constant))
             chunk = {"y_true": y[test], "y_pred": scores, "alpha": np.full(int(test.sum()), rep.alpha)}
         ti = np.flatnonzero(test)
@@ -327,6 +404,7 @@ def run_slice(
                 notes.append(f"fold {k}: {m} undefined (a single class in the test part)")
     if not_converged:
         notes.append(f"{not_converged} fold fit(s) stopped at max_iter={cfg.logreg_max_iter} before converging")
+    null = _null_metrics(task, slice_name, X, y, subj, ufold, classes, cfg, on_permutation) if permute else {}
     final = fits["final"][0] if "final" in fits else None
     if "final" in fits and not fits["final"][1].converged:
         notes.append(f"final probe stopped at max_iter={cfg.logreg_max_iter} before converging")
@@ -346,6 +424,7 @@ def run_slice(
         fold_probes=fold_probes if cfg.save_fold_probes else [],
         seconds=time.perf_counter() - t0,
         chance_metrics=chance_metrics,
+        null_metrics=null,
     )
 
 
@@ -365,6 +444,7 @@ def run_panel(
     if records is not None:
         fs = FeatureSet(fs.name, fs.X, fs.keys, [dict(r) for r in records], fs.source)
     res = PanelResult(fs.name, dict(fs.source), fs.dim, panel, cfg)
+    permuted = permuted_slices(panel, cfg)
     subjects = np.asarray([subject_id(r) for r in fs.records], dtype=object)
     total = sum(len(t.slices) for t in panel.tasks)
     bar = tqdm(total=total, desc=f"probe {fs.name}", unit="slice", disable=not progress)
@@ -384,7 +464,11 @@ def run_panel(
             res.folds[task.name] = {str(s): int(f) for s, f in zip(subjects[keep], folds[keep])}
             for s in task.slices:
                 bar.set_postfix_str(f"{task.name}/{s}")
-                out = run_slice(task, s, fs, labels, keep, folds, subjects, cfg)
+                def shown(b: int, n: int, where: str = f"{task.name}/{s}") -> None:
+                    bar.set_postfix_str(f"{where} shuffled labels {b + 1}/{n}")
+
+                out = run_slice(task, s, fs, labels, keep, folds, subjects, cfg, permute=(task.name, s) in permuted,
+                                on_permutation=shown)
                 if isinstance(out, Skip):
                     log.warning("task %s slice %s skipped: %s", task.name, s, out.reason)
                     res.skipped.append(out)

@@ -5,6 +5,7 @@ Layout of a run folder::
 
     results.csv  results.md  skipped.csv  run.json  panel.yaml
     predictions/<task>__<slice>.csv
+    permutations/<task>__<slice>.csv                (permutation test: each metric per shuffle)
     probes/<task>__<slice>/probe.json + probe.npz   (fold probes: .../fold<k>/)
 """
 
@@ -23,8 +24,11 @@ import yaml
 from .atomic import write_text
 from .panel import PanelResult, SliceResult
 
-#: ``chance``: the same folds scored by a constant predictor (training-part class frequencies or mean)
-RESULT_COLUMNS = ["task", "slice", "metric", "mean", "sd", "chance", "folds", "subjects", "volumes", "units", "classes", "notes"]
+#: ``chance``: the same folds scored by a constant predictor (training-part class frequencies or mean);
+#: ``perm_p``: permutation p-value over ``permutations`` shuffles, ``perm_null95``: the score to beat
+#: for p < 0.05 (the shuffled scores' 95th percentile, 5th for errors); empty where not tested
+RESULT_COLUMNS = ["task", "slice", "metric", "mean", "sd", "chance", "perm_p", "perm_null95", "permutations", "folds",
+                  "subjects", "volumes", "units", "classes", "notes"]
 
 
 def _fmt(v: Any) -> Any:
@@ -48,8 +52,10 @@ def result_rows(res: PanelResult) -> list[dict[str, Any]]:
     for r in res.results:
         for m in r.fold_metrics:
             mean, sd, n = r.summary(m)
+            p, bound, n_perm = r.permutation(m)
             rows.append(
-                {"task": r.task, "slice": r.slice, "metric": m, "mean": mean, "sd": sd, "chance": r.chance(m), "folds": n,
+                {"task": r.task, "slice": r.slice, "metric": m, "mean": mean, "sd": sd, "chance": r.chance(m),
+                 "perm_p": p, "perm_null95": bound, "permutations": n_perm or "", "folds": n,
                  "subjects": r.subjects, "volumes": r.volumes, "units": r.units,
                  "classes": len(r.classes) if r.classes else "", "notes": " | ".join(r.notes)}
             )
@@ -69,15 +75,18 @@ def results_markdown(res: PanelResult) -> str:
         f"Features: {res.feature_dim}-d from {json.dumps(res.feature_source, sort_keys=True)}. "
         f"Protocol: {res.protocol.n_splits}-fold stratified subject-grouped CV, seed {res.protocol.seed} "
         f"(digest {res.protocol.digest()}); mean ± SD over folds; chance = the same folds scored by a constant "
-        "predictor (the training part's class frequencies or mean).",
+        "predictor (the training part's class frequencies or mean)"
+        + (f"; p = permutation test over {res.protocol.permutations} shuffles of the labels between subjects "
+           "(same folds), with the score to beat for p < 0.05 in brackets." if res.protocol.permutations else "."),
         "",
-        "| task | slice | metric | mean ± SD | chance | folds | subjects | volumes | classes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | slice | metric | mean ± SD | chance | p (to beat) | folds | subjects | volumes | classes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result_rows(res):
+        perm = "" if not row["permutations"] else f"{row['perm_p']:.3g} ({row['perm_null95']:.3f})"
         lines.append(
             f"| {row['task']} | {row['slice']} | {row['metric']} | {_pm(row['mean'], row['sd'])} | {_pm(row['chance'], math.nan)} "
-            f"| {row['folds']} "
+            f"| {perm} | {row['folds']} "
             f"| {row['subjects']} | {row['volumes']} | {row['classes']} |"
         )
     if res.skipped:
@@ -119,6 +128,11 @@ def write_run(res: PanelResult, out_dir: str | Path) -> Path:
         stem = f"{r.task}__{r.slice}"
         if len(r.predictions):
             write_text(out / "predictions" / f"{stem}.csv", _csv(r.predictions, list(r.predictions.columns)))
+        if r.null_metrics:
+            metrics = list(r.null_metrics)
+            shuffles = [{"permutation": b, **{m: r.null_metrics[m][b] for m in metrics}}
+                        for b in range(len(r.null_metrics[metrics[0]]))]
+            write_text(out / "permutations" / f"{stem}.csv", _csv(shuffles, ["permutation", *metrics]))
         if r.probe is not None:
             r.probe.save(out / "probes" / stem, extra=probe_info(res, r))
         for k, p in enumerate(r.fold_probes):
