@@ -223,3 +223,16 @@ def test_controllability_in_latent_space(work, tokenizer_ckpt, volumes_set, caps
     assert main(["controllability", "--space", "latent", "--real", str(volumes_set), "--generated", str(gen_p),
                  "--task", "sex:F,M", "--out", str(work / "runs" / "ctl-bad"), "--no-progress"]) == 2
     assert "needs a latents set as real" in capsys.readouterr().err
+
+
+def test_volumes_of_decodes_only_the_keys_asked_for(latent_sets, tokenizer_ckpt):
+    """The forecast measurement decodes only the baselines its forecasts start from."""
+    import g3n_shards as gs
+    from g3n_eval.sources import TokenizerCache, volumes_of
+
+    keys = sorted(s.key for s in gs.ShardSet.open(latent_sets["heldout"]))
+    want = {keys[1], keys[4], "not-in-the-set"}
+    got = volumes_of(latent_sets["heldout"], TokenizerCache(tokenizer_ckpt), only=want)
+    assert got.keys == [keys[1], keys[4]] and len(got.arrays) == len(got.metas) == 2
+    full = volumes_of(latent_sets["heldout"], TokenizerCache(tokenizer_ckpt))
+    assert np.allclose(got.arrays[1], full.arrays[4], atol=1e-5)  # the same decoding (batched otherwise), of fewer volumes

@@ -65,7 +65,9 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     out = Path(out)
     rejects = Rejects(out)
     fc = volumes_of(forecasts, tokenizers, limit, progress)
-    base = volumes_of(baselines, tokenizers, None, progress)
+    # decode only the baselines some forecast starts from (a test split holds many more)
+    sources = {((m.get("request") or {}).get("source") or {}).get("key") for m in fc.metas}
+    base = volumes_of(baselines, tokenizers, None, progress, only={k for k in sources if k is not None})
     base_by_key = {k: i for i, k in enumerate(base.keys)}
     pairs = []  # (forecast index, baseline index, interval)
     for i, (k, m) in enumerate(zip(fc.keys, fc.metas)):

@@ -61,9 +61,17 @@ class TokenizerCache:
 
 
 def volumes_of(path: str | Path, tokenizers: TokenizerCache | None, limit: int | None = None,
-               progress: bool = False) -> Loaded:
-    """z-space volumes of a ``volumes`` or ``latents`` set (decoded), in key order."""
+               progress: bool = False, only: set[str] | None = None) -> Loaded:
+    """z-space volumes of a ``volumes`` or ``latents`` set (decoded), in key order.
+
+    ``only``: keep just these keys (before decoding, which is the costly part); keys absent
+    from the set are simply not there, for the caller to report."""
     loaded = load_set(path, limit=limit)
+    if only is not None:
+        keep = [i for i, k in enumerate(loaded.keys) if k in only]
+        loaded.keys = [loaded.keys[i] for i in keep]
+        loaded.arrays = [loaded.arrays[i] for i in keep]
+        loaded.metas = [loaded.metas[i] for i in keep]
     if loaded.kind == "volumes":
         loaded.arrays = [to_zspace(a) for a in loaded.arrays]
     elif loaded.kind == "latents":
