@@ -166,7 +166,7 @@ class ProtocolConfig(BaseModel):
         description="'gcv' = generalised cross-validation in closed form (fast); an int k = subject-grouped inner k-fold",
     )
     threads: int = Field(default=1, ge=1, description="BLAS threads per fit (1 avoids oversubscription)")
-    n_jobs: int = Field(default=2, ge=1, description="fold fits run in parallel (threads)")
+    n_jobs: int = Field(default=2, ge=1, description="fold fits run in parallel (threads); shuffled cross-validations of the permutation test (processes)")
     warm_start: bool = Field(
         default=False, description="start logistic fits from the first fold's solution (measured: no fewer iterations)"
     )

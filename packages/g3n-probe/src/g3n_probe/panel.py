@@ -277,28 +277,48 @@ def _scorable(task: TaskSpec, y: np.ndarray, ufold: np.ndarray, n_splits: int) -
             and (task.kind != "classification" or len(set(y[ufold != k].tolist())) >= 2)]
 
 
+def _shuffled_cv(task: TaskSpec, X: np.ndarray, y: np.ndarray, subj: np.ndarray, ufold: np.ndarray,
+                 classes: list[str], cfg: ProtocolConfig) -> dict[str, float]:
+    """The fold-mean of every metric of one cross-validation (labels ``y``, folds ``ufold``)."""
+    names = task.metric_names()
+    scorable = _scorable(task, y, ufold, cfg.n_splits)
+    with threadpool_limits(limits=cfg.threads):
+        fits = _fit_folds(task, X, y, subj, ufold, scorable, cfg)
+    folds: dict[str, list[float]] = {m: [] for m in names}
+    for k in scorable:
+        test = ufold == k
+        for m, v in _score(task, fits[k][0], X[test], y[test], classes, names)[0].items():
+            folds[m].append(v)
+    means = {}
+    for m in names:
+        vals = [v for v in folds[m] if not math.isnan(v)]
+        means[m] = float(np.mean(vals)) if vals else math.nan
+    return means
+
+
 def _null_metrics(task: TaskSpec, slice_name: str, X: np.ndarray, y: np.ndarray, subj: np.ndarray, ufold: np.ndarray,
                   classes: list[str], cfg: ProtocolConfig,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
-    """The fold-mean of every metric over ``cfg.permutations`` cross-validations on shuffled labels."""
+    """The fold-mean of every metric over ``cfg.permutations`` cross-validations on shuffled labels.
+
+    The shuffles are drawn here, in order, from the slice's own seed; with ``n_jobs`` > 1 the
+    cross-validations run in that many processes (a logistic fit holds the GIL for much of its
+    time, so threads would not overlap them). Either way the results are the same.
+    """
     rng = np.random.default_rng(slice_seed(cfg.seed, task.name, slice_name))
-    fit_cfg = cfg.model_copy(update={"save_probes": False})
-    names = task.metric_names()
-    null: dict[str, list[float]] = {m: [] for m in names}
-    for b in range(cfg.permutations):
+    shuffled = [y[block_permutation(subj, rng)] for _ in range(cfg.permutations)]
+    one = cfg.model_copy(update={"save_probes": False, "n_jobs": 1})
+    if cfg.n_jobs > 1 and len(shuffled) > 1:
+        runs = Parallel(n_jobs=cfg.n_jobs, backend="loky", return_as="generator")(
+            delayed(_shuffled_cv)(task, X, yb, subj, ufold, classes, one) for yb in shuffled)
+    else:
+        runs = (_shuffled_cv(task, X, yb, subj, ufold, classes, one) for yb in shuffled)
+    null: dict[str, list[float]] = {m: [] for m in task.metric_names()}
+    for b, means in enumerate(runs):
         if progress is not None:
             progress(b, cfg.permutations)
-        yb = y[block_permutation(subj, rng)]
-        scorable = _scorable(task, yb, ufold, cfg.n_splits)
-        fits = _fit_folds(task, X, yb, subj, ufold, scorable, fit_cfg)
-        folds: dict[str, list[float]] = {m: [] for m in names}
-        for k in scorable:
-            test = ufold == k
-            for m, v in _score(task, fits[k][0], X[test], yb[test], classes, names)[0].items():
-                folds[m].append(v)
-        for m in names:
-            vals = [v for v in folds[m] if not math.isnan(v)]
-            null[m].append(float(np.mean(vals)) if vals else math.nan)
+        for m, v in means.items():
+            null[m].append(v)
     return null
 
 
