@@ -74,6 +74,12 @@ class Predictions:
             yield {n: _py(self.columns[n][i]) for n in names}
 
 
+def _fold_mean(vals: Sequence[float]) -> float:
+    """Mean over the folds that could be scored (NaN marks one that could not); NaN if none."""
+    scored = [v for v in vals if not math.isnan(v)]
+    return float(np.mean(scored)) if scored else math.nan
+
+
 def _py(v: Any) -> Any:
     """numpy scalar -> Python scalar (CSV writing and comparisons)."""
     return v.item() if isinstance(v, np.generic) else v
@@ -104,8 +110,7 @@ class SliceResult:
     null_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def chance(self, metric: str) -> float:
-        vals = [v for v in self.chance_metrics.get(metric, []) if not math.isnan(v)]
-        return float(np.mean(vals)) if vals else math.nan
+        return _fold_mean(self.chance_metrics.get(metric, []))
 
     def permutation(self, metric: str) -> tuple[float, float, int]:
         """(p-value, the score to beat for p < 0.05, number of scored permutations); NaNs when untested."""
@@ -289,11 +294,7 @@ def _shuffled_cv(task: TaskSpec, X: np.ndarray, y: np.ndarray, subj: np.ndarray,
         test = ufold == k
         for m, v in _score(task, fits[k][0], X[test], y[test], classes, names)[0].items():
             folds[m].append(v)
-    means = {}
-    for m in names:
-        vals = [v for v in folds[m] if not math.isnan(v)]
-        means[m] = float(np.mean(vals)) if vals else math.nan
-    return means
+    return {m: _fold_mean(folds[m]) for m in names}
 
 
 def _null_metrics(task: TaskSpec, slice_name: str, X: np.ndarray, y: np.ndarray, subj: np.ndarray, ufold: np.ndarray,
