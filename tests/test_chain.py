@@ -77,6 +77,11 @@ def test_report_and_results_exist(run):
         assert doc["settings"]["generation"]["paired"] is True, folder
         assert res["tasks"]["sex:F-vs-M"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
         assert res["sweeps"]["age"]["paired"]["n_groups"] == TINY["samples_per_request"], folder
+        # each probe's real column is tested on the demo's shuffles, and says whether it is blind
+        sex = res["tasks"]["sex:F-vs-M"]["real"]
+        assert sex["permutation"]["permutations"] == 4 and isinstance(sex["blind"], bool), folder
+    assert any(line.startswith("controllability [latent space] sex:F-vs-M") and "permutation p" in line
+               for line in lines), lines
     page = (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")
     assert "paired moved" in page and "Anatomy of generated samples" in page
     # the known anatomy: every effect is measured in real data and on the paired samples that asked for it

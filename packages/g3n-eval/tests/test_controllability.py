@@ -216,3 +216,44 @@ def test_cv_predictions_survive_a_fold_with_one_training_class():
     groups = ["s0", "s1", "s2", "s3", "s4", "s4"]  # both AD volumes are one subject: one fold trains on HC only
     pred, proba, classes = cv_predictions(X, y, groups, protocol_preset("tiny"), 2)
     assert classes == ["AD", "HC"] and proba.shape == (6, 2) and len(pred) == 6
+
+
+def test_real_column_permutation_test_tells_a_seeing_probe_from_a_blind_one():
+    """The real column's probe is tested against shuffled labellings: a probe fitted on features
+    that carry the class beats every shuffle (smallest p); one fitted on noise does not, and its
+    row is flagged blind even where its AUC happens to look fine. Serial and process runs agree."""
+    from g3n_probe import from_arrays, protocol_preset
+
+    from g3n_eval.controllability import BLIND_P, is_blind, real_null
+
+    rng = np.random.default_rng(3)
+    recs, X = [], []
+    for i in range(24):
+        dx = "AD" if i % 2 else "HC"
+        sex = "M" if (i // 2) % 2 else "F"
+        recs.append({"key": f"r{i:03d}", "subject": f"s{i}", "modality": "T1", "diagnosis": dx, "sex": sex})
+        X.append([(1.5 if dx == "AD" else 0.0) + rng.normal(0, 0.5), rng.normal(0, 1.0), rng.normal(0, 1.0)])
+    real = from_arrays(np.array(X), recs)
+    grecs = [{"key": f"g{i}", "subject": f"g{i}", "modality": "T1", "diagnosis": ("HC", "AD")[i % 2],
+              "sex": ("F", "M")[i % 2], "synthetic": True} for i in range(8)]
+    gen = from_arrays(rng.normal(size=(8, 3)), grecs)
+    proto = protocol_preset("paper", threads=1, n_jobs=1)
+    tasks = [ClassTask.parse("diagnosis:HC,AD"), ClassTask.parse("sex:F,M")]
+    out = evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=19)
+    seeing, noise = out["tasks"]["diagnosis:HC-vs-AD"]["real"], out["tasks"]["sex:F-vs-M"]["real"]
+    assert seeing["permutation"] == {"permutations": 19, "p": 0.05, "null95": pytest.approx(seeing["permutation"]["null95"])}
+    assert seeing["auc"] > seeing["permutation"]["null95"] and not seeing["blind"]
+    assert noise["permutation"]["p"] > BLIND_P and noise["blind"]
+    # the same test again gives the same shuffles; processes give the same AUCs as one process
+    again = evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=19)
+    assert again["tasks"]["sex:F-vs-M"]["real"]["permutation"] == noise["permutation"]
+    y = [r["sex"] for r in recs]
+    groups = [r["subject"] for r in recs]
+    serial = real_null(real.X, y, groups, proto, 3, ["F", "M"], 6, seed=7)
+    parallel = real_null(real.X, y, groups, proto.model_copy(update={"n_jobs": 2}), 3, ["F", "M"], 6, seed=7)
+    assert serial == parallel and len(set(serial)) > 1
+    # without the test the AUC rule decides; without a real column nothing is blind
+    assert is_blind({"auc": 0.5}) and not is_blind({"auc": 0.8}) and not is_blind(None)
+    assert is_blind({"auc": 0.8, "permutation": {"p": 0.2}}) and not is_blind({"auc": 0.5, "permutation": {"p": 0.01}})
+    with pytest.raises(ValueError, match="permutations must be >= 0"):
+        evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=-1)

@@ -94,7 +94,16 @@ def test_control_section_shows_paired_rows_and_flags_a_blind_probe():
                                           "paired": {"n_groups": 8, "n_moved": 7, "mean_slope": 0.4, "p": 0.035}}}}}
     page = _control_section(doc)
     assert "paired moved" in page and "8/8" in page and "6/8" in page
+    assert "Real p:" not in page  # an older document: no permutation test, the AUC rule
     assert "slope positive in 7/8 groups" in page
     assert "fitted on" in page and '<td class="l">T1</td>' in page and '<td class="l">all</td>' in page  # the second row: an older document
     assert "probe fitted on modality=T1, sex=F" in page
-    assert "Blind probes" in page and "controllability): diagnosis:MCI-vs-AD.</p>" in page
+    assert "Blind probes (cross-validated AUC" in page and "either way): diagnosis:MCI-vs-AD.</p>" in page
+    # with the permutation test, a probe at AUC 0.8 that does not beat its shuffles is blind too
+    doc["settings"]["probe"] = {"real_permutations": 19}
+    doc["results"]["tasks"]["diagnosis:HC-vs-AD"]["real"]["permutation"] = {"permutations": 19, "p": 0.1, "null95": 0.85}
+    doc["results"]["tasks"]["diagnosis:MCI-vs-AD"]["real"]["permutation"] = {"permutations": 19, "p": 0.05, "null95": 0.25}
+    page = _control_section(doc)
+    assert "Real p: the probe's cross-validation on real data re-run on 19 shuffled labellings" in page
+    assert ">0.1 (0.85)</td>" in page and ">0.05 (0.25)</td>" in page
+    assert "Blind probes (real p above 0.05" in page and "either way): diagnosis:HC-vs-AD.</p>" in page

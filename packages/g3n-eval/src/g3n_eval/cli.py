@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=None, help="continuous condition to sweep (default: age)")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--folds", type=int, default=5, help="CV folds for the 'real' column")
+    p.add_argument("--permutations", type=int, default=99, metavar="N",
+                   help="re-run the 'real' column's cross-validation on N shuffled labellings (default 99; 0: off): "
+                        "a row whose probe does not beat them (p >= 0.05) cannot judge generated samples")
     p.add_argument("--match-real", nargs="*", default=["modality"], metavar="FIELD",
                    help="fit each probe on the real samples whose FIELDs equal what every generated sample of its "
                         "row asked for (default: modality; give no FIELD to fit on every real sample)")
@@ -185,7 +188,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         sweeps = [] if args.no_sweep else (args.sweep or ["age"])
         doc = run_controllability(args.real, args.generated, args.out, args.task or PAPER_TASKS, sweeps,
                                   None if args.space == "latent" else _encoder(args), _tokenizers(args), None,
-                                  args.folds, args.limit, progress, space=args.space, match=args.match_real)
+                                  args.folds, args.limit, progress, space=args.space, match=args.match_real,
+                                  permutations=args.permutations)
         for name, row in doc["results"]["tasks"].items():
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():

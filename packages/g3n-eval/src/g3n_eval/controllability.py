@@ -4,7 +4,9 @@ A probe trained on *real* embeddings scores generated samples after they are dec
 re-encoded by the MAE encoder (exactly how real volumes are embedded). For a condition and a
 class pair (or the 4-way modality task) four columns are reported:
 
-* **real**: the probe's cross-validated agreement on real samples (its ceiling);
+* **real**: the probe's cross-validated agreement and AUC on real samples (its ceiling), with a
+  permutation test (:func:`real_null`): a probe that does not beat shuffled labels is *blind* and
+  cannot judge generated samples either way;
 * **cond**: agreement of the probe with the *requested* class on samples generated with that
   request (and the AUC of the probe score against the request);
 * **null**: samples generated with the condition left out (the null embedding): the class the
@@ -201,11 +203,13 @@ def _labels(records: Sequence[Mapping[str, Any]], field: str) -> list[str | None
 
 
 def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any,
-                   n_splits: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Subject-grouped cross-validated predictions on real data (the 'real' column)."""
+                   n_splits: int, folds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Subject-grouped cross-validated predictions on real data (the 'real' column). ``folds``:
+    a fold number per sample (default: g3n-probe's stratified, subject-grouped assignment)."""
     from g3n_probe import assign_folds, fit_classifier
 
-    folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
+    if folds is None:
+        folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
     classes = sorted(set(y))
     proba = np.zeros((len(y), len(classes)))
     yarr = np.asarray(y, dtype=object)
@@ -221,6 +225,65 @@ def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], proto
             proba[test, classes.index(c)] = P[:, j]
     pred = np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)]
     return pred, proba, classes
+
+
+def _shuffled_auc(X: np.ndarray, ys: np.ndarray, groups: Sequence[str], protocol: Any, n_splits: int,
+                  folds: np.ndarray, classes: Sequence[str]) -> float:
+    _, proba, cls = cv_predictions(X, list(ys), groups, protocol, n_splits, folds)
+    P = np.zeros((len(ys), len(classes)))
+    for j, c in enumerate(cls):
+        P[:, list(classes).index(c)] = proba[:, j]
+    return auc_ovr(list(ys), P, list(classes))
+
+
+def real_null(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any, n_splits: int,
+              classes: Sequence[str], permutations: int, seed: int) -> list[float]:
+    """AUCs of the real column's cross-validation re-run on shuffled labels: what a probe that can
+    see nothing of the task scores on these subjects by luck. Labels move between subjects as in
+    g3n-probe's permutation test (whole subjects of equal size, then within each subject); the
+    folds stay those of the real labels. The shuffles are drawn here, in order, from ``seed``; with
+    the protocol's ``n_jobs`` > 1 their cross-validations run in that many processes (a logistic
+    fit holds the GIL), with the same results."""
+    from g3n_probe import assign_folds
+    from g3n_probe.permutation import block_permutation
+    from joblib import Parallel, delayed
+
+    folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
+    rng = np.random.default_rng(seed)
+    yarr = np.asarray(y, dtype=object)
+    shuffled = [yarr[block_permutation(groups, rng)] for _ in range(permutations)]
+    if protocol.n_jobs > 1 and permutations > 1:
+        one = protocol.model_copy(update={"n_jobs": 1})
+        return list(Parallel(n_jobs=protocol.n_jobs, backend="loky")(
+            delayed(_shuffled_auc)(X, ys, groups, one, n_splits, folds, classes) for ys in shuffled))
+    return [_shuffled_auc(X, ys, groups, protocol, n_splits, folds, classes) for ys in shuffled]
+
+
+def real_permutation(real: Mapping[str, Any], null: Sequence[float]) -> dict[str, Any]:
+    """The real column's permutation test: p of its AUC among the shuffled ones, and the AUC to beat."""
+    from g3n_probe.permutation import null_bound, p_value
+
+    return {"permutations": len(null), "p": p_value(real["auc"], null, "auc"), "null95": null_bound(null, "auc")}
+
+
+#: A probe whose real column's permutation p is above this cannot tell the real classes apart.
+BLIND_P = 0.05
+#: Without a permutation test (``permutations=0``, older documents): the cross-validated AUC on
+#: real data at or under which a probe counts as blind.
+BLIND_AUC = 0.55
+
+
+def is_blind(real: Mapping[str, Any] | None) -> bool:
+    """Whether a row's probe is blind: it does not tell the real classes apart, so its verdict on
+    generated samples (cond, paired) cannot show controllability either way. With a permutation
+    test: p > :data:`BLIND_P` (on a few dozen subjects a probe that sees nothing often reaches AUC
+    0.7); without one: AUC <= :data:`BLIND_AUC`."""
+    real = real or {}
+    p = (real.get("permutation") or {}).get("p")
+    if isinstance(p, float) and not math.isnan(p):
+        return p > BLIND_P
+    auc = real.get("auc")
+    return isinstance(auc, float) and auc <= BLIND_AUC
 
 
 #: Categorical conditions a probe's real training data are matched on (:func:`real_slice`).
@@ -258,17 +321,23 @@ def _in_slice(records: Sequence[Mapping[str, Any]], where: Mapping[str, str]) ->
 
 
 def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequence[str] = (),
-             protocol: Any = None, n_splits: int = 5, match: Sequence[str] = MATCH_FIELDS) -> dict[str, Any]:
+             protocol: Any = None, n_splits: int = 5, match: Sequence[str] = MATCH_FIELDS,
+             permutations: int = 0) -> dict[str, Any]:
     """Fit one probe per task on the real FeatureSet, apply it to the generated FeatureSet.
 
     ``real`` and ``generated`` are g3n_probe FeatureSets (the generated one from re-encoded
     decoded samples). Each probe is fitted on the real samples that match the conditions its task's
     samples all asked for (:func:`real_slice` over ``match``; ``()`` fits on every real sample); when
-    that slice lacks a class, on every real sample. Each row records its ``real_slice``.
+    that slice lacks a class, on every real sample. Each row records its ``real_slice``. With
+    ``permutations``, the real column gets a permutation test (:func:`real_null`): ``real.permutation``
+    says whether the probe sees the task at all, and so whether its verdict on generated samples means anything.
     Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
     """
     from g3n_probe import fit_classifier, fit_regressor, protocol_preset
+    from g3n_probe.permutation import slice_seed
 
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0, got {permutations}")
     protocol = protocol or protocol_preset("paper")
     if real.dim != generated.dim:
         raise ValueError(f"real features are {real.dim}-d, generated {generated.dim}-d: not the same encoder")
@@ -302,6 +371,12 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
         for j, c in enumerate(probe.classes):
             proba_g[:, task.classes.index(c)] = Pg[:, j]
         row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
+        if permutations and "real" in row:
+            seed = slice_seed(protocol.seed, f"controllability:{task.name}", ",".join(f"{g}={v}" for g, v in where.items()))
+            null = real_null(X, y, groups, protocol, k, task.classes, permutations, seed)
+            row["real"]["permutation"] = real_permutation(row["real"], null)
+        if "real" in row:
+            row["real"]["blind"] = is_blind(row["real"])
         row["field"] = task.field
         row["real_slice"] = where
         row["paired"] = paired_shifts(task.classes, [gen_req[i] for i in sel],
@@ -367,7 +442,8 @@ def latent_features(real: Any, generated: Any, limit: int | None = None) -> tupl
 def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str] = PAPER_TASKS,
                         sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
                         protocol: Any = None, n_splits: int = 5, limit: int | None = None,
-                        progress: bool = True, space: str = "volume", match: Sequence[str] = MATCH_FIELDS) -> dict[str, Any]:
+                        progress: bool = True, space: str = "volume", match: Sequence[str] = MATCH_FIELDS,
+                        permutations: int = 0) -> dict[str, Any]:
     """Table 2a from a real feature source and a generated set (tokens / feature table, or a
     latents set that is decoded through the registry and re-encoded by the MAE encoder); with
     ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`)."""
@@ -390,7 +466,7 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
         gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
     parsed = [ClassTask.parse(t) for t in tasks]
-    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match)
+    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations)
     figures: dict[str, str] = {}
     if gen_vols is not None:  # condition sweeps as images: first sample per requested value
         for field in [*sweeps, *dict.fromkeys(t.field for t in parsed)]:
@@ -406,7 +482,7 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                 figures[f"sweep_{field}"] = name
     settings = {
         "probe": {"kind": "g3n-probe linear (logistic / ridge)", "protocol": protocol.model_dump(mode="json"),
-                  "real_cv_folds": n_splits, "trained_on": "real features",
+                  "real_cv_folds": n_splits, "real_permutations": permutations, "trained_on": "real features",
                   "matched_on": list(match)},
         "space": space,
         "generated_path": "decoded by the tokenizer and re-encoded by the MAE encoder" if gen_vols is not None

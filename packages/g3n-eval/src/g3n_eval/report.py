@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .controllability import BLIND_AUC, BLIND_P, is_blind
 from .records import FORMAT, MetricsFileError, atomic_write_text, input_ref, read_metrics
 
 CSS = """
@@ -111,11 +112,6 @@ def _recon_section(doc: dict[str, Any]) -> str:
     return head + _table(["metric", "region", "mean", "std", "median", "min", "max", "n"], rows, left=2)
 
 
-#: A controllability row whose probe reaches at most this cross-validated AUC on real data is
-#: flagged: a probe that cannot tell the real classes apart cannot judge generated ones.
-BLIND_AUC = 0.55
-
-
 def _control_section(doc: dict[str, Any]) -> str:
     res = doc["results"]
     space = doc["settings"].get("space", "volume")
@@ -128,22 +124,31 @@ def _control_section(doc: dict[str, Any]) -> str:
         null = r["null"]
         prior = r["prior"]
         pair = r.get("paired") or {}
-        rows.append([name, _fitted_on(r), (r.get("real") or {}).get("agreement"), r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
+        real = r.get("real") or {}
+        perm = real.get("permutation") or {}
+        rows.append([name, _fitted_on(r), real.get("agreement"), real.get("auc"),
+                     f"{_fmt(perm['p'], 3)} ({_fmt(perm['null95'], 3)})" if perm else "-",
+                     r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
                      _moved(pair), pair.get("mean_shift"), pair.get("p"),
                      f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
                      f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
-    out = head + _table(["task", "fitted on", "real", "cond", "cond AUC", "n cond", "paired moved", "paired shift", "paired p",
-                         "null", "n null", "prior"], rows, left=2)
+    out = head + _table(["task", "fitted on", "real", "real AUC", "real p (to beat)", "cond", "cond AUC", "n cond",
+                         "paired moved", "paired shift", "paired p", "null", "n null", "prior"], rows, left=2)
+    n_perm = doc["settings"].get("probe", {}).get("real_permutations")
+    if n_perm:
+        out += (f"<p>Real p: the probe's cross-validation on real data re-run on {n_perm} shuffled labellings (labels "
+                f"move between subjects, folds fixed); p is the share that scored an AUC at least as high, "
+                f"<i>to beat</i> the AUC a probe needs for p &lt; 0.05. A probe with p &gt; {BLIND_P} cannot be told "
+                f"from one that sees nothing of the task on these subjects.</p>")
     if any((r.get("paired") or {}).get("n_groups") for r in res["tasks"].values()):
         out += ("<p>Paired: generated samples that share their noise and other conditions and differ only in the "
                 "requested class; <i>moved</i> counts the groups whose probe probability moved toward the requested "
                 "class, <i>shift</i> is its mean change, <i>p</i> the one-sided sign test.</p>")
-    blind = [name for name, r in res["tasks"].items()
-             if isinstance((r.get("real") or {}).get("auc"), float) and r["real"]["auc"] <= BLIND_AUC]
+    blind = [name for name, r in res["tasks"].items() if is_blind(r.get("real"))]
     if blind:
-        out += (f"<p>Blind probes (cross-validated AUC on real data at most {BLIND_AUC}: they cannot tell the real "
-                f"classes apart, so their cond and paired columns cannot show controllability): "
-                f"{', '.join(html.escape(b) for b in blind)}.</p>")
+        rule = f"real p above {BLIND_P}" if n_perm else f"cross-validated AUC on real data at most {BLIND_AUC}"
+        out += (f"<p>Blind probes ({rule}: they cannot tell the real classes apart, so their cond and paired "
+                f"columns cannot show controllability either way): {', '.join(html.escape(b) for b in blind)}.</p>")
     for field, sw in res.get("sweeps", {}).items():
         lv = [[f"{field} {k}", v["n"], v["mean"], v["std"]] for k, v in sw["levels"].items()]
         pair = sw.get("paired") or {}

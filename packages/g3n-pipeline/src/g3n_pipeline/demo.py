@@ -76,8 +76,9 @@ class DemoConfig(BaseModel):
                            "on decoded volumes. At 2400: 0.21-0.28 z, and 7-8 of 8 groups")
     dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision: fp32, bf16, or auto (bf16 on CPUs "
                                "with AMX, where it trains 1.6x faster, and on CUDA)")
-    probe_permutations: int = Field(49, ge=0, description="permutation test of the headline probe rows: that many "
-                                    "cross-validations on shuffled labels each (p >= 1/50); 0 skips it")
+    probe_permutations: int = Field(49, ge=0, description="permutation test of the probes whose scores the demo "
+                                    "reports (the panel's headline rows, and each controllability probe on real data): "
+                                    "that many cross-validations on shuffled labels each (p >= 1/50); 0 skips it")
     longitudinal_steps: int = 200
     recon_volumes: int = 8
     samples_per_request: int = 8
@@ -169,9 +170,11 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit", str(cfg.recon_volumes),
              "--save-recon", "--out", s(r / "eval" / "recon")],
             ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples-decoded"),
-             "--encoder", s(r / "mae"), "--out", s(r / "eval" / "controllability")],
+             "--encoder", s(r / "mae"), "--permutations", str(cfg.probe_permutations),
+             "--out", s(r / "eval" / "controllability")],
             ["g3n_eval.cli", "controllability", "--space", "latent", "--real", s(r / "latents"), "--generated",
-             s(r / "samples"), "--out", s(r / "eval" / "controllability-latent")],
+             s(r / "samples"), "--permutations", str(cfg.probe_permutations),
+             "--out", s(r / "eval" / "controllability-latent")],
             # the synthetic cohort's known anatomy (ventricles, putamen, lesion site), measured without a probe
             ["g3n_data.cli", "synth-anatomy", "--out", s(r / "eval" / "anatomy-spec"), "--geometry", "demo"],
             ["g3n_eval.cli", "anatomy", "--spec", s(r / "eval" / "anatomy-spec" / "anatomy.yaml"), "--real",
@@ -236,9 +239,14 @@ def headline(run: Path) -> list[str]:
             cond = r.get("cond") or {}
             if cond.get("agreement") is not None:
                 on = "".join(f"{v} " for v in (r.get("real_slice") or {}).values())
+                real = r.get("real") or {}
+                perm = real.get("permutation") or {}
+                seen = f", permutation p {perm['p']:.2g}" if isinstance(perm.get("p"), float) else ""
+                if real.get("blind"):
+                    seen += ": blind, cannot judge the samples"
                 lines.append(f"controllability [{space}] {task}: agreement {cond['agreement']:.2f}, AUC of the probe "
                              f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real {on}data: "
-                             f"AUC {(r.get('real') or {}).get('auc', float('nan')):.2f}){_paired(r.get('paired'), 'shift')}")
+                             f"AUC {real.get('auc', float('nan')):.2f}{seen}){_paired(r.get('paired'), 'shift')}")
         age = (ctrl.get("sweeps") or {}).get("age")
         if age:
             means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
