@@ -4,6 +4,7 @@ its outputs are unchanged; a stage run again starts over, and so does every stag
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from g3n_pipeline.runner import Stage, is_done, run_stages
@@ -28,6 +29,8 @@ def test_rerun_follows_commands_inputs_and_outputs(tmp_path):
     run.mkdir()
     (run / "settings.json").write_text(json.dumps({"steps": 800}))
     assert run_stages(run, _stages(2)) == ["a", "b"]
+    log = (run / "logs" / "a.log").read_text()  # each command, then its exit status and wall time
+    assert log.startswith("$ ") and "json.tool --indent 2" in log and re.search(r"\[exit 0 after \d+\.\d s\]\n$", log)
     assert run_stages(run, _stages(2)) == []  # nothing changed: all skipped
     assert all(is_done(run, st) for st in _stages(2))
 

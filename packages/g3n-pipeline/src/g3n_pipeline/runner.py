@@ -123,6 +123,7 @@ def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool =
         log = log_dir / f"{stage.name}.log"
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {' '.join(cmd)}\n")
+        started = time.perf_counter()
         # stdout to the log; stderr (progress bars, warnings, errors) to the terminal and the log,
         # forwarded in raw chunks so that progress bars redraw in place
         with open(log, "ab") as f:
@@ -135,6 +136,8 @@ def run_stage(run_dir: Path, stage: Stage, index: int, total: int, force: bool =
                 f.write(chunk)
                 tail = (tail + chunk)[-4000:]
             rc = proc.wait()
+            # each command's wall time, so a slow stage's log says which of its commands was slow
+            f.write(f"\n[exit {rc} after {time.perf_counter() - started:.1f} s]\n".encode())
         tail_lines = [ln for ln in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if ln.strip()][-12:]
         if rc != 0:
             raise StageFailed(f"stage '{stage.name}' failed (exit {rc}): {' '.join(argv)}\n"
