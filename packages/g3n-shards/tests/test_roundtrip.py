@@ -155,3 +155,47 @@ def test_subset_keeps_order_vocab_and_names_parent(volumes_set, tmp_path):
     assert np.array_equal(sub.get(keys[1]).arrays["volume"], src.get(keys[1]).arrays["volume"])
     with pytest.raises(gs.ShardError, match="not in"):
         gs.subset_shard_set(src, ["nope"], tmp_path / "sub2")
+
+
+def test_merge_of_a_set_written_out_of_key_order_reads_each_shard_once(tmp_path, monkeypatch):
+    """A set written in completion order (parallel workers) is merged in key order by looking its keys
+    up; the lookups go through a cache of the shards read last, so each shard is read once, not once
+    per key. A lookup that asks for verification reads its shard again, checked; a pickled set
+    (handed to a worker process) leaves its cache behind."""
+    import pickle
+
+    from g3n_shards import reader
+
+    rng = np.random.default_rng(1)
+    samples = [(make_meta(i), brain(rng)) for i in range(9)]
+    prod, geom = gs.Producer(package="g3n-shards"), gs.Geometry(shape=SHAPE)
+    shuffled = [samples[i] for i in (4, 0, 8, 2, 6, 1, 7, 3, 5)]
+    with gs.ShardWriter(tmp_path / "unsorted", kind="volumes", producer=prod, geometry=geom, max_shard_samples=5) as w:
+        for m, v in shuffled:
+            w.write(gs.sample_key(m), m, {"volume": v})
+    with gs.ShardWriter(tmp_path / "whole", kind="volumes", producer=prod, geometry=geom, max_shard_samples=5) as w:
+        for m, v in sorted(samples, key=lambda mv: gs.sample_key(mv[0])):
+            w.write(gs.sample_key(m), m, {"volume": v})
+    reads: list[tuple[str, bool]] = []
+    load = gs.ShardSet._load_shard
+    monkeypatch.setattr(gs.ShardSet, "_load_shard", lambda self, info, verify: reads.append((info.name, verify)) or load(self, info, verify))
+    src = gs.ShardSet.open(tmp_path / "unsorted")
+    assert src.keys() != sorted(src.keys()) and len(src.manifest.shards) == 2
+    merged = gs.merge_shard_sets([src], tmp_path / "merged", max_shard_samples=5)
+    assert merged.digest == gs.ShardSet.open(tmp_path / "whole").digest
+    assert sorted(reads) == [("volumes-000000.tar", False), ("volumes-000001.tar", False)]
+    key = src.keys()[0]
+    reads.clear()
+    src.get(key), src.get(key, verify=True), src.get(key, verify=True), src.get(key)
+    assert reads == [("volumes-000000.tar", True)]  # cached unverified, read once more to verify, then served
+    # over the byte budget one shard stays: alternating lookups read again, and still give the right samples
+    first, last = src.keys()[0], src.keys()[-1]  # in the first and the second shard
+    want = {k: v for m, v in samples for k in (gs.sample_key(m),) if k in (first, last)}
+    monkeypatch.setattr(reader, "RECENT_SHARD_BYTES", 1)
+    fresh = gs.ShardSet.open(tmp_path / "unsorted")
+    reads.clear()
+    for k in (first, last, first):
+        assert np.allclose(fresh.get(k).arrays["volume"], want[k], rtol=1e-3, atol=1e-3)
+    assert [n for n, _ in reads] == ["volumes-000000.tar", "volumes-000001.tar", "volumes-000000.tar"]
+    clone = pickle.loads(pickle.dumps(src))
+    assert not clone._recent and clone.get(last).key == last

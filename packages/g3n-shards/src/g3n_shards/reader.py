@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ from .tario import group_samples, iter_members
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_JSON_BYTES = 1 << 20
+#: ShardSet.get keeps the raw samples of its most recently read shards up to this many bytes (at
+#: least one shard), so that looking up many keys of one shard reads and parses it once
+RECENT_SHARD_BYTES = 512 << 20
 
 
 def is_url(location: str) -> bool:
@@ -75,6 +79,18 @@ class ShardSet:
         self._index = index
         self._by_key = {row["key"]: row for row in index}
         self._meta: dict[str, SampleMeta] | None = None
+        # shard name -> (verified, its bytes, raw samples by key), least recently used first
+        self._recent: OrderedDict[str, tuple[bool, int, dict[str, dict[str, memoryview]]]] = OrderedDict()
+        self._recent_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a set handed to worker processes travels without its cache
+        state = dict(self.__dict__)
+        state["_recent"], state["_recent_lock"] = OrderedDict(), None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._recent_lock = threading.Lock()
 
     # ---- opening ---------------------------------------------------------------------
     @classmethod
@@ -224,10 +240,29 @@ class ShardSet:
         if row is None:
             raise KeyError(f"{self.location}: no sample with key {key!r}")
         info = self._shard_info(row["shard"])
-        for k, parts in self._raw_samples(info, verify):
-            if k == key:
-                return self.decode(k, parts, info.name)
-        raise ShardError(f"{self.shard_location(info)}: sample {key!r} listed in the index but not in the shard")
+        parts = self._shard_samples(info, verify).get(key)
+        if parts is None:
+            raise ShardError(f"{self.shard_location(info)}: sample {key!r} listed in the index but not in the shard")
+        return self.decode(key, parts, info.name)
+
+    def _shard_samples(self, info: ShardInfo, verify: bool) -> dict[str, dict[str, memoryview]]:
+        """One shard's raw samples by key, through a small cache of the shards read last
+        (:data:`RECENT_SHARD_BYTES`): a merge of a set written out of key order looks up every key
+        of a shard in turn, and re-reading the whole shard for each made it quadratic (23 s for
+        the demo's 284 synthetic volumes in one 108 MB shard). A shard read without ``verify`` is
+        read again, checked, when a lookup asks for it."""
+        with self._recent_lock:
+            hit = self._recent.get(info.name)
+            if hit is not None and (hit[0] or not verify):
+                self._recent.move_to_end(info.name)
+                return hit[2]
+        samples = dict(self._raw_samples(info, verify))
+        with self._recent_lock:
+            self._recent[info.name] = (verify, info.bytes, samples)
+            self._recent.move_to_end(info.name)
+            while len(self._recent) > 1 and sum(r[1] for r in self._recent.values()) > RECENT_SHARD_BYTES:
+                self._recent.popitem(last=False)
+        return samples
 
     def readers_check(self, world_size: int, num_workers: int) -> None:
         readers = world_size * num_workers
