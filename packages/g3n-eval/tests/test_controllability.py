@@ -255,5 +255,9 @@ def test_real_column_permutation_test_tells_a_seeing_probe_from_a_blind_one():
     # without the test the AUC rule decides; without a real column nothing is blind
     assert is_blind({"auc": 0.5}) and not is_blind({"auc": 0.8}) and not is_blind(None)
     assert is_blind({"auc": 0.8, "permutation": {"p": 0.2}}) and not is_blind({"auc": 0.5, "permutation": {"p": 0.01}})
+    # a row fitted on more subjects than the limit skips the test: the AUC rule decides
+    capped = evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=19, permutation_max_subjects=20)
+    row = capped["tasks"]["diagnosis:HC-vs-AD"]["real"]
+    assert "permutation" not in row and row["permutation_skipped"].startswith("24 subjects > 20") and not row["blind"]
     with pytest.raises(ValueError, match="permutations must be >= 0"):
         evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=-1)

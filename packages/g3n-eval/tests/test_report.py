@@ -106,4 +106,4 @@ def test_control_section_shows_paired_rows_and_flags_a_blind_probe():
     page = _control_section(doc)
     assert "Real p: the probe's cross-validation on real data re-run on 19 shuffled labellings" in page
     assert ">0.1 (0.85)</td>" in page and ">0.05 (0.25)</td>" in page
-    assert "Blind probes (real p above 0.05" in page and "either way): diagnosis:HC-vs-AD.</p>" in page
+    assert "Blind probes (real p above 0.05; rows without the test: cross-validated AUC" in page and "either way): diagnosis:HC-vs-AD.</p>" in page

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="CV folds for the 'real' column")
     p.add_argument("--permutations", type=int, default=99, metavar="N",
                    help="re-run the 'real' column's cross-validation on N shuffled labellings (default 99; 0: off): "
-                        "a row whose probe does not beat them (p >= 0.05) cannot judge generated samples")
+                        "a row whose probe does not beat them (p > 0.05) cannot judge generated samples")
+    p.add_argument("--permutation-max-subjects", type=int, default=500, metavar="M",
+                   help="rows whose probe is fitted on more than M subjects skip the test (default 500; their null "
+                        "is narrow and the AUC <= 0.55 rule decides); 0: no limit")
     p.add_argument("--match-real", nargs="*", default=["modality"], metavar="FIELD",
                    help="fit each probe on the real samples whose FIELDs equal what every generated sample of its "
                         "row asked for (default: modality; give no FIELD to fit on every real sample)")
@@ -189,7 +192,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         doc = run_controllability(args.real, args.generated, args.out, args.task or PAPER_TASKS, sweeps,
                                   None if args.space == "latent" else _encoder(args), _tokenizers(args), None,
                                   args.folds, args.limit, progress, space=args.space, match=args.match_real,
-                                  permutations=args.permutations)
+                                  permutations=args.permutations,
+                                  permutation_max_subjects=args.permutation_max_subjects or None)
         for name, row in doc["results"]["tasks"].items():
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():

@@ -268,9 +268,13 @@ def real_permutation(real: Mapping[str, Any], null: Sequence[float]) -> dict[str
 
 #: A probe whose real column's permutation p is above this cannot tell the real classes apart.
 BLIND_P = 0.05
-#: Without a permutation test (``permutations=0``, older documents): the cross-validated AUC on
-#: real data at or under which a probe counts as blind.
+#: Without a permutation test (``permutations=0``, a row over ``permutation_max_subjects``, older
+#: documents): the cross-validated AUC on real data at or under which a probe counts as blind.
 BLIND_AUC = 0.55
+#: Rows whose probe is fitted on more subjects skip the permutation test by default: there the null
+#: is narrow (the 95th percentile of a two-class AUC on 250 + 250 subjects is about 0.54, close to
+#: :data:`BLIND_AUC`), and 99 cross-validations of a paper-sized slice would take hours.
+PERMUTATION_MAX_SUBJECTS = 500
 
 
 def is_blind(real: Mapping[str, Any] | None) -> bool:
@@ -322,7 +326,7 @@ def _in_slice(records: Sequence[Mapping[str, Any]], where: Mapping[str, str]) ->
 
 def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequence[str] = (),
              protocol: Any = None, n_splits: int = 5, match: Sequence[str] = MATCH_FIELDS,
-             permutations: int = 0) -> dict[str, Any]:
+             permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS) -> dict[str, Any]:
     """Fit one probe per task on the real FeatureSet, apply it to the generated FeatureSet.
 
     ``real`` and ``generated`` are g3n_probe FeatureSets (the generated one from re-encoded
@@ -330,7 +334,8 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
     samples all asked for (:func:`real_slice` over ``match``; ``()`` fits on every real sample); when
     that slice lacks a class, on every real sample. Each row records its ``real_slice``. With
     ``permutations``, the real column gets a permutation test (:func:`real_null`): ``real.permutation``
-    says whether the probe sees the task at all, and so whether its verdict on generated samples means anything.
+    says whether the probe sees the task at all, and so whether its verdict on generated samples means
+    anything. Rows fitted on more than ``permutation_max_subjects`` subjects (None: no limit) skip it.
     Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
     """
     from g3n_probe import fit_classifier, fit_regressor, protocol_preset
@@ -371,7 +376,11 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
         for j, c in enumerate(probe.classes):
             proba_g[:, task.classes.index(c)] = Pg[:, j]
         row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
-        if permutations and "real" in row:
+        n_subjects = len(set(groups))
+        if permutations and "real" in row and permutation_max_subjects is not None and n_subjects > permutation_max_subjects:
+            row["real"]["permutation_skipped"] = (f"{n_subjects} subjects > {permutation_max_subjects}: the AUC rule "
+                                                  f"(blind at <= {BLIND_AUC}) decides")
+        elif permutations and "real" in row:
             seed = slice_seed(protocol.seed, f"controllability:{task.name}", ",".join(f"{g}={v}" for g, v in where.items()))
             null = real_null(X, y, groups, protocol, k, task.classes, permutations, seed)
             row["real"]["permutation"] = real_permutation(row["real"], null)
@@ -443,7 +452,7 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                         sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
                         protocol: Any = None, n_splits: int = 5, limit: int | None = None,
                         progress: bool = True, space: str = "volume", match: Sequence[str] = MATCH_FIELDS,
-                        permutations: int = 0) -> dict[str, Any]:
+                        permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS) -> dict[str, Any]:
     """Table 2a from a real feature source and a generated set (tokens / feature table, or a
     latents set that is decoded through the registry and re-encoded by the MAE encoder); with
     ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`)."""
@@ -466,7 +475,7 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
         gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
     parsed = [ClassTask.parse(t) for t in tasks]
-    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations)
+    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations, permutation_max_subjects)
     figures: dict[str, str] = {}
     if gen_vols is not None:  # condition sweeps as images: first sample per requested value
         for field in [*sweeps, *dict.fromkeys(t.field for t in parsed)]:
@@ -482,7 +491,8 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                 figures[f"sweep_{field}"] = name
     settings = {
         "probe": {"kind": "g3n-probe linear (logistic / ridge)", "protocol": protocol.model_dump(mode="json"),
-                  "real_cv_folds": n_splits, "real_permutations": permutations, "trained_on": "real features",
+                  "real_cv_folds": n_splits, "real_permutations": permutations,
+                  "real_permutation_max_subjects": permutation_max_subjects, "trained_on": "real features",
                   "matched_on": list(match)},
         "space": space,
         "generated_path": "decoded by the tokenizer and re-encoded by the MAE encoder" if gen_vols is not None

@@ -146,7 +146,8 @@ def _control_section(doc: dict[str, Any]) -> str:
                 "class, <i>shift</i> is its mean change, <i>p</i> the one-sided sign test.</p>")
     blind = [name for name, r in res["tasks"].items() if is_blind(r.get("real"))]
     if blind:
-        rule = f"real p above {BLIND_P}" if n_perm else f"cross-validated AUC on real data at most {BLIND_AUC}"
+        auc_rule = f"cross-validated AUC on real data at most {BLIND_AUC}"
+        rule = f"real p above {BLIND_P}; rows without the test: {auc_rule}" if n_perm else auc_rule
         out += (f"<p>Blind probes ({rule}: they cannot tell the real classes apart, so their cond and paired "
                 f"columns cannot show controllability either way): {', '.join(html.escape(b) for b in blind)}.</p>")
     for field, sw in res.get("sweeps", {}).items():
