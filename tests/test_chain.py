@@ -82,6 +82,8 @@ def test_report_and_results_exist(run):
         assert sex["permutation"]["permutations"] == 4 and isinstance(sex["blind"], bool), folder
     assert any(line.startswith("controllability [latent space] sex:F-vs-M") and "permutation p" in line
                for line in lines), lines
+    # forecasts are paired by baseline: does each subject's forecast age with the interval?
+    assert any(line.startswith("forecasts: brain-age change") and "; paired: " in line for line in lines), lines
     page = (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")
     assert "paired moved" in page and "Anatomy of generated samples" in page
     # the known anatomy: every effect is measured in real data and on the paired samples that asked for it

@@ -193,7 +193,14 @@ def test_forecast_recovery_and_map():
     base = [70, 60, 70, 60, 70, 60]
     fc = [b + 0.3 * t for b, t in zip(base, dt)]
     r = ageing_recovery(dt, base, fc)
-    assert r["slope"] == pytest.approx(0.3) and r["pearson_r"] == pytest.approx(1.0)
+    assert r["slope"] == pytest.approx(0.3) and r["pearson_r"] == pytest.approx(1.0) and "paired" not in r
+    # paired by baseline: subject "a" ages with the interval, "b" grows younger; the pooled line hides which
+    subj = ["a", "b", "a", "b", "a", "b"]
+    fc2 = [b + (0.3 if s == "a" else -0.1) * t for b, t, s in zip(base, dt, subj)]
+    p = ageing_recovery(dt, base, fc2, subj)["paired"]
+    assert (p["n_groups"], p["n_moved"], p["n_against"]) == (2, 1, 1) and p["mean_slope"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="6 intervals but 2 baselines"):
+        ageing_recovery(dt, base, fc2, ["a", "b"])
     b = [np.zeros((4, 4, 4)), np.ones((4, 4, 4))]
     f = [np.zeros((4, 4, 4)), np.ones((4, 4, 4))]
     f[0][1, 1, 1] = 2.0

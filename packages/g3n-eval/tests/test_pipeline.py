@@ -114,6 +114,8 @@ def test_forecast(runs):
     r = doc["results"]
     assert r["n_pairs"] == 8 and set(r["age"]["levels"]) == {"1", "2", "4", "8"}
     assert math.isfinite(r["age"]["slope"])
+    pair = r["age"]["paired"]  # per baseline: did its forecasts' predicted age rise with the interval?
+    assert pair["n_groups"] >= 1 and pair["n_moved"] + pair["n_against"] <= pair["n_groups"] and 0 < pair["p"] <= 1
     assert r["difference"]["mean_abs_change"] > 0
     with np.load(out / "forecast" / "forecast_difference.npz") as z:
         assert z["mean"].shape == (32, 32, 32)

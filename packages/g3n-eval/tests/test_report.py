@@ -37,6 +37,7 @@ def test_report_content(report, volumes_set):
     assert "0.9671" in page and "brain_age" in page
     for heading in ("Linear probes", "Reconstruction", "Controllability", "Fidelity", "Memorisation audit", "Longitudinal forecasts", "Provenance"):
         assert f"<h2>{heading}</h2>" in page
+    assert "Paired, within each baseline: predicted ageing rose with the interval for " in page
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert len(srcs) >= 7
     for s in srcs:  # every image is a local PNG beside the page (self-contained folder)

@@ -18,16 +18,29 @@ from .stats import line_fit
 
 
 def ageing_recovery(requested_interval: Sequence[float], predicted_baseline_age: Sequence[float],
-                    predicted_forecast_age: Sequence[float]) -> dict[str, Any]:
-    """Slope and Pearson r of predicted ageing vs requested interval, plus per-interval means."""
+                    predicted_forecast_age: Sequence[float], baselines: Sequence[str] | None = None) -> dict[str, Any]:
+    """Slope and Pearson r of predicted ageing vs requested interval, plus per-interval means.
+
+    With ``baselines`` (the baseline each forecast starts from), also the paired test: within each
+    baseline forecast at two or more intervals, the slope of its predicted ageing on the interval,
+    how many baselines aged with the interval (slope > 0) and a one-sided sign test. The pooled slope
+    mixes subjects whose brain-age predictions differ by years; within a subject only the interval
+    changes."""
+    from .controllability import paired_sweep
+
     dt = np.asarray(requested_interval, dtype=np.float64)
     change = np.asarray(predicted_forecast_age, np.float64) - np.asarray(predicted_baseline_age, np.float64)
     if dt.shape != change.shape:
         raise ValueError(f"{dt.size} intervals but {change.size} predictions")
     levels = {format(float(v), "g"): {"n": int((dt == v).sum()), "mean_predicted_change": float(change[dt == v].mean())}
               for v in np.unique(dt)}
-    return {**line_fit(dt, change), "mean_requested": float(dt.mean()) if dt.size else float("nan"),
-            "mean_predicted_change": float(change.mean()) if change.size else float("nan"), "levels": levels}
+    out = {**line_fit(dt, change), "mean_requested": float(dt.mean()) if dt.size else float("nan"),
+           "mean_predicted_change": float(change.mean()) if change.size else float("nan"), "levels": levels}
+    if baselines is not None:
+        if len(baselines) != dt.size:
+            raise ValueError(f"{dt.size} intervals but {len(baselines)} baselines")
+        out["paired"] = paired_sweep(dt, change, [(str(b),) for b in baselines])
+    return out
 
 
 def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,7 +114,7 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     fi, bi, dts = zip(*pairs)
     f_feat = encoder([fc.arrays[i] for i in fi])
     b_feat = encoder([base.arrays[i] for i in bi])
-    rec = ageing_recovery(dts, probe.predict_scores(b_feat), probe.predict_scores(f_feat))
+    rec = ageing_recovery(dts, probe.predict_scores(b_feat), probe.predict_scores(f_feat), [base.keys[b] for b in bi])
     maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
     import io
 

@@ -254,9 +254,13 @@ def _forecast_section(doc: dict[str, Any]) -> str:
     r = doc["results"]
     a = r["age"]
     rows = [[f"+{k} y", v["n"], v["mean_predicted_change"]] for k, v in a["levels"].items()]
+    pair = a.get("paired") or {}
+    paired = (f" Paired, within each baseline: predicted ageing rose with the interval for {_moved(pair)} baselines, "
+              f"mean slope {_fmt(pair.get('mean_slope'))}, sign-test p {_fmt(pair.get('p'), 3)}."
+              if pair.get("n_groups") else "")
     return (f"<p>{r['n_pairs']} forecasts. Brain-age probe on decoded forecasts vs requested interval: slope "
             f"{_fmt(a['slope'])} (fraction of requested ageing recovered), Pearson r {_fmt(a['pearson_r'])}; "
-            f"mean |forecast − baseline| {_fmt(r['difference']['mean_abs_change'])} (z-units).</p>"
+            f"mean |forecast − baseline| {_fmt(r['difference']['mean_abs_change'])} (z-units).{paired}</p>"
             + _table(["requested interval", "n", "mean predicted ageing (y)"], rows))
 
 

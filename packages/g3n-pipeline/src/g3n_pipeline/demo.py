@@ -266,7 +266,8 @@ def headline(run: Path) -> list[str]:
         lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
     fc = (load("forecast").get("age") or {})
     if fc:
-        lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}")
+        lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}"
+                     f"{_paired(fc.get('paired'), 'slope')}")
     return lines
 
 
