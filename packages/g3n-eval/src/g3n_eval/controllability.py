@@ -227,28 +227,38 @@ def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], proto
     return pred, proba, classes
 
 
+def real_cv(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any, n_splits: int,
+            classes: Sequence[str], folds: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
+    """The real column: cross-validated predictions and probabilities in ``classes`` order (a class
+    absent from ``y`` keeps p = 0). The real labels and every shuffle of them go through this one path."""
+    pred, proba, have = cv_predictions(X, y, groups, protocol, n_splits, folds)
+    P = np.zeros((len(y), len(classes)))
+    for j, c in enumerate(have):
+        P[:, list(classes).index(c)] = proba[:, j]
+    return list(pred), P
+
+
 def _shuffled_auc(X: np.ndarray, ys: np.ndarray, groups: Sequence[str], protocol: Any, n_splits: int,
                   folds: np.ndarray, classes: Sequence[str]) -> float:
-    _, proba, cls = cv_predictions(X, list(ys), groups, protocol, n_splits, folds)
-    P = np.zeros((len(ys), len(classes)))
-    for j, c in enumerate(cls):
-        P[:, list(classes).index(c)] = proba[:, j]
+    _, P = real_cv(X, list(ys), groups, protocol, n_splits, classes, folds)
     return auc_ovr(list(ys), P, list(classes))
 
 
 def real_null(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any, n_splits: int,
-              classes: Sequence[str], permutations: int, seed: int) -> list[float]:
+              classes: Sequence[str], permutations: int, seed: int, folds: np.ndarray | None = None) -> list[float]:
     """AUCs of the real column's cross-validation re-run on shuffled labels: what a probe that can
     see nothing of the task scores on these subjects by luck. Labels move between subjects as in
     g3n-probe's permutation test (whole subjects of equal size, then within each subject); the
-    folds stay those of the real labels. The shuffles are drawn here, in order, from ``seed``; with
+    folds stay those of the real labels (``folds``, the real column's; default: assigned here as
+    :func:`cv_predictions` does). The shuffles are drawn here, in order, from ``seed``; with
     the protocol's ``n_jobs`` > 1 their cross-validations run in that many processes (a logistic
     fit holds the GIL), with the same results."""
     from g3n_probe import assign_folds
     from g3n_probe.permutation import block_permutation
     from joblib import Parallel, delayed
 
-    folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
+    if folds is None:
+        folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
     rng = np.random.default_rng(seed)
     yarr = np.asarray(y, dtype=object)
     shuffled = [yarr[block_permutation(groups, rng)] for _ in range(permutations)]
@@ -338,7 +348,7 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
     anything. Rows fitted on more than ``permutation_max_subjects`` subjects (None: no limit) skip it.
     Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
     """
-    from g3n_probe import fit_classifier, fit_regressor, protocol_preset
+    from g3n_probe import assign_folds, fit_classifier, fit_regressor, protocol_preset
     from g3n_probe.permutation import slice_seed
 
     if permutations < 0:
@@ -361,14 +371,12 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
         X, y = real.X[keep], [y_all[i] for i in keep]
         groups = [str(real.records[i].get("subject") or real.keys[i]) for i in keep]
         probe, _ = fit_classifier(X, np.asarray(y, dtype=object), protocol)
-        real_pred = real_proba = None
-        k = min(n_splits, len(set(groups)), min(Counter(y).values()))
+        real_pred = real_proba = folds = None
+        n_subjects = len(set(groups))
+        k = min(n_splits, n_subjects, min(Counter(y).values()))
         if k >= 2:
-            pred, proba, classes = cv_predictions(X, y, groups, protocol, k)
-            real_proba = np.zeros((len(y), len(task.classes)))
-            for j, c in enumerate(classes):
-                real_proba[:, task.classes.index(c)] = proba[:, j]
-            real_pred = list(pred)
+            folds = assign_folds(groups, y, k, protocol.seed)
+            real_pred, real_proba = real_cv(X, y, groups, protocol, k, task.classes, folds)
         gen_req = _labels(generated.records, task.field)
         sel = [i for i, v in enumerate(gen_req) if v is None or v in task.classes]
         Pg = probe.predict_scores(generated.X[sel]) if sel else np.zeros((0, len(probe.classes)))
@@ -376,13 +384,12 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
         for j, c in enumerate(probe.classes):
             proba_g[:, task.classes.index(c)] = Pg[:, j]
         row = class_controllability(task.classes, [gen_req[i] for i in sel], proba_g, y, real_pred, real_proba)
-        n_subjects = len(set(groups))
         if permutations and "real" in row and permutation_max_subjects is not None and n_subjects > permutation_max_subjects:
             row["real"]["permutation_skipped"] = (f"{n_subjects} subjects > {permutation_max_subjects}: the AUC rule "
                                                   f"(blind at <= {BLIND_AUC}) decides")
         elif permutations and "real" in row:
             seed = slice_seed(protocol.seed, f"controllability:{task.name}", ",".join(f"{g}={v}" for g, v in where.items()))
-            null = real_null(X, y, groups, protocol, k, task.classes, permutations, seed)
+            null = real_null(X, y, groups, protocol, k, task.classes, permutations, seed, folds)
             row["real"]["permutation"] = real_permutation(row["real"], null)
         if "real" in row:
             row["real"]["blind"] = is_blind(row["real"])
