@@ -15,7 +15,7 @@ from g3n_pipeline.demo import build_stages, headline
 
 TINY = dict(subjects=24, real=False, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
             dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2,
-            probe_permutations=4)
+            probe_permutations=4, anatomy_recon=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,7 @@ def test_report_and_results_exist(run):
         if name.startswith(("diagnosis:HC->AD", "diagnosis:HC->PD", "age:")):  # T1 requests the demo makes
             assert row["paired"]["n_groups"] == TINY["samples_per_request"], name
     assert any(line.startswith("anatomy (no probe) diagnosis:HC->AD [T1]") for line in headline(run))
+    # anatomy_recon: each effect also measured on the tokenizer's reconstructions of the real volumes
+    assert all("recon" in row and "recon_keeps" in row for row in effects.values())
+    assert any("tokenizer reconstructions keep" in line for line in headline(run) if line.startswith("anatomy"))
+    assert "recon keeps" in page

@@ -68,6 +68,11 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
     return tensors, groups
 
 
+#: AdamW settings that choose how the update is computed, not what it is: the optimizer that
+#: resumes keeps its own (a run trained with the fused kernel resumes on a machine without it)
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -76,12 +81,13 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = t
     fixed = []
-    for g in groups:
+    for g, own in zip(groups, opt.param_groups):
         g = dict(g)
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+        g.update({k: own[k] for k in IMPLEMENTATION_KEYS if k in own})
         fixed.append(g)
-    opt.load_state_dict({"state": state, "param_groups": fixed})
+    opt.load_state_dict({"state": state, "param_groups": fixed + groups[len(fixed):]})
 
 
 @dataclass

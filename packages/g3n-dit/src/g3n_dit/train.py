@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .bridge import bridge_loss
 from .checkpoint import (
+    IMPLEMENTATION_KEYS,
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -133,6 +134,13 @@ def usable_records(
     return ok
 
 
+def adamw(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW for both engines, fused (one kernel over all parameters instead of a loop of small
+    ops) on the CPU and CUDA: on the CPU demo's generator that is 3.5 % more samples/s, where the
+    loop took 6 % of a step."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type in ("cpu", "cuda") or None)
+
+
 class TorchEngine:
     """One process: plain AdamW, gradient clipping, optional bf16 autocast."""
 
@@ -142,7 +150,7 @@ class TorchEngine:
         self.module = model.to(device)
         self.device = device
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = adamw(param_groups(model, cfg.weight_decay), cfg, device)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
@@ -210,7 +218,7 @@ class DeepSpeedEngine:
         # order to name the consolidated ZeRO state the same way
         self._ordered = [p for g in groups for p in g["params"]]
         self._group_sizes = [len(g["params"]) for g in groups]
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        opt = adamw(groups, cfg, device)
         bucket = int(min(DEFAULT_ZERO_BUCKET, max(1, sum(p.numel() for p in self._ordered))))
         ds_config = {
             "train_batch_size": cfg.batch_size,
@@ -314,7 +322,7 @@ class DeepSpeedEngine:
             if "step" in st:
                 st["step"] = torch.tensor(step if step is not None else 0.0)
         for g, saved_g in zip(self.optimizer.param_groups, groups):
-            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_g.items() if k != "params"})
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_g.items() if k not in ("params", *IMPLEMENTATION_KEYS)})
 
 
 def _select_device(device: str | torch.device | None) -> torch.device:

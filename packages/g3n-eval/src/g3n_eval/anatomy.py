@@ -360,9 +360,16 @@ def effect_figures(anatomy: Anatomy, maps: EffectMaps, out: Path) -> dict[str, s
     return figures
 
 
-def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]],
-             generated: tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]]) -> dict[str, Any]:
-    """Per effect: the real effect, the paired generated change, and whether each goes the expected way."""
+Measured = tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, float]]]
+
+
+def evaluate(anatomy: Anatomy, real: Measured, generated: Measured, recon: Measured | None = None) -> dict[str, Any]:
+    """Per effect: the real effect, the paired generated change, and whether each goes the expected way.
+
+    With ``recon`` (the tokenizer's reconstructions of real volumes) also the effect as the
+    reconstructions carry it and ``recon_keeps``, its fraction of the real effect: decoded samples
+    can only show what the decoder can draw, so a row whose reconstructions keep little of the
+    effect says nothing about the generator."""
     rows: dict[str, Any] = {}
     for e in anatomy.spec.effects:
         sign = 1.0 if e.expect == "increase" else -1.0
@@ -379,6 +386,10 @@ def evaluate(anatomy: Anatomy, real: tuple[Sequence[Mapping[str, Any]], Sequence
             "paired": g,
             "of_real": g["mean_change"] / diff if math.isfinite(diff) and diff != 0 and g["n_groups"] else math.nan,
         }
+        if recon is not None:
+            rc = real_effect(e, recon[0], [x[e.signature] for x in recon[1]], anatomy.spec.within)
+            rows[e.name]["recon"] = rc
+            rows[e.name]["recon_keeps"] = rc["difference"] / diff if math.isfinite(diff) and diff != 0 else math.nan
     return {"effects": rows}
 
 
@@ -407,8 +418,9 @@ def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bo
 
 
 def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: str | Path,
-                limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Measure the spec's signatures on a real and a generated volumes set; write ``anatomy.json``."""
+                limit: int | None = None, progress: bool = True, recon: str | Path | None = None) -> dict[str, Any]:
+    """Measure the spec's signatures on a real and a generated volumes set (and, given ``recon``, on
+    the tokenizer's reconstructions of real volumes); write ``anatomy.json``."""
     from .records import input_ref, write_metrics
     from .rejects import Rejects
     from .sources import request_settings
@@ -418,7 +430,8 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
     rejects = Rejects(out)
     real_m = _measure(anatomy, real, limit, progress, "real", maps.add_real, rejects)
     gen_m = _measure(anatomy, generated, limit, progress, "generated", maps.add_generated, rejects)
-    res = evaluate(anatomy, real_m, gen_m)
+    recon_m = _measure(anatomy, recon, limit, progress, "recon", lambda *_: None, rejects) if recon else None
+    res = evaluate(anatomy, real_m, gen_m, recon_m)
     res["rejected"] = rejects.count
     res["figures"] = effect_figures(anatomy, maps, Path(out))
     settings = {"spec": anatomy.spec.model_dump(mode="json", by_alias=True), "limit": limit,
@@ -426,4 +439,6 @@ def run_anatomy(spec: str | Path, real: str | Path, generated: str | Path, out: 
                 "generation": request_settings(gen_m[0])}
     inputs = [input_ref(spec, "anatomy spec"), input_ref(Path(spec).parent / anatomy.spec.regions, "regions"),
               input_ref(real, "real volumes"), input_ref(generated, "generated volumes")]
+    if recon:
+        inputs.append(input_ref(recon, "reconstructed real volumes"))
     return write_metrics(Path(out) / "anatomy.json", "anatomy", settings, inputs, res)

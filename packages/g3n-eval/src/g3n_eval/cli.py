@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="anatomy spec (YAML/JSON) with its regions npz beside it")
     p.add_argument("--real", required=True, help="real volumes shard set (on the spec's grid)")
     p.add_argument("--generated", required=True, help="generated volumes shard set (decoded samples)")
+    p.add_argument("--recon", default=None, help="the tokenizer's reconstructions of real volumes (g3n-tokenizer decode "
+                   "of their latents): how much of each effect the decoder can draw at all")
     p.add_argument("--limit", type=int, default=None, help="first N volumes of each set (key order)")
     _common(p)
 
@@ -156,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def _pct(v: float | None) -> str:
+    """A fraction as a percentage; NaN (written as null) as n/a."""
+    return "n/a" if v is None or v != v else f"{100 * v:.0f} %"
+
+
 def _tokenizers(args: argparse.Namespace):
     from .sources import TokenizerCache
 
@@ -202,7 +209,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.cmd == "anatomy":
         from .anatomy import run_anatomy
 
-        doc = run_anatomy(args.spec, args.real, args.generated, args.out, args.limit, progress)
+        doc = run_anatomy(args.spec, args.real, args.generated, args.out, args.limit, progress, args.recon)
         def num(v: float | None) -> str:  # NaN is written as null
             return "n/a" if v is None else f"{v:+.3f}"
 
@@ -210,7 +217,9 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             pair = row["paired"]
             print(f"{name} ({row['signature']}, expect {row['expect']}): real {num(row['real']['difference'])} "
                   f"({'confirms' if row['real_confirms'] else 'does not confirm'}); generated pairs moved "
-                  f"{pair['n_moved']}/{pair['n_groups']}, mean change {num(pair['mean_change'])}")
+                  f"{pair['n_moved']}/{pair['n_groups']}, mean change {num(pair['mean_change'])}"
+                  + (f"; reconstructions {num(row['recon']['difference'])}, keep {_pct(row['recon_keeps'])} of the real effect"
+                     if "recon" in row else ""))
         return 0
     if args.cmd == "fidelity":
         from .fidelity import run_fidelity

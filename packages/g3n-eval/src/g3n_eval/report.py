@@ -178,11 +178,14 @@ def _moved(pair: dict[str, Any]) -> str:
 def _anatomy_section(doc: dict[str, Any]) -> str:
     spec = doc["settings"].get("spec") or {}
     rows = []
-    for name, r in doc["results"]["effects"].items():
+    effects = doc["results"]["effects"]
+    with_recon = any("recon" in r for r in effects.values())
+    for name, r in effects.items():
         real, pair = r["real"], r["paired"]
         n_real = real.get("n") if "n" in real else f"{real.get('n_from')}/{real.get('n_to')}"
         rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real.get("pooled_difference"),
-                     real["d"], r["real_confirms"], _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")])
+                     real["d"], r["real_confirms"], _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")]
+                    + ([(r.get("recon") or {}).get("difference"), r.get("recon_keeps")] if with_recon else []))
     within = ""
     if spec.get("within"):
         w = html.escape(str(spec["within"]))
@@ -196,10 +199,16 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
             "change as a fraction of the real effect. The images <i>anatomy</i> show each effect voxel by voxel, real above and "
             "generated (mean paired change) below, on one colour scale (red brighter, blue darker): where a change "
             "lands, e.g. a scanner's bias pattern learned with a disease.")
+    if with_recon:
+        head += (" <i>recon</i> is the same real effect measured on the tokenizer's reconstructions of the real "
+                 "volumes, and <i>recon keeps</i> its fraction of the real effect: decoded samples can only show what "
+                 "the decoder draws, so where the reconstructions keep little of an effect, its paired column says "
+                 "nothing about the generator.")
     if spec.get("source"):
         head += f" Effects from: {html.escape(str(spec['source']))}."
     out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "pooled", "real d",
-                                  "as expected", "paired moved", "paired p", "paired change", "of real"], rows, left=3)
+                                  "as expected", "paired moved", "paired p", "paired change", "of real"]
+                                 + (["recon change", "recon keeps"] if with_recon else []), rows, left=3)
     items = [f"<li><b>{html.escape(s['name'])}</b>: {html.escape(s.get('why') or s['kind'])}</li>"
              for s in spec.get("signatures", [])]
     items += [f"<li>{html.escape(name)}: {html.escape(r['why'])}</li>"

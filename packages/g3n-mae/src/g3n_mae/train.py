@@ -134,7 +134,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: MAEConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW; ``fused`` (one CUDA kernel for all parameters) when the parameters live on a GPU."""
+    """AdamW; ``fused`` (one kernel for all parameters instead of a loop of small ops) for
+    parameters on a GPU or the CPU."""
     t = cfg.train
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), fused=fused or None)
 
@@ -158,7 +159,7 @@ class TorchEngine:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.optimizer = make_optimizer(self.module, cfg, fused=d.device.type == "cuda")
+        self.optimizer = make_optimizer(self.module, cfg, fused=d.device.type in ("cpu", "cuda"))
         self.bf16 = use_bf16(cfg, d.device)
 
     def forward(self, volume: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ class TorchEngine:
             if f"exp_avg/{name}" in optim:
                 step = optim[f"step/{name}"].clone().float()
                 self.optimizer.state[p] = {
-                    "step": step.to(p.device) if on_device else step,  # fused AdamW keeps its step on the GPU
+                    "step": step.to(p.device) if on_device else step,  # fused AdamW keeps its step with the parameters
                     "exp_avg": optim[f"exp_avg/{name}"].to(p.device, p.dtype).clone(),
                     "exp_avg_sq": optim[f"exp_avg_sq/{name}"].to(p.device, p.dtype).clone(),
                 }
