@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from g3n_dit.checkpoint import list_checkpoints, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors
+from g3n_dit.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, optimizer_from_tensors, optimizer_to_tensors
 from g3n_dit.conditions import encode
 from g3n_dit.config import preset_run_config
 from g3n_dit.data import ELEMENT_STD_FLOOR, in_memory, normalisation_stats
@@ -52,6 +52,8 @@ def test_optimizer_state_resumes_with_the_resuming_optimizers_own_kernel():
     assert plain.param_groups[0]["lr"] == 0.1  # hyper-parameters come from the checkpoint
     st = plain.state[v]
     assert torch.equal(st["exp_avg"], fused.state[w]["exp_avg"]) and float(st["step"]) == 1.0
+    with pytest.raises(CheckpointError, match="2 parameter groups; this optimizer has 1"):
+        optimizer_from_tensors(plain, tensors, groups * 2)
 
 
 def test_checkpoint_contents_and_keep_last(tmp_path):

@@ -62,5 +62,25 @@ def test_demo_flags_override_the_config_file_and_only_when_given(tmp_path, monke
     assert seen[-1].run_dir == tmp_path / "from-config" and seen[-1].subjects == 40  # no flag: the file's run_dir
     assert demo.main(["--config", str(cfg_file), "--run-dir", str(tmp_path / "flag"), "--subjects", "30"]) == 0
     assert seen[-1].run_dir == tmp_path / "flag" and seen[-1].subjects == 30
+    assert demo.main(["--config", str(cfg_file), "--seed", "7"]) == 0
+    assert seen[-1].seed == 7 and seen[-1].subjects == 40
     assert demo.main([]) == 0
-    assert seen[-1].run_dir == demo.DemoConfig().run_dir
+    assert seen[-1].run_dir == demo.DemoConfig().run_dir and seen[-1].seed == demo.DemoConfig().seed
+
+
+def test_signal_config_is_a_demo_config_with_three_times_the_glioma_subjects(monkeypatch):
+    """configs/signal/idh1-300.yaml validates as a DemoConfig and its cohort has 60 glioma subjects."""
+    from pathlib import Path
+
+    from g3n_data.synth.config import SynthConfig
+    from g3n_data.synth.design import plan_cohort
+    from g3n_pipeline import demo
+
+    path = Path(__file__).resolve().parents[3] / "configs" / "signal" / "idh1-300.yaml"
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, force=False, until=None: seen.append((cfg, until)))
+    assert demo.main(["--config", str(path), "--seed", "1", "--until", "probe"]) == 0
+    cfg, until = seen[-1]
+    assert cfg.subjects == 300 and cfg.seed == 1 and until == "probe" and cfg.probe_permutations >= 99
+    glioma = [p for p in plan_cohort(SynthConfig(subjects=cfg.subjects, seed=cfg.seed)) if p.cohort == "SYN-GLIOMA"]
+    assert len(glioma) == 60 and sum(p.idh1 == "mutant" for p in glioma) == 21

@@ -80,6 +80,8 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
             continue
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = t
+    if len(groups) != len(opt.param_groups):
+        raise CheckpointError(f"optimizer state has {len(groups)} parameter groups; this optimizer has {len(opt.param_groups)}")
     fixed = []
     for g, own in zip(groups, opt.param_groups):
         g = dict(g)
@@ -87,7 +89,7 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
             g["betas"] = tuple(g["betas"])
         g.update({k: own[k] for k in IMPLEMENTATION_KEYS if k in own})
         fixed.append(g)
-    opt.load_state_dict({"state": state, "param_groups": fixed + groups[len(fixed):]})
+    opt.load_state_dict({"state": state, "param_groups": fixed})
 
 
 @dataclass
