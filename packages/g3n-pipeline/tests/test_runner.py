@@ -69,18 +69,20 @@ def test_demo_flags_override_the_config_file_and_only_when_given(tmp_path, monke
 
 
 def test_signal_config_is_a_demo_config_with_three_times_the_glioma_subjects(monkeypatch):
-    """configs/signal/idh1-300.yaml validates as a DemoConfig and its cohort has 60 glioma subjects."""
+    """configs/signal/cohort-300.yaml validates as a DemoConfig, its cohort has 60 glioma subjects, and
+    a run of the whole chain measures the anatomy on reconstructions too."""
     from pathlib import Path
 
     from g3n_data.synth.config import SynthConfig
     from g3n_data.synth.design import plan_cohort
     from g3n_pipeline import demo
 
-    path = Path(__file__).resolve().parents[3] / "configs" / "signal" / "idh1-300.yaml"
+    path = Path(__file__).resolve().parents[3] / "configs" / "signal" / "cohort-300.yaml"
     seen = []
     monkeypatch.setattr(demo, "run_demo", lambda cfg, force=False, until=None: seen.append((cfg, until)))
     assert demo.main(["--config", str(path), "--seed", "1", "--until", "probe"]) == 0
     cfg, until = seen[-1]
     assert cfg.subjects == 300 and cfg.seed == 1 and until == "probe" and cfg.probe_permutations >= 99
+    assert cfg.anatomy_recon
     glioma = [p for p in plan_cohort(SynthConfig(subjects=cfg.subjects, seed=cfg.seed)) if p.cohort == "SYN-GLIOMA"]
     assert len(glioma) == 60 and sum(p.idh1 == "mutant" for p in glioma) == 21
