@@ -98,3 +98,12 @@ def test_report_and_results_exist(run):
     assert all("recon" in row and "recon_keeps" in row for row in effects.values())
     assert any("tokenizer reconstructions keep" in line for line in headline(run) if line.startswith("anatomy"))
     assert "recon keeps" in page
+    # and the decoded-space probes score the reconstructions of the real volumes they held out
+    ctrl = json.loads((run / "eval" / "controllability" / "controllability.json").read_text())
+    sex = ctrl["results"]["tasks"]["sex:F-vs-M"]["recon"]
+    assert sex["n"] > 0 and isinstance(sex["blind"], bool)
+    assert ctrl["results"]["sweeps"]["age"]["recon"]["recon"]["n"] > 0
+    assert any(i["role"] == "reconstructed real volumes" for i in ctrl["inputs"])
+    assert any(line.startswith("controllability [decoded + re-encoded] sex:F-vs-M") and "on reconstructions of held-out"
+               in line for line in lines), lines
+    assert "recon AUC, p (to beat)" in page

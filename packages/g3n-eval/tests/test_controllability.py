@@ -268,3 +268,51 @@ def test_real_column_permutation_test_tells_a_seeing_probe_from_a_blind_one():
     assert "permutation" not in row and row["permutation_skipped"].startswith("24 subjects > 20") and not row["blind"]
     with pytest.raises(ValueError, match="permutations must be >= 0"):
         evaluate(real, gen, tasks, protocol=proto, n_splits=3, permutations=-1)
+
+
+def test_recon_column_tells_whether_the_probe_still_sees_its_task_on_reconstructions():
+    """Each real-fitted fold probe scores the reconstructions of the volumes it held out: a
+    reconstruction identical to its volume gives exactly the real column; one that keeps the class
+    gives a sighted recon column; one that loses it (the tokenizer's blur) a blind one, while the
+    real column still sees the task. The age sweep's probe is checked the same way."""
+    from g3n_probe import from_arrays, protocol_preset
+
+    rng = np.random.default_rng(5)
+    recs, X = [], []
+    for i in range(24):
+        dx = "AD" if i % 2 else "HC"
+        age = 40.0 + 2 * i
+        recs.append({"key": f"r{i:03d}", "subject": f"s{i}", "modality": "T1", "diagnosis": dx, "age": age})
+        X.append([(1.5 if dx == "AD" else 0.0) + rng.normal(0, 0.4), age / 20 + rng.normal(0, 0.2), rng.normal(0, 1.0)])
+    X = np.array(X)
+    real = from_arrays(X, recs)
+    grecs = [{"key": f"g{i}", "subject": f"g{i}", "modality": "T1", "diagnosis": ("HC", "AD")[i % 2],
+              "age": (30, 70)[i % 2], "synthetic": True} for i in range(8)]
+    gen = from_arrays(rng.normal(size=(8, 3)), grecs)
+    proto = protocol_preset("paper", threads=1, n_jobs=1)
+    tasks = [ClassTask.parse("diagnosis:HC,AD")]
+
+    def run(recon_X, keys=None):
+        recon = from_arrays(recon_X, recs, keys=keys or [r["key"] for r in recs])
+        return evaluate(real, gen, tasks, ["age"], proto, n_splits=3, permutations=19, recon=recon)
+
+    same = run(X.copy())
+    row = same["tasks"]["diagnosis:HC-vs-AD"]
+    assert row["recon"]["n"] == 24 and row["recon"]["auc"] == pytest.approx(row["real"]["auc"])
+    assert row["recon"]["permutation"]["p"] == pytest.approx(0.05) and not row["recon"]["blind"]
+    sweep = same["sweeps"]["age"]["recon"]
+    assert sweep["recon"]["slope"] == pytest.approx(sweep["real"]["slope"]) and sweep["real"]["pearson_r"] > 0.9
+    blurred = X.copy()
+    blurred[:, 0] = blurred[:, 0].mean() + rng.normal(0, 0.01, size=24)  # the class's feature lost in the decoder
+    blurred[:, 1] = blurred[:, 1].mean() + rng.normal(0, 0.01, size=24)  # and the age's
+    lost = run(blurred)
+    row = lost["tasks"]["diagnosis:HC-vs-AD"]
+    assert not row["real"]["blind"] and row["recon"]["blind"] and row["recon"]["permutation"]["p"] > 0.05
+    sweep = lost["sweeps"]["age"]["recon"]
+    assert abs(sweep["recon"]["slope"]) < 0.2 < sweep["real"]["slope"]
+    # reconstructions of other volumes are matched to none: nothing to score
+    other = run(X.copy(), keys=[f"x{i}" for i in range(24)])
+    assert other["tasks"]["diagnosis:HC-vs-AD"]["recon"]["n"] == 0 and other["tasks"]["diagnosis:HC-vs-AD"]["recon"]["blind"]
+    # without recon, no recon columns
+    plain = evaluate(real, gen, tasks, ["age"], proto, n_splits=3)
+    assert "recon" not in plain["tasks"]["diagnosis:HC-vs-AD"] and "recon" not in plain["sweeps"]["age"]

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each probe on the real samples whose FIELDs equal what every generated sample of its "
                         "row asked for (default: modality; give no FIELD to fit on every real sample)")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--recon", default=None, metavar="SET",
+                   help="the tokenizer's reconstructions of the real volumes (volumes set, keys as the real ones; "
+                        "e.g. g3n-tokenizer decode of their latents): each probe, as cross-validated on real data, "
+                        "also scores the reconstructions of the volumes it held out, to tell whether it can still "
+                        "see its task on decoded volumes (volume space only)")
     p.add_argument("--space", choices=["volume", "latent"], default="volume",
                    help="volume (default, the paper's protocol): decode generated latents and re-encode them; "
                         "latent: probe real and generated latents sets of one tokenizer directly (token mean)")
@@ -200,7 +205,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
                                   None if args.space == "latent" else _encoder(args), _tokenizers(args), None,
                                   args.folds, args.limit, progress, space=args.space, match=args.match_real,
                                   permutations=args.permutations,
-                                  permutation_max_subjects=args.permutation_max_subjects or None)
+                                  permutation_max_subjects=args.permutation_max_subjects or None, recon=args.recon)
         for name, row in doc["results"]["tasks"].items():
             print(f"{name}: cond agreement {row['cond']['agreement']}, AUC {row['cond']['auc']}")
         for name, why in doc["results"]["skipped"].items():

@@ -2,7 +2,7 @@
 
 A probe trained on *real* embeddings scores generated samples after they are decoded and
 re-encoded by the MAE encoder (exactly how real volumes are embedded). For a condition and a
-class pair (or the 4-way modality task) four columns are reported:
+class pair (or the 4-way modality task) these columns are reported:
 
 * **real**: the probe's cross-validated agreement and AUC on real samples (its ceiling), with a
   permutation test (:func:`real_null`): a probe that does not beat shuffled labels is *blind* and
@@ -13,6 +13,9 @@ class pair (or the 4-way modality task) four columns are reported:
   probe mostly assigns and its fraction -- what the model does when not asked;
 * **prior**: the real training set's majority class among the task's classes and its
   fraction -- what a generator that ignores the request would hit by chance.
+* **recon** (given the tokenizer's reconstructions of the real volumes): the real column's probes
+  scoring the reconstructions of the volumes they held out -- whether the probe still sees the
+  task once a volume has been decoded, which decoded samples need (:func:`recon_column`).
 
 Continuous conditions (age) get a sweep: requested vs probe-predicted value, slope and Pearson r.
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,29 +205,113 @@ def _labels(records: Sequence[Mapping[str, Any]], field: str) -> list[str | None
     return [label_of(r.get(field)) for r in records]
 
 
+def _fold_probes(X: np.ndarray, y: Sequence[str], folds: np.ndarray, n_splits: int, protocol: Any) -> Iterator[tuple[np.ndarray, Any]]:
+    """Per fold: (its test mask, the classifier fitted on the other folds, or the one class they
+    hold: a small cohort's fold can leave one class to train on, and then predicts it, as any probe would)."""
+    from g3n_probe import fit_classifier
+
+    yarr = np.asarray(y, dtype=object)
+    for k in range(n_splits):
+        test = folds == k
+        train_classes = sorted(set(yarr[~test]))
+        yield test, (train_classes[0] if len(train_classes) < 2 else fit_classifier(X[~test], yarr[~test], protocol)[0])
+
+
+def _fill(proba: np.ndarray, rows: np.ndarray, classes: Sequence[str], fit: Any, X: np.ndarray) -> None:
+    """Write a fold's predictions of ``X`` into ``proba[rows]`` (columns in ``classes`` order)."""
+    if isinstance(fit, str):
+        proba[rows, list(classes).index(fit)] = 1.0
+        return
+    P = fit.predict_scores(X)
+    for j, c in enumerate(fit.classes):
+        proba[rows, list(classes).index(c)] = P[:, j]
+
+
 def cv_predictions(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any,
                    n_splits: int, folds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Subject-grouped cross-validated predictions on real data (the 'real' column). ``folds``:
     a fold number per sample (default: g3n-probe's stratified, subject-grouped assignment)."""
-    from g3n_probe import assign_folds, fit_classifier
+    from g3n_probe import assign_folds
 
     if folds is None:
         folds = assign_folds(list(groups), list(y), n_splits, protocol.seed)
     classes = sorted(set(y))
     proba = np.zeros((len(y), len(classes)))
-    yarr = np.asarray(y, dtype=object)
-    for k in range(n_splits):
-        test = folds == k
-        train_classes = sorted(set(yarr[~test]))
-        if len(train_classes) < 2:  # a small cohort's fold can hold one class: predict it, as any probe would
-            proba[test, classes.index(train_classes[0])] = 1.0
-            continue
-        probe, _ = fit_classifier(X[~test], yarr[~test], protocol)
-        P = probe.predict_scores(X[test])
-        for j, c in enumerate(probe.classes):
-            proba[test, classes.index(c)] = P[:, j]
+    for test, fit in _fold_probes(X, y, folds, n_splits, protocol):
+        _fill(proba, np.flatnonzero(test), classes, fit, X[test])
     pred = np.asarray(classes, dtype=object)[np.argmax(proba, axis=1)]
     return pred, proba, classes
+
+
+def recon_column(X: np.ndarray, y: Sequence[str], keys: Sequence[str], groups: Sequence[str], folds: np.ndarray,
+                 n_splits: int, protocol: Any, classes: Sequence[str], recon: Any, permutations: int = 0,
+                 seed: int = 0) -> dict[str, Any]:
+    """The real column's probes applied to the tokenizer's reconstructions of the volumes they held out.
+
+    Decoded samples can only show a class the probe still sees after a volume has been through the
+    tokenizer: a probe fitted on real features that cannot tell the *reconstructed* real classes apart
+    judges decoded samples as blindly as one that cannot tell the real ones apart. Each
+    reconstruction (``recon``: a FeatureSet whose keys are the real volumes' keys) is scored by the
+    fold's probe that did not see its volume. With ``permutations``, its AUC is tested against the
+    reconstructions' labels shuffled between subjects (g3n-probe's scheme; the scores stay, so
+    nothing is refitted): ``blind`` when p > :data:`BLIND_P`; without the test, at AUC <= :data:`BLIND_AUC`."""
+    from g3n_probe.permutation import block_permutation, null_bound, p_value
+
+    at = {str(k): i for i, k in enumerate(recon.keys)}
+    pairs = [(j, at[str(k)]) for j, k in enumerate(keys) if str(k) in at]
+    out: dict[str, Any] = {"n": len(pairs), "auc": math.nan}
+    if not pairs:
+        out["blind"] = True
+        return out
+    proba = np.zeros((len(pairs), len(classes)))
+    real_idx = np.asarray([j for j, _ in pairs], dtype=np.int64)
+    rec_idx = np.asarray([r for _, r in pairs], dtype=np.int64)
+    for test, fit in _fold_probes(X, y, folds, n_splits, protocol):
+        rows = np.flatnonzero(test[real_idx])
+        if rows.size:
+            _fill(proba, rows, classes, fit, recon.X[rec_idx[rows]])
+    labels = np.asarray([str(y[j]) for j in real_idx], dtype=object)
+    out["auc"] = auc_ovr(list(labels), proba, list(classes))
+    if permutations:
+        rng = np.random.default_rng(seed)
+        subj = [str(groups[j]) for j in real_idx]
+        null = [auc_ovr(list(labels[block_permutation(subj, rng)]), proba, list(classes)) for _ in range(permutations)]
+        out["permutation"] = {"permutations": permutations, "p": p_value(out["auc"], null, "auc"),
+                              "null95": null_bound(null, "auc")}
+    out["blind"] = is_blind(out)
+    return out
+
+
+def recon_sweep(X: np.ndarray, values: Sequence[float], groups: Sequence[str], keys: Sequence[str], recon: Any,
+                protocol: Any, n_splits: int) -> dict[str, Any]:
+    """A sweep's regression probe, cross-validated by subject on real data, applied to held-out real
+    volumes (``real``) and to the reconstructions of the same volumes (``recon``): true vs predicted
+    value, line fit and mean absolute error of each. Where the reconstructions' slope collapses, the
+    probe cannot read the value off decoded volumes, and a decoded sweep cannot show it either."""
+    from g3n_probe import assign_folds, fit_regressor
+
+    at = {str(k): i for i, k in enumerate(recon.keys)}
+    v = np.asarray(values, dtype=np.float64)
+    g = np.asarray(groups, dtype=object)
+    k = min(n_splits, len(set(groups)))
+    folds = assign_folds(list(groups), ["all"] * len(v), k, protocol.seed)
+    real_pred = np.full(len(v), np.nan)
+    rec_pred = np.full(len(v), np.nan)
+    for fold in range(k):
+        test = folds == fold
+        probe, _ = fit_regressor(X[~test], v[~test], protocol, g[~test])
+        real_pred[test] = probe.predict_scores(X[test])
+        rows = [j for j in np.flatnonzero(test) if str(keys[j]) in at]
+        if rows:
+            rec_pred[rows] = probe.predict_scores(recon.X[[at[str(keys[j])] for j in rows]])
+
+    def fit(pred: np.ndarray) -> dict[str, Any]:
+        ok = np.isfinite(pred)
+        return {**line_fit(v[ok], pred[ok]), "n": int(ok.sum()),
+                "mae": float(np.abs(pred[ok] - v[ok]).mean()) if ok.any() else math.nan}
+
+    has = np.isfinite(rec_pred)
+    return {"folds": k, "real": fit(np.where(has, real_pred, np.nan)), "recon": fit(rec_pred)}
 
 
 def real_cv(X: np.ndarray, y: Sequence[str], groups: Sequence[str], protocol: Any, n_splits: int,
@@ -336,7 +423,8 @@ def _in_slice(records: Sequence[Mapping[str, Any]], where: Mapping[str, str]) ->
 
 def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequence[str] = (),
              protocol: Any = None, n_splits: int = 5, match: Sequence[str] = MATCH_FIELDS,
-             permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS) -> dict[str, Any]:
+             permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS,
+             recon: Any = None) -> dict[str, Any]:
     """Fit one probe per task on the real FeatureSet, apply it to the generated FeatureSet.
 
     ``real`` and ``generated`` are g3n_probe FeatureSets (the generated one from re-encoded
@@ -346,6 +434,9 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
     ``permutations``, the real column gets a permutation test (:func:`real_null`): ``real.permutation``
     says whether the probe sees the task at all, and so whether its verdict on generated samples means
     anything. Rows fitted on more than ``permutation_max_subjects`` subjects (None: no limit) skip it.
+    With ``recon`` (features of the tokenizer's reconstructions of the real volumes, keyed as the
+    real ones), each row's ``recon`` column (:func:`recon_column`) and each sweep's
+    (:func:`recon_sweep`) say whether the probe still sees its task once a volume has been decoded.
     Returns {"tasks": {name: row}, "sweeps": {field: sweep}, "skipped": {...}}.
     """
     from g3n_probe import assign_folds, fit_classifier, fit_regressor, protocol_preset
@@ -393,6 +484,9 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
             row["real"]["permutation"] = real_permutation(row["real"], null)
         if "real" in row:
             row["real"]["blind"] = is_blind(row["real"])
+        if recon is not None and folds is not None:
+            row["recon"] = recon_column(X, y, [real.keys[i] for i in keep], groups, folds, k, protocol, task.classes,
+                                        recon, permutations, slice_seed(protocol.seed, f"recon:{task.name}", ""))
         row["field"] = task.field
         row["real_slice"] = where
         row["paired"] = paired_shifts(task.classes, [gen_req[i] for i in sel],
@@ -419,6 +513,9 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
         out["sweeps"][field]["real_slice"] = where
         out["sweeps"][field]["paired"] = paired_sweep([float(req[i]) for i in gsel], pred,
                                                       [pairing_key(generated.records[i], field) for i in gsel])
+        if recon is not None and len(set(groups)) >= 2:
+            out["sweeps"][field]["recon"] = recon_sweep(real.X[keep], [float(ys[i]) for i in keep], list(groups),
+                                                        [real.keys[i] for i in keep], recon, protocol, n_splits)
     return out
 
 
@@ -459,10 +556,13 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                         sweeps: Sequence[str] = ("age",), encoder: Any = None, tokenizers: Any = None,
                         protocol: Any = None, n_splits: int = 5, limit: int | None = None,
                         progress: bool = True, space: str = "volume", match: Sequence[str] = MATCH_FIELDS,
-                        permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS) -> dict[str, Any]:
+                        permutations: int = 0, permutation_max_subjects: int | None = PERMUTATION_MAX_SUBJECTS,
+                        recon: Any = None) -> dict[str, Any]:
     """Table 2a from a real feature source and a generated set (tokens / feature table, or a
     latents set that is decoded through the registry and re-encoded by the MAE encoder); with
-    ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`)."""
+    ``space="latent"``, from a real and a generated latents set directly (:data:`SPACES`).
+    ``recon``: the tokenizer's reconstructions of the real volumes (volumes set, re-encoded like the
+    generated ones), for each row's ``recon`` column; volume space only."""
     from pathlib import Path
 
     from g3n_probe import protocol_preset
@@ -476,13 +576,23 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
     out = Path(out)
     protocol = protocol or protocol_preset("paper")
     gen_vols = None
+    recon_fs = None
     if space == "latent":
+        if recon is not None:
+            raise ValueError("--recon measures decoded volumes: it needs --space volume")
         real_fs, gen_fs = latent_features(real, generated, limit)
     else:
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
         gen_fs, gen_vols = features_of(generated, encoder, tokenizers, limit, progress)
+        if recon is not None:
+            recon_fs, _ = features_of(recon, encoder, tokenizers, None, progress)
+            if not set(map(str, recon_fs.keys)) & set(map(str, real_fs.keys)):
+                from .data import InputError
+
+                raise InputError(f"{recon}: none of its keys is a key of {real}: not reconstructions of these real volumes")
     parsed = [ClassTask.parse(t) for t in tasks]
-    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations, permutation_max_subjects)
+    res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations, permutation_max_subjects,
+                   recon_fs)
     figures: dict[str, str] = {}
     if gen_vols is not None:  # condition sweeps as images: first sample per requested value
         for field in [*sweeps, *dict.fromkeys(t.field for t in parsed)]:
@@ -512,6 +622,8 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
                  "prior": "majority class of the real training set"},
     }
     inputs = [input_ref(real, "real features"), input_ref(generated, "generated")]
+    if recon is not None:
+        inputs.append(input_ref(recon, "reconstructed real volumes"))
     return write_metrics(out / "controllability.json", "controllability", settings, inputs, {**res, "figures": figures})
 
 

@@ -120,19 +120,26 @@ def _control_section(doc: dict[str, Any]) -> str:
             f"of the conditions every sample of its row asked for (<i>fitted on</i>, e.g. the T1 volumes when every "
             f"request named T1), or on every real sample where that slice lacks a class.</p>")
     rows = []
+    with_recon = any("recon" in r for r in res["tasks"].values())
     for name, r in res["tasks"].items():
         null = r["null"]
         prior = r["prior"]
         pair = r.get("paired") or {}
         real = r.get("real") or {}
         perm = real.get("permutation") or {}
+        rc = r.get("recon") or {}
+        rperm = rc.get("permutation") or {}
+        recon_cell = [(f"{_fmt(rc['auc'], 3)}, p {_fmt(rperm['p'], 3)} ({_fmt(rperm['null95'], 3)})" if rperm else
+                       _fmt(rc["auc"], 3)) + (" blind" if rc["blind"] else "") if rc else "-"]
         rows.append([name, _fitted_on(r), real.get("agreement"), real.get("auc"),
                      f"{_fmt(perm['p'], 3)} ({_fmt(perm['null95'], 3)})" if perm else "-",
+                     *(recon_cell if with_recon else []),
                      r["cond"]["agreement"], r["cond"]["auc"], r["cond"]["n"],
                      _moved(pair), pair.get("mean_shift"), pair.get("p"),
                      f"{_fmt(null['fraction'], 3)} {null['class'] or ''}".strip(), null["n"],
                      f"{_fmt(prior['fraction'], 3)} {prior['class'] or ''}".strip()])
-    out = head + _table(["task", "fitted on", "real", "real AUC", "real p (to beat)", "cond", "cond AUC", "n cond",
+    out = head + _table(["task", "fitted on", "real", "real AUC", "real p (to beat)",
+                         *(["recon AUC, p (to beat)"] if with_recon else []), "cond", "cond AUC", "n cond",
                          "paired moved", "paired shift", "paired p", "null", "n null", "prior"], rows, left=2)
     n_perm = doc["settings"].get("probe", {}).get("real_permutations")
     if n_perm:
@@ -140,6 +147,14 @@ def _control_section(doc: dict[str, Any]) -> str:
                 f"move between subjects, folds fixed); p is the share that scored an AUC at least as high, "
                 f"<i>to beat</i> the AUC a probe needs for p &lt; 0.05. A probe with p &gt; {BLIND_P} cannot be told "
                 f"from one that sees nothing of the task on these subjects.</p>")
+    if with_recon:
+        out += ("<p>Recon AUC: each probe of the real column's cross-validation scores the tokenizer's reconstructions "
+                "of the real volumes it held out, and p is the share of labellings shuffled between subjects that "
+                "score them at least as well. Decoded samples can only show what the probe still sees after a volume "
+                f"has been through the tokenizer: with p above {BLIND_P} (without the test, AUC at most {BLIND_AUC}) "
+                "the row is <i>blind</i> on reconstructions, even where it sees the real ones, and its cond column "
+                "cannot show controllability on decoded samples; its paired column still says which way they "
+                "moved, along a direction the probe does not reliably see.</p>")
     if any((r.get("paired") or {}).get("n_groups") for r in res["tasks"].values()):
         out += ("<p>Paired: generated samples that share their noise and other conditions and differ only in the "
                 "requested class; <i>moved</i> counts the groups whose probe probability moved toward the requested "
@@ -155,8 +170,13 @@ def _control_section(doc: dict[str, Any]) -> str:
         pair = sw.get("paired") or {}
         paired = (f"; paired: slope positive in {_moved(pair)} groups, mean slope {_fmt(pair.get('mean_slope'))}, "
                   f"sign-test p {_fmt(pair.get('p'), 3)}") if pair.get("n_groups") else ""
+        rs = sw.get("recon") or {}
+        recon = (f"; the same probe, cross-validated by subject, on held-out real volumes: slope {_fmt(rs['real']['slope'])}, "
+                 f"r {_fmt(rs['real']['pearson_r'])}, MAE {_fmt(rs['real']['mae'])}; on their reconstructions: slope "
+                 f"{_fmt(rs['recon']['slope'])}, r {_fmt(rs['recon']['pearson_r'])}, MAE {_fmt(rs['recon']['mae'])} "
+                 f"(true vs predicted)") if rs else ""
         out += (f"<p>{html.escape(field)} sweep (probe fitted on {html.escape(_fitted_on(sw))}): slope {_fmt(sw['slope'])}, "
-                f"Pearson r {_fmt(sw['pearson_r'])}{paired}</p>")
+                f"Pearson r {_fmt(sw['pearson_r'])}{paired}{recon}</p>")
         out += _table(["requested", "n", "predicted mean", "std"], lv)
     if res.get("skipped"):
         out += "<p>Skipped: " + "; ".join(f"{html.escape(k)} ({html.escape(v)})" for k, v in res["skipped"].items()) + "</p>"

@@ -86,7 +86,9 @@ class DemoConfig(BaseModel):
     anatomy_recon: bool = Field(False, description="also decode every real latent and measure each anatomy effect on "
                                 "the tokenizer's reconstructions: how much of it the decoder draws at all, so a row "
                                 "the decoded samples do not move can be told apart from a generator that did not "
-                                "learn it. Costs about 2 minutes (one decode a volume). On the demo run the "
+                                "learn it; and score each decoded-space controllability probe on the reconstructions "
+                                "of the real volumes it held out, so a probe that cannot see its task on decoded "
+                                "volumes is marked blind there. Costs about 2 minutes (one decode a volume). On the demo run the "
                                 "reconstructions keep 2 % of the PD putamen drop and all of the AD ventricle widening; "
                                 "a tokenizer trained 6 times longer (240 steps, 7 minutes) keeps 83 % of the PD drop")
     samples_per_request: int = 8
@@ -177,16 +179,18 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--tokenizer-checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit", str(cfg.recon_volumes),
              "--save-recon", "--out", s(r / "eval" / "recon")],
+            # every real latent decoded: the anatomy and the decoded-space probes on reconstructions
+            *([["g3n_tokenizer.cli", "decode", "--latents", s(r / "latents"), "--out", s(r / "eval" / "recon-real"),
+                "--format", "volumes", "--overwrite"]] if cfg.anatomy_recon else []),
             ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples-decoded"),
              "--encoder", s(r / "mae"), "--permutations", str(cfg.probe_permutations),
+             *(["--recon", s(r / "eval" / "recon-real")] if cfg.anatomy_recon else []),
              "--out", s(r / "eval" / "controllability")],
             ["g3n_eval.cli", "controllability", "--space", "latent", "--real", s(r / "latents"), "--generated",
              s(r / "samples"), "--permutations", str(cfg.probe_permutations),
              "--out", s(r / "eval" / "controllability-latent")],
             # the synthetic cohort's known anatomy (ventricles, putamen, lesion site), measured without a probe
             ["g3n_data.cli", "synth-anatomy", "--out", s(r / "eval" / "anatomy-spec"), "--geometry", "demo"],
-            *([["g3n_tokenizer.cli", "decode", "--latents", s(r / "latents"), "--out", s(r / "eval" / "recon-real"),
-                "--format", "volumes", "--overwrite"]] if cfg.anatomy_recon else []),
             ["g3n_eval.cli", "anatomy", "--spec", s(r / "eval" / "anatomy-spec" / "anatomy.yaml"), "--real",
              s(r / "volumes"), "--generated", s(r / "samples-decoded"), "--out", s(r / "eval" / "anatomy"),
              *(["--recon", s(r / "eval" / "recon-real")] if cfg.anatomy_recon else [])],
@@ -255,14 +259,23 @@ def headline(run: Path) -> list[str]:
                 seen = f", permutation p {perm['p']:.2g}" if isinstance(perm.get("p"), float) else ""
                 if real.get("blind"):
                     seen += ": blind, cannot judge the samples"
+                rc = r.get("recon")
+                if rc:
+                    rp = (rc.get("permutation") or {}).get("p")
+                    seen += (f"; on reconstructions of held-out real data: AUC {rc['auc']:.2f}"
+                             + (f", permutation p {rp:.2g}" if isinstance(rp, float) else "")
+                             + (": blind on reconstructions" if rc["blind"] else ""))
                 lines.append(f"controllability [{space}] {task}: agreement {cond['agreement']:.2f}, AUC of the probe "
                              f"score vs the request {cond.get('auc', float('nan')):.2f} (probe on real {on}data: "
                              f"AUC {real.get('auc', float('nan')):.2f}{seen}){_paired(r.get('paired'), 'shift')}")
         age = (ctrl.get("sweeps") or {}).get("age")
         if age:
             means = ", ".join(f"{k}->{v['mean']:.1f}" for k, v in age["levels"].items())
+            rs = age.get("recon")
+            seen = (f"; the probe on held-out real volumes: slope {rs['real']['slope']:.2f}, on their reconstructions: "
+                    f"{rs['recon']['slope']:.2f} (true vs predicted age)") if rs else ""
             lines.append(f"age sweep [{space}] (requested->predicted): {means}; slope {age['slope']:.2f}, "
-                         f"r {age['pearson_r']:.2f}{_paired(age.get('paired'), 'slope')}")
+                         f"r {age['pearson_r']:.2f}{_paired(age.get('paired'), 'slope')}{seen}")
     for name, r in (load("anatomy").get("effects") or {}).items():
         real = (r.get("real") or {}).get("difference")
         if real is not None and (r.get("paired") or {}).get("n_groups"):
