@@ -316,3 +316,25 @@ def test_recon_column_tells_whether_the_probe_still_sees_its_task_on_reconstruct
     # without recon, no recon columns
     plain = evaluate(real, gen, tasks, ["age"], proto, n_splits=3)
     assert "recon" not in plain["tasks"]["diagnosis:HC-vs-AD"] and "recon" not in plain["sweeps"]["age"]
+
+
+def test_followup_pairs_and_what_the_probe_sees_of_real_ageing():
+    """Real follow-up pairs: first session to each later one, per subject and modality, ages known,
+    generated samples and other modalities left out; a probe that predicts every later session older
+    sees real ageing, one that predicts at random does not and the forecast row is blind."""
+    from g3n_eval.forecast import followup_ageing, followup_pairs
+
+    metas = [{"subject": "a", "modality": "T1", "age": 70.0}, {"subject": "a", "modality": "T1", "age": 72.5},
+             {"subject": "a", "modality": "T1", "age": 71.0}, {"subject": "a", "modality": "T2", "age": 72.5},
+             {"subject": "b", "modality": "T1", "age": 60.0}, {"subject": "c", "modality": "T1", "age": None},
+             {"subject": "c", "modality": "T1", "age": 61.0}, {"subject": "s", "modality": "T1", "age": 50.0, "request": {"stage": "sample"}},
+             {"subject": "s", "modality": "T1", "age": 55.0, "request": {"stage": "sample"}}]
+    keys = [f"k{i}" for i in range(len(metas))]
+    assert followup_pairs(keys, metas, {"T1"}) == [("k0", "k2", 1.0), ("k0", "k1", 2.5)]
+    assert followup_pairs(keys, metas) == [("k0", "k2", 1.0), ("k0", "k1", 2.5)]  # T2 has one session only
+    sees = followup_ageing([1.0] * 8, [60.0] * 8, [60.5] * 8)
+    assert sees["n_older"] == 8 and sees["p"] == pytest.approx(1 / 256) and not sees["blind"]
+    assert sees["recovered"] == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    noise = followup_ageing([2.0] * 8, [60.0] * 8, list(60.0 + rng.normal(0, 5, 8)))
+    assert noise["n_older"] + noise["n_younger"] == 8 and noise["blind"]

@@ -238,3 +238,29 @@ def test_volumes_of_decodes_only_the_keys_asked_for(latent_sets, tokenizer_ckpt)
     assert got.keys == [keys[1], keys[4]] and len(got.arrays) == len(got.metas) == 2
     full = volumes_of(latent_sets["heldout"], TokenizerCache(tokenizer_ckpt))
     assert np.allclose(got.arrays[1], full.arrays[4], atol=1e-5)  # the same decoding (batched otherwise), of fewer volumes
+
+
+def test_forecast_checks_its_probe_on_real_follow_ups(work, runs, latent_sets, tokenizer_ckpt, mae_weights, volumes_set):
+    """Baselines whose set also holds later sessions of the same subject: the forecast JSON says how
+    many of those real follow-ups the brain-age probe predicts older, and decodes only what it needs."""
+    import g3n_shards as gs
+    from g3n_tokenizer.registry import load_tokenizer
+
+    tok = load_tokenizer("mae-cnn", checkpoint=tokenizer_ckpt)
+    held = gs.ShardSet.open(latent_sets["heldout"])
+    base = work / "lat-heldout-long"
+    with gs.ShardWriter(base, kind="latents", producer=gs.Producer(package="g3n-eval-tests"), tokenizer=tok.model_ref(),
+                        geometry=tok.geometry, overwrite=True) as w:
+        for j, s in enumerate(sorted(held, key=lambda s: s.meta.age)):  # the 3 youngest: one subject's sessions
+            meta = s.meta.model_copy(update={"subject": "sub-long", "session": f"ses-{j}"}) if j < 3 else s.meta
+            w.write(s.key, meta, {"latent": s.arrays["latent"]})
+    out = work / "runs" / "forecast-long"
+    assert main(["forecast", "--forecasts", str(latent_sets["forecasts"]), "--baselines", str(base), "--real",
+                 str(volumes_set), "--encoder", str(mae_weights), "--tokenizer-checkpoint", str(tokenizer_ckpt),
+                 "--out", str(out), "--no-progress"]) == 0
+    real = _doc(out / "forecast.json")["results"]["age"]["real_followups"]
+    ages = sorted(s.meta.age for s in held)[:3]
+    assert real["n"] == 2 and real["mean_interval"] == pytest.approx(np.mean([ages[1] - ages[0], ages[2] - ages[0]]))
+    assert real["n_older"] + real["n_younger"] <= 2 and isinstance(real["blind"], bool)
+    # the plain run's baselines have one session a subject: no follow-up check
+    assert "real_followups" not in _doc(work / "runs" / "forecast" / "forecast.json")["results"]["age"]

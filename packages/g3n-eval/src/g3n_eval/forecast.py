@@ -9,7 +9,8 @@ brain z-units, averaged over subjects) shows where the change happens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,43 @@ def ageing_recovery(requested_interval: Sequence[float], predicted_baseline_age:
             raise ValueError(f"{dt.size} intervals but {len(baselines)} baselines")
         out["paired"] = paired_sweep(dt, change, [(str(b),) for b in baselines])
     return out
+
+
+def followup_pairs(keys: Sequence[str], metas: Sequence[Mapping[str, Any]], modalities: set[str] | None = None,
+                   min_interval: float = 0.1) -> list[tuple[str, str, float]]:
+    """(first session key, later session key, years between) for every subject with two or more
+    sessions of one modality that have an age: the ageing a forecast test can be checked on. Generated
+    samples (those with a generation request) are left out; a synthetic cohort's scans are not."""
+    by: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for k, m in zip(keys, metas):
+        mod, age, subj = m.get("modality"), m.get("age"), m.get("subject")
+        if age is None or subj is None or m.get("request") or (modalities is not None and mod not in modalities):
+            continue
+        by.setdefault((str(subj), str(mod)), []).append((float(age), str(k)))
+    pairs = []
+    for _, sessions in sorted(by.items()):
+        sessions.sort()
+        (a0, k0), later = sessions[0], sessions[1:]
+        pairs += [(k0, k, a - a0) for a, k in later if a - a0 >= min_interval]
+    return pairs
+
+
+def followup_ageing(interval: Sequence[float], predicted_first: Sequence[float],
+                    predicted_later: Sequence[float]) -> dict[str, Any]:
+    """What the brain-age probe sees of *real* ageing: on real follow-up pairs (decoded like the
+    forecasts), how many are predicted older at the later session (one-sided sign test) and the
+    fraction of the true interval the mean predicted change recovers. A probe that does not see
+    real sessions age (p > 0.05) cannot show whether forecasts do: the forecast row is then blind."""
+    from .stats import sign_test
+
+    dt = np.asarray(interval, dtype=np.float64)
+    change = np.asarray(predicted_later, np.float64) - np.asarray(predicted_first, np.float64)
+    up, down = int((change > 0).sum()), int((change < 0).sum())
+    p = sign_test(up, down)
+    return {"n": int(dt.size), "mean_interval": float(dt.mean()) if dt.size else math.nan,
+            "mean_predicted_change": float(change.mean()) if dt.size else math.nan,
+            "recovered": float(change.mean() / dt.mean()) if dt.size and dt.mean() > 0 else math.nan,
+            "n_older": up, "n_younger": down, "p": p, "blind": bool(not p <= 0.05)}
 
 
 def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,7 +118,16 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     fc = volumes_of(forecasts, tokenizers, limit, progress)
     # decode only the baselines some forecast starts from (a test split holds many more)
     sources = {((m.get("request") or {}).get("source") or {}).get("key") for m in fc.metas}
-    base = volumes_of(baselines, tokenizers, None, progress, only={k for k in sources if k is not None})
+    # real follow-up sessions of the baselines' modalities in the same set: the real ageing the
+    # probe must see before its verdict on forecasts means anything
+    from .data import open_set
+
+    bset = open_set(baselines)
+    bmetas = {str(k): m.model_dump() for k, m in bset.metadata().items()}
+    mods = {bmetas[k].get("modality") for k in sources if k in bmetas}
+    fpairs = followup_pairs(list(bmetas), list(bmetas.values()), mods)
+    base = volumes_of(baselines, tokenizers, None, progress,
+                      only={k for k in sources if k is not None} | {k for a, b, _ in fpairs for k in (a, b)})
     base_by_key = {k: i for i, k in enumerate(base.keys)}
     pairs = []  # (forecast index, baseline index, interval)
     for i, (k, m) in enumerate(zip(fc.keys, fc.metas)):
@@ -115,6 +162,11 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     f_feat = encoder([fc.arrays[i] for i in fi])
     b_feat = encoder([base.arrays[i] for i in bi])
     rec = ageing_recovery(dts, probe.predict_scores(b_feat), probe.predict_scores(f_feat), [base.keys[b] for b in bi])
+    fpairs = [(a, b, dt) for a, b, dt in fpairs if a in base_by_key and b in base_by_key]
+    if fpairs:
+        first = probe.predict_scores(encoder([base.arrays[base_by_key[a]] for a, _, _ in fpairs]))
+        later = probe.predict_scores(encoder([base.arrays[base_by_key[b]] for _, b, _ in fpairs]))
+        rec["real_followups"] = followup_ageing([dt for _, _, dt in fpairs], first, later)
     maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
     import io
 

@@ -287,6 +287,14 @@ def _forecast_section(doc: dict[str, Any]) -> str:
     paired = (f" Paired, within each baseline: predicted ageing rose with the interval for {_moved(pair)} baselines, "
               f"mean slope {_fmt(pair.get('mean_slope'))}, sign-test p {_fmt(pair.get('p'), 3)}."
               if pair.get("n_groups") else "")
+    real = a.get("real_followups") or {}
+    if real.get("n"):
+        paired += (f" Real ageing, the check on the probe: on {real['n']} real follow-up pairs of the baselines' set "
+                   f"(decoded like the forecasts, {_fmt(real['mean_interval'], 3)} years apart on average) it predicts "
+                   f"{real['n_older']} older and {real['n_younger']} younger (sign-test p {_fmt(real['p'], 3)}), "
+                   f"{_fmt(real['recovered'], 3)} of the true interval on average"
+                   + ("; it does not see real sessions age, so it cannot show whether the forecasts do." if real["blind"]
+                      else "."))
     return (f"<p>{r['n_pairs']} forecasts. Brain-age probe on decoded forecasts vs requested interval: slope "
             f"{_fmt(a['slope'])} (fraction of requested ageing recovered), Pearson r {_fmt(a['pearson_r'])}; "
             f"mean |forecast − baseline| {_fmt(r['difference']['mean_abs_change'])} (z-units).{paired}</p>"

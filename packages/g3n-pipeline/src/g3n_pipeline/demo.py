@@ -292,8 +292,12 @@ def headline(run: Path) -> list[str]:
         lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
     fc = (load("forecast").get("age") or {})
     if fc:
+        real = fc.get("real_followups") or {}
+        seen = (f"; on {real['n']} decoded real follow-up pairs ({real['mean_interval']:.1f} y apart on average) the "
+                f"probe sees {real['n_older']}/{real['n']} older (p {real['p']:.2g})"
+                + (": blind, cannot judge the forecasts" if real["blind"] else "")) if real.get("n") else ""
         lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}"
-                     f"{_paired(fc.get('paired'), 'slope')}")
+                     f"{_paired(fc.get('paired'), 'slope')}{seen}")
     return lines
 
 
