@@ -68,7 +68,9 @@ def followup_ageing(interval: Sequence[float], predicted_first: Sequence[float],
     """What the brain-age probe sees of *real* ageing: on real follow-up pairs (decoded like the
     forecasts), how many are predicted older at the later session (one-sided sign test) and the
     fraction of the true interval the mean predicted change recovers. A probe that does not see
-    real sessions age (p > 0.05) cannot show whether forecasts do: the forecast row is then blind."""
+    real sessions age (p > :data:`~g3n_eval.controllability.BLIND_P`) cannot show whether forecasts do:
+    the forecast row is then blind."""
+    from .controllability import BLIND_P
     from .stats import sign_test
 
     dt = np.asarray(interval, dtype=np.float64)
@@ -78,7 +80,7 @@ def followup_ageing(interval: Sequence[float], predicted_first: Sequence[float],
     return {"n": int(dt.size), "mean_interval": float(dt.mean()) if dt.size else math.nan,
             "mean_predicted_change": float(change.mean()) if dt.size else math.nan,
             "recovered": float(change.mean() / dt.mean()) if dt.size and dt.mean() > 0 else math.nan,
-            "n_older": up, "n_younger": down, "p": p, "blind": bool(not p <= 0.05)}
+            "n_older": up, "n_younger": down, "p": p, "blind": bool(not p <= BLIND_P)}
 
 
 def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -160,13 +162,14 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
         probe_src = {"fitted_on": str(real), "n": len(keep)}
     fi, bi, dts = zip(*pairs)
     f_feat = encoder([fc.arrays[i] for i in fi])
-    b_feat = encoder([base.arrays[i] for i in bi])
-    rec = ageing_recovery(dts, probe.predict_scores(b_feat), probe.predict_scores(f_feat), [base.keys[b] for b in bi])
+    # each decoded baseline-set volume encoded once: a baseline is forecast at several intervals,
+    # and a follow-up pair's first session is often a forecast's baseline too
+    base_age = probe.predict_scores(encoder(base.arrays))
+    rec = ageing_recovery(dts, base_age[list(bi)], probe.predict_scores(f_feat), [base.keys[b] for b in bi])
     fpairs = [(a, b, dt) for a, b, dt in fpairs if a in base_by_key and b in base_by_key]
     if fpairs:
-        first = probe.predict_scores(encoder([base.arrays[base_by_key[a]] for a, _, _ in fpairs]))
-        later = probe.predict_scores(encoder([base.arrays[base_by_key[b]] for _, b, _ in fpairs]))
-        rec["real_followups"] = followup_ageing([dt for _, _, dt in fpairs], first, later)
+        rec["real_followups"] = followup_ageing([dt for _, _, dt in fpairs], base_age[[base_by_key[a] for a, _, _ in fpairs]],
+                                                base_age[[base_by_key[b] for _, b, _ in fpairs]])
     maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
     import io
 
