@@ -13,7 +13,7 @@ from g3n_pipeline.demo import DemoConfig, run_demo
 from g3n_pipeline.runner import is_done
 from g3n_pipeline.demo import build_stages, headline
 
-TINY = dict(subjects=24, real=False, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
+TINY = dict(subjects=24, real=False, from_scratch=True, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
             dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2,
             probe_permutations=4, anatomy_recon=True)
 

@@ -143,3 +143,17 @@ def test_cli(tmp_path, vols_with_bad, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     shutil.rmtree(tmp_path / "exp")
+
+
+def test_untrained_weights_are_seeded_and_load(tmp_path, capsys):
+    """`g3n-mae untrained`: the random-initialisation baseline, the same weights for the same seed
+    (compared as tensors: safetensors writes its metadata in no fixed order)."""
+    from g3n_mae.checkpoint import read_safetensors
+    from g3n_mae.cli import main as mae_main
+
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert mae_main(["untrained", str(tmp_path / f"{name}.safetensors"), "--preset", "test", "--seed", str(seed)]) == 0
+    a, b, c = (read_safetensors(tmp_path / f"{n}.safetensors")[0] for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    model, cfg, _ = load_model(tmp_path / "a.safetensors")
+    assert cfg.img_size == (32, 32, 32)

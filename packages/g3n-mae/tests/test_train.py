@@ -168,10 +168,24 @@ def test_checkpoint_tamper_and_missing_are_clear_errors(tmp_path):
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(ck)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(_cfg(), InMemoryVolumes(brain_like_volumes(4, (32, 32, 32))), tmp_path / "none", resume=True, log=QUIET)
     with pytest.raises(CheckpointError, match="no weights"):
         load_model(tmp_path / "nothing-here")
+
+
+def test_resume_with_nothing_to_continue_starts_and_a_finished_run_returns(tmp_path):
+    from g3n_mae.data import brain_like_volumes
+
+    lines: list[str] = []
+    vols = InMemoryVolumes(brain_like_volumes(4, (32, 32, 32)))
+    res = train(_cfg(total_steps=2, ckpt_every=2), vols, tmp_path / "r", resume=True, log=lines.append)
+    assert res.steps == 2 and any("no checkpoint under" in ln and "starting from scratch" in ln for ln in lines)
+    before, _ = read_safetensors(tmp_path / "r" / "export" / "model.safetensors")
+    (tmp_path / "r" / "export" / "model.safetensors").unlink()  # killed before the export was written
+    lines.clear()
+    again = train(_cfg(total_steps=2, ckpt_every=2), vols, tmp_path / "r", resume=True, log=lines.append)
+    assert again.steps == 2 and again.losses == [] and any("finished already" in ln for ln in lines)
+    after, _ = read_safetensors(tmp_path / "r" / "export" / "model.safetensors")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_pos_embed_interpolates_for_other_geometry(tmp_path):
@@ -230,3 +244,73 @@ def test_infinite_gradient_is_not_applied(tmp_path, monkeypatch):
               log=QUIET)
     model_sd, _, _ = load_checkpoint(find_latest(tmp_path / "r/checkpoints"))
     assert all(torch.isfinite(v).all() for v in model_sd.values())
+
+
+def test_init_warm_start_loads_full_mae_and_resume_wins(tmp_path, monkeypatch, capsys):
+    """``train --init``: the step-0 model is exactly the init weights (encoder, decoder, mask token),
+    the optimizer and step start fresh, the init's path and SHA-256 are recorded, and a checkpoint
+    found by ``--resume`` wins over the init."""
+    import g3n_mae.train as T
+    from g3n_mae.checkpoint import atomic_save_safetensors, file_sha256, weights_metadata
+    from g3n_mae.cli import main
+    from g3n_mae.model import MAE3D
+
+    mcfg = preset("test").model
+    torch.manual_seed(123)  # not the run's seed: the init has to replace the fresh weights
+    init = tmp_path / "zoo" / "model.safetensors"  # fp16, as a model zoo ships it
+    atomic_save_safetensors({k: v.half() for k, v in MAE3D(mcfg).state_dict().items()}, init, weights_metadata(mcfg))
+    init_sd = {k: v.float() for k, v in read_safetensors(init)[0].items()}
+    start: dict[str, torch.Tensor] = {}
+    real_build = T.build_engine
+
+    def spy(kind, model, cfg, d):
+        start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_build(kind, model, cfg, d)
+
+    monkeypatch.setattr(T, "build_engine", spy)
+    run = tmp_path / "run"
+    args = ["train", "--preset", "test", "--synthetic", "4", "--batch-size", "2", "--engine", "torch",
+            "--run-dir", str(run), "--init", str(init.parent)]
+    assert main([*args, "--steps", "1", "--norm-pix-loss"]) == 0  # the objective may change, not the architecture
+    assert start.keys() == init_sd.keys() and "mask_token" in start
+    assert all(torch.equal(start[k], init_sd[k]) for k in init_sd)
+    model_sd, optim, state = load_checkpoint(find_latest(run / "checkpoints"))
+    assert state["step"] == 1 and float(optim["step/blocks.0.fc1.weight"]) == 1.0  # fresh AdamW, one update
+    assert state["init"]["sha256"] == file_sha256(init) and state["init"]["path"] == str(init.resolve())
+    assert state["init"]["objective_changed"] == {"norm_pix_loss": [False, True]}
+    assert not torch.equal(model_sd["blocks.0.fc1.weight"], init_sd["blocks.0.fc1.weight"])
+    assert f"`{init.resolve()}`" in (run / "export" / "MODEL_CARD.md").read_text()
+
+    capsys.readouterr()
+    start.clear()
+    assert main([*args, "--steps", "2", "--resume"]) == 0
+    assert "not applied" in capsys.readouterr().out  # one log line says the init was ignored
+    assert not torch.equal(start["blocks.0.fc1.weight"], init_sd["blocks.0.fc1.weight"])  # the init was not loaded
+    _, optim, state = load_checkpoint(find_latest(run / "checkpoints"))
+    assert state["step"] == 2 and float(optim["step/blocks.0.fc1.weight"]) == 2.0  # continued, not restarted
+    assert state["init"]["sha256"] == file_sha256(init)
+
+
+def test_init_refuses_another_architecture_and_encoder_only(tmp_path, capsys):
+    from g3n_mae.checkpoint import save_weights
+    from g3n_mae.cli import main
+    from g3n_mae.model import MAE3D
+
+    other = preset("test").model.model_copy(update={"depth": 1, "decoder_embed_dim": 16})
+    bad = tmp_path / "other.safetensors"
+    save_weights(bad, MAE3D(other).state_dict(), other)
+    args = ["train", "--preset", "test", "--synthetic", "4", "--engine", "torch", "--steps", "1", "--run-dir",
+            str(tmp_path / "run")]
+    assert main([*args, "--init", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "depth: 1 in the init weights, 2 in this run" in err and "decoder_embed_dim" in err
+    assert "embed_dim: " not in err.replace("decoder_embed_dim", "")  # only the differing fields
+    mcfg = preset("test").model
+    enc = tmp_path / "encoder.safetensors"
+    save_weights(enc, {k: v for k, v in MAE3D(mcfg).state_dict().items() if not k.startswith(("decoder_", "mask_token"))}, mcfg)
+    assert main([*args, "--init", str(enc)]) == 2
+    assert "encoder-only" in capsys.readouterr().err
+    assert not find_latest(tmp_path / "run" / "checkpoints")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--init WEIGHTS" in capsys.readouterr().out

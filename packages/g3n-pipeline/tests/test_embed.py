@@ -208,3 +208,30 @@ def test_embed_nifti_end_to_end(tmp_path, tiny_encoder, capsys):
     vec2 = np.array([float(row[f"e{i}"]) for i in range(96)])
     cos = vec2 @ vec / (np.linalg.norm(vec2) * np.linalg.norm(vec))
     assert cos > 0.99, cos
+
+
+def test_without_encoder_the_shipped_one_is_used_and_announced(tmp_path, monkeypatch, capsys):
+    """No --encoder: the zoo's MAE (here a made-up zoo holding an untrained tiny MAE), named with its
+    intended use; no zoo at all: a clear error."""
+    import json
+
+    import g3n_zoo
+    from g3n_zoo.zoo import FORMAT, VERSION, Manifest, ModelEntry, file_entries
+
+    folder = tmp_path / "zoo" / "mae"
+    folder.mkdir(parents=True)
+    _save_untrained(tmp_path, "tiny").rename(folder / "model.safetensors")
+    (folder / "card.json").write_text(json.dumps({"title": "an untrained tiny MAE", "intended_use": g3n_zoo.INTENDED_USE}))
+    man = Manifest(format=FORMAT, version=VERSION, models={"mae": ModelEntry(
+        stage="g3n-mae", kind="mae", load="model.safetensors", files=file_entries(folder))})
+    (tmp_path / "zoo" / "manifest.json").write_text(man.model_dump_json())
+    monkeypatch.setenv("G3N_ZOO_DIR", str(tmp_path / "zoo"))
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not an image")
+    assert embed.main([str(txt), "--out", str(tmp_path / "o")]) == 2  # the input is refused after the encoder is chosen
+    err = capsys.readouterr().err
+    assert f"using the shipped encoder {folder / 'model.safetensors'} (an untrained tiny MAE)" in err
+    assert g3n_zoo.INTENDED_USE in err
+    monkeypatch.setenv("G3N_ZOO_DIR", str(tmp_path / "nothing"))
+    assert embed.main([str(txt), "--out", str(tmp_path / "o2")]) == 2
+    assert "no --encoder given and no shipped encoder" in capsys.readouterr().err

@@ -125,3 +125,34 @@ def test_grouped_inner_cv_on_wide_features_matches_the_gram_form():
     assert alpha == alpha_g
     got, _ = fit_regressor(X, y, cfg, groups=groups)
     np.testing.assert_allclose(got.predict_scores(X), ref.predict_scores(X), rtol=1e-4, atol=1e-5)
+
+
+def test_pca_probe_matches_a_sklearn_pipeline_fitted_on_the_training_part_only():
+    """--pca K: standardise, PCA fitted on the training rows, then the usual probe, composed into one
+    linear probe on the original features; its predictions on held-out rows equal sklearn's
+    StandardScaler -> PCA -> StandardScaler -> LogisticRegression (or Ridge) fitted the same way."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from g3n_probe.config import ProtocolConfig
+    from g3n_probe.linear import fit_classifier, fit_on_components, fit_regressor
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(90, 300)) * rng.uniform(0.5, 3, size=300) + rng.normal(size=300)
+    y = np.where(X[:, :5].sum(1) + rng.normal(size=90) > 0, "a", "b")
+    train, test = np.arange(90) < 70, np.arange(90) >= 70
+    cfg = ProtocolConfig(dtype="float64", logreg_tol=1e-8)
+    probe, _ = fit_on_components(X[train], 10, lambda U: fit_classifier(U, y[train], cfg))
+    assert probe.n_features == 300 and probe.info["pca_components"] == 10
+    ref = make_pipeline(StandardScaler(), PCA(10, svd_solver="full"), StandardScaler(),
+                        LogisticRegression(C=cfg.logreg_C, tol=1e-8, max_iter=5000)).fit(X[train], y[train])
+    np.testing.assert_allclose(probe.predict_scores(X[test]), ref.predict_proba(X[test]), atol=1e-4)
+    # regression: the composed ridge predicts what a ridge on the training part's components predicts
+    t = X[:, 0] * 2 + rng.normal(size=90)
+    cfg1 = ProtocolConfig(dtype="float64", ridge_alphas=[3.0])
+    probe, _ = fit_on_components(X[train], 10, lambda U: fit_regressor(U, t[train], cfg1))
+    ref = make_pipeline(StandardScaler(), PCA(10, svd_solver="full"), StandardScaler(), Ridge(alpha=3.0))
+    np.testing.assert_allclose(probe.predict_scores(X[test]), ref.fit(X[train], t[train]).predict(X[test]), atol=1e-6)
+    # K beyond the training rows is capped (n - 1 components carry all the centred data)
+    assert fit_on_components(X[:8], 50, lambda U: fit_classifier(U, y[:8], cfg))[0].info["pca_components"] == 7

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "synth-anatomy": "g3n_data.synth.anatomy",
     "split": "g3n_data.splits",
     "check": "g3n_data.check",
+    "export-nifti": "g3n_data.export",
 }
 
 

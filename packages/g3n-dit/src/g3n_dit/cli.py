@@ -3,6 +3,7 @@
     g3n-dit train --latents LAT --out RUN [--preset tiny|paper] [--config cfg.yaml]
     g3n-dit sample --checkpoint RUN --out SYN --n 64 --condition disease=AD --condition modality=T1 --condition age=70
     g3n-dit train-longitudinal --latents LAT --out RUN_L
+    g3n-dit train --latents LAT2 --out RUN2 --init RUN --max-steps 200     # warm start from another run
     g3n-dit forecast --checkpoint RUN_L --latents BASELINES --out FC --intervals 1 2 5
     g3n-dit counterfactual --checkpoint RUN --latents REAL --out CF --set disease=AD --set age=+10
     g3n-dit info RUN
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace, task: str) -> int:
 
     cfg = load_run_config(args.config, args.preset, task)
     upd: dict[str, Any] = {}
-    for name in ("engine", "zero_stage", "batch_size", "seed", "precision"):
+    for name in ("engine", "zero_stage", "batch_size", "seed", "precision", "lr"):
         v = getattr(args, name)
         if v is not None:
             upd[name] = v
@@ -69,7 +70,8 @@ def _train(args: argparse.Namespace, task: str) -> int:
         # the bridge's baseline context has the latents' width too
         cfg.model = cfg.model.model_copy(update={"channels": c, "context_channels": c if cfg.model.context_channels else 0})
     cfg = type(cfg).model_validate(cfg.model_dump())
-    res = train(cfg, data, out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device, progress=not args.quiet)
+    res = train(cfg, data, out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device, progress=not args.quiet,
+                init=args.init)
     print(json.dumps({"run": str(res.run_dir), "step": res.step, "checkpoint": str(res.checkpoint),
                       "last_loss": res.losses[-1] if res.losses else None,
                       "samples_per_s": round(res.samples_per_s, 2)}))  # fmt: skip
@@ -168,6 +170,7 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--engine", choices=["torch", "deepspeed"], default=None)
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None,
                    help="DeepSpeed ZeRO stage (engine deepspeed): 1 shards the optimizer state, 2 also gradients")
@@ -175,6 +178,10 @@ def _common_train(p: argparse.ArgumentParser) -> None:
                    help="training precision (default: the preset's); auto = bf16 on CUDA and on CPUs with AMX")
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    p.add_argument("--init", metavar="CKPT", default=None,
+                   help="warm start from a checkpoint of the same kind (run folder: latest; or a step folder): raw and "
+                        "EMA weights and its latent statistics; optimizer and step fresh. A checkpoint in --out resumes "
+                        "instead")
     p.add_argument("--quiet", action="store_true")
 
 

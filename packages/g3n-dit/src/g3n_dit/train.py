@@ -14,6 +14,8 @@
   checkpoint does not depend on the engine, the ZeRO stage or the number of ranks (ZeRO-1/2
   partitions are gathered on save and re-partitioned on load); DeepSpeed's own pickled
   checkpoints are not used.
+- Warm start (``init``): raw and EMA weights from another run's checkpoint, fresh optimizer and
+  step 0; see :func:`train`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tqdm import tqdm
 from .bridge import bridge_loss
 from .checkpoint import (
     IMPLEMENTATION_KEYS,
+    Checkpoint,
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
@@ -325,6 +328,41 @@ class DeepSpeedEngine:
             g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_g.items() if k not in ("params", *IMPLEMENTATION_KEYS)})
 
 
+def _differences(theirs: Any, ours: Any, where: str) -> list[str]:
+    """``"where.field: A in the init, B in this run"`` for every differing leaf of two JSON values."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [d for k in sorted(set(theirs) | set(ours)) for d in _differences(theirs.get(k), ours.get(k), f"{where}.{k}")]
+    return [] if theirs == ours else [f"{where}: {theirs!r} in the init, {ours!r} in this run"]
+
+
+def check_init(init: Checkpoint, run_cfg: RunConfig, conds: Sequence[Condition]) -> None:
+    """Refuse a warm start whose network does not mean the same thing in the new run.
+
+    The task (generation or longitudinal), the model config, the resolved conditions (names and
+    order, specs, vocabularies: they index the embedding tables) and ``train.normalise`` (the
+    init's latent statistics are kept, so their kind must be the run's) must be equal. Every
+    difference is named, with the checkpoint's path.
+    """
+    saved = init.run_config
+    if saved.task != run_cfg.task:
+        raise CheckpointError(f"{init.path}: --init is a {saved.task} checkpoint; this run trains {run_cfg.task} "
+                              f"(use a {run_cfg.task} run as init)")
+    by_name = lambda cs: {c.name: {**c.spec.model_dump(mode="json"), "vocab": list(c.vocab)} for c in cs}  # noqa: E731
+    diff = _differences(saved.model.model_dump(mode="json"), run_cfg.model.model_dump(mode="json"), "model")
+    old, new = init.conditions(), list(conds)
+    if [c.name for c in old] != [c.name for c in new]:
+        diff.append(f"conditions: {[c.name for c in old]} in the init, {[c.name for c in new]} in this run")
+    diff += _differences(by_name(old), by_name(new), "conditions")
+    diff += _differences(saved.train.normalise, run_cfg.train.normalise, "train.normalise")
+    if diff:
+        raise CheckpointError(f"{init.path}: --init does not match this run: " + "; ".join(diff))
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        tqdm.write(msg)
+
+
 def _select_device(device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -341,15 +379,31 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Train (or resume) a run in ``run_dir``. ``stop_after`` ends the call after that many steps
-    without changing the schedule (used to test resume); ``max_steps`` overrides the config's."""
+    without changing the schedule (used to test resume); ``max_steps`` overrides the config's.
+
+    ``init`` warm-starts a new run from another run's checkpoint (a run folder: its latest; or a
+    step folder): its raw weights go into the model and its EMA weights into the EMA copy, both
+    strictly; optimizer, schedule and step start fresh. Task, model config, conditions and
+    vocabularies must match (:func:`check_init`). The init's latent normalisation statistics are
+    KEPT, not recomputed on the new latents: the network learned its velocity field in that
+    normalised space, and a warm start is meant for latents of the same (at most briefly
+    fine-tuned) tokenizer, whose statistics barely move; recomputing them would shift every
+    input and target the network sees. (Keeping them is always possible: equal model configs give
+    equal statistic shapes, and ``train.normalise`` must match.) A checkpoint in ``run_dir`` that
+    ``resume`` continues wins over ``init`` (one log line), so a restarted job does not start over.
+    The init's path, step and weight digests are recorded in every checkpoint (``state.json`` ``init``).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rejects = gs.RejectLog(run_dir / gs.REJECTS_NAME)
-    ck = None
+    ck = init_ck = None
     if resume and list_checkpoints(run_dir):
         ck = load_checkpoint(run_dir)
+        if init is not None:
+            _log(f"resume: continuing {ck.path}; --init {init} not applied")
         # architecture, conditions, data recipe and optimisation come from the checkpoint; only how
         # the run is executed and logged may change on resume (e.g. CPU torch -> GPUs with DeepSpeed)
         saved = ck.run_config
@@ -359,6 +413,8 @@ def train(
         saved_digest = ck.state.get("data", {}).get("digest")
         if saved_digest and data.digest and saved_digest != data.digest:
             raise TrainingError(f"{run_dir}: resuming on latent set {data.digest}, the run was trained on {saved_digest}")
+    elif init is not None:
+        init_ck = load_checkpoint(init, with_train_state=False)
     if max_steps:  # recorded in the checkpoint, so a later resume keeps the extended schedule
         run_cfg = run_cfg.model_copy(update={"train": run_cfg.train.model_copy(update={"max_steps": max_steps})})
     tcfg = run_cfg.train
@@ -379,6 +435,8 @@ def train(
         conds = ck.conditions()
     else:
         conds = resolve_conditions(run_cfg.conditions, records, data.vocab)
+    if init_ck is not None:
+        check_init(init_ck, run_cfg, conds)
     requests = [{c.name: r.get(c.spec.field) for c in conds} for r in records]
 
     def _reject(i: int, reason: str) -> None:
@@ -406,12 +464,22 @@ def train(
     else:
         used = torch.unique(torch.cat([base_idx, follow_idx])) if longitudinal else item_idx
         norm = normalisation_stats(data.latents[used], tcfg.normalise)
+        if init_ck is not None:  # the init's statistics are kept: see the docstring
+            shift = float(((norm[0] - init_ck.norm_mean).abs() / init_ck.norm_std).max())
+            norm = (init_ck.norm_mean, init_ck.norm_std)
+            _log(f"init: weights and latent statistics from {init_ck.path} (step {init_ck.step}; the new latents' "
+                 f"mean differs from them by at most {shift:.3g} std); optimizer and step fresh")
     latents = (data.latents - norm[0]) / norm[1]
 
     torch.manual_seed(tcfg.seed)
     model = DiT(run_cfg.model, conds)
     if ck is not None:
         model.load_state_dict(ck.model, strict=True)
+    elif init_ck is not None:
+        try:
+            model.load_state_dict(init_ck.model, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{init_ck.path}: raw weights do not match the model: {e}") from None
     dev = _select_device(device)
     engine = DeepSpeedEngine(model, tcfg, None if device is None else dev) if tcfg.engine == "deepspeed" else TorchEngine(model, tcfg, dev)
     dev = engine.device
@@ -423,6 +491,15 @@ def train(
         engine.load_optimizer_state(ck.train, ck.state["optimizer_param_groups"])
         restore_rng(ck.train)
         step, cursor = ck.step, dict(ck.state["cursor"])
+    elif init_ck is not None:
+        try:
+            ema.load_state_dict(init_ck.ema, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{init_ck.path}: EMA weights do not match the model: {e}") from None
+    init_record = ck.state.get("init") if ck is not None else None  # a resumed run keeps its provenance
+    if init_ck is not None:
+        init_record = {"path": str(init_ck.path.resolve()), "step": init_ck.step,
+                       "model_sha256": init_ck.digest("raw"), "ema_sha256": init_ck.digest("ema")}
 
     state_base = {
         "run_config": run_cfg.model_dump(mode="json"),
@@ -434,6 +511,7 @@ def train(
             "tokenizer": data.tokenizer,
             "items": n_items,
         },
+        "init": init_record,
     }
     metrics_path = run_dir / "metrics.jsonl"
     rank, world = engine.rank, engine.world_size

@@ -130,12 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     _enc_args(p, required=True)
     _common(p)
 
+    p = sub.add_parser("raw-features", help="raw voxels (z-scored, block means) as a g3n-probe feature table: the "
+                       "encoder's baseline (probe it with `g3n-probe run TABLE --pca K`)")
+    p.add_argument("--volumes", required=True, help="volumes set (the table is written to --out)")
+    p.add_argument("--factor", type=int, default=4, help="block size of the means (default 4: 80x96x80 -> 9,600 values)")
+    _common(p)
+
     p = sub.add_parser("report", help="one self-contained HTML page (index.html + PNGs) from metrics folders")
     p.add_argument("runs", nargs="+", help="folders (or JSON files) written by the other subcommands")
     p.add_argument("--probe-run", action="append", default=[], help="a g3n-probe run folder (results.csv) for the probe table")
     p.add_argument("--volumes", action="append", default=[], metavar="LABEL=SET",
                    help="extra montage: volumes or latents set (repeatable), e.g. real=data/volumes")
     p.add_argument("--title", default="BrainG3N evaluation report")
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help="show every path on the page relative to DIR (paths outside it as given). Default: the "
+                        "nearest folder above --out holding a .stages folder or a demo-config.json (a g3n-pipeline "
+                        "run), else the parent of --out's parent (the RUN of RUN/eval/report)")
     _tok_args(p)
     _common(p)
     return ap
@@ -255,11 +265,16 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         a = doc["results"]["age"]
         print(f"{doc['results']['n_pairs']} forecasts: slope {a['slope']}, Pearson r {a['pearson_r']}")
         return 0
+    if args.cmd == "raw-features":
+        from .baselines import raw_voxel_features
+
+        print(raw_voxel_features(args.volumes, args.out, args.factor, progress=progress))
+        return 0
     if args.cmd == "report":
         from .report import build_report
 
         path = build_report(args.runs, args.out, probe_runs=args.probe_run, volumes=args.volumes, title=args.title,
-                            tokenizers=_tokenizers(args))
+                            tokenizers=_tokenizers(args), root=args.root)
         print(path)
         return 0
     raise AssertionError(args.cmd)

@@ -183,6 +183,43 @@ def _is_decoder_key(k: str) -> bool:
     return k.startswith(("decoder_", "mask_token"))
 
 
+#: ModelConfig fields that set the training objective, not the weights: a warm start may change them.
+OBJECTIVE_FIELDS = ("mask_ratio", "norm_pix_loss")
+
+
+def read_init_weights(path: str | Path, model_cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(full MAE weights, provenance record) for a warm start (``g3n-mae train --init``).
+
+    ``path`` resolves like ``load_model``'s (weights file, export, checkpoint or run dir). The
+    weights must be the *full* MAE (encoder, MAE decoder, mask token): continuing pretraining
+    needs the decoder too, so an encoder-only export is refused. The embedded architecture must
+    equal ``model_cfg`` (every differing field is named); only the objective fields
+    (``OBJECTIVE_FIELDS``) may differ, since they change the loss, not the meaning of a weight.
+    Weights shipped in fp16 (a model zoo) are cast to fp32, what training keeps. The record
+    (resolved path, SHA-256, step, changed objective fields) goes into the run's checkpoints and
+    model card.
+    """
+    wpath = resolve_weights(path)
+    tensors, meta = read_safetensors(wpath)
+    if meta.get("format") != WEIGHTS_FORMAT or "model_config" not in meta:
+        raise CheckpointError(f"{wpath}: not a g3n-mae weights file (metadata format={meta.get('format')!r})")
+    saved = model_config_from_json(meta["model_config"], source=str(wpath))
+    ours, theirs = model_cfg.model_dump(mode="json"), saved.model_dump(mode="json")
+    diff = [f"{k}: {theirs[k]} in the init weights, {ours[k]} in this run" for k in ours
+            if k not in OBJECTIVE_FIELDS and ours[k] != theirs[k]]
+    if diff:
+        raise CheckpointError(f"{wpath}: --init weights have another architecture than this run's model config: "
+                              + "; ".join(diff))
+    if not any(_is_decoder_key(k) for k in tensors):
+        raise CheckpointError(f"{wpath}: encoder-only weights; --init needs the full MAE (encoder + decoder + mask "
+                              "token): give a run dir, a checkpoint or a full export")
+    record: dict[str, Any] = {"path": str(wpath.resolve()), "sha256": file_sha256(wpath), "step": meta.get("step")}
+    changed = {k: [theirs[k], ours[k]] for k in OBJECTIVE_FIELDS if theirs[k] != ours[k]}
+    if changed:
+        record["objective_changed"] = changed  # field: [init, this run]
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, record
+
+
 # ---------------------------------------------------------------------------------------------
 # training checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +362,9 @@ def model_card(state: dict[str, Any], weights_name: str, digest: str) -> str:
         f"engine: {state.get('engine')}",
         f"- optimiser: AdamW lr {cfg['train']['lr']} (warm-up {cfg['train']['warmup_steps']} steps, cosine to "
         f"{cfg['train']['min_lr']}), weight decay {cfg['train']['weight_decay']}, clip {cfg['train']['grad_clip']}",
-        f"- final figures: {json.dumps(figs, sort_keys=True)}", "",
+        f"- final figures: {json.dumps(figs, sort_keys=True)}",
+        *([f"- warm start (--init): `{state['init']['path']}` (sha256 `{state['init']['sha256']}`)"] if state.get("init") else []),
+        "",
         "## Training data (manifest digests)", "",
     ]
     lines += [f"- `{d}`" for d in manifests] or ["- (in-memory data; no shard manifest)"]

@@ -3,6 +3,7 @@
     g3n-mae train  --preset tiny --data VOLUMES_SET --run-dir runs/mae     # CPU or one GPU
     deepspeed --num_gpus 4 $(which g3n-mae) train --preset paper --data ... --run-dir ...
     g3n-mae train  --run-dir runs/mae --data VOLUMES_SET --resume
+    g3n-mae train  --preset tiny --data VOLUMES_SET --run-dir runs/ft --init zoo/mae --steps 50   # warm start
     g3n-mae export runs/mae exports/mae-encoder --encoder-only
     g3n-mae encode runs/mae --volumes VOLUMES_SET --out TOKENS_SET --store both
     g3n-mae config --preset paper > mae.yaml        # edit, then: g3n-mae train --config mae.yaml ...
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         spec = SourceSpec(shards=str(args.data) if args.data else None, synthetic=args.synthetic,
                           synthetic_seed=cfg.train.seed)
-        run_local(args.nproc, cfg, spec, args.run_dir, resume=args.resume, threads=args.threads)
+        run_local(args.nproc, cfg, spec, args.run_dir, resume=args.resume, threads=args.threads, init=args.init)
         return 0
     if args.synthetic:
         from .data import InMemoryVolumes, brain_like_volumes
@@ -95,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("g3n-mae train: give --data VOLUMES_SET (or --synthetic N for a demo)", file=sys.stderr)
         return 2
     try:
-        res = train(cfg, source, args.run_dir, resume=args.resume, data_manifests=manifests, stop_at=args.stop_at)
+        res = train(cfg, source, args.run_dir, resume=args.resume, data_manifests=manifests, stop_at=args.stop_at,
+                    init=args.init)
     except NonFiniteLossError as e:
         print(f"g3n-mae train: {e}", file=sys.stderr)
         return 3
@@ -128,6 +130,22 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_untrained(args: argparse.Namespace) -> int:
+    """Weights of a freshly initialised model: the random-initialisation baseline an encoder must beat."""
+    import torch
+
+    from .checkpoint import save_weights
+    from .model import MAE3D
+
+    cfg = load_config(args.config) if args.config else preset(args.preset)
+    torch.manual_seed(args.seed)
+    model = MAE3D(cfg.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    digest = save_weights(args.out, model.state_dict(), cfg.model, {"untrained": "true", "seed": str(args.seed)})
+    print(json.dumps({"weights": str(args.out), "sha256": digest}))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .model import count_parameters, param_count_formula
@@ -152,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N in-memory brain-like volumes (demo)")
     t.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
     t.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    t.add_argument("--init", type=Path, metavar="WEIGHTS",
+                   help="warm start: full MAE weights (weights file, export dir, checkpoint dir or run dir) of the same "
+                        "architecture; optimizer and step start fresh. A checkpoint found by --resume wins")
     t.add_argument("--nproc", type=int, default=1,
                    help="spawn N local data-parallel processes (for many GPUs/nodes use the deepspeed launcher)")
     t.add_argument("--engine", choices=["auto", "torch", "deepspeed"], help="default from config: auto = DeepSpeed if installed")
@@ -198,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(c)
     c.set_defaults(func=cmd_config)
 
+    u = sub.add_parser("untrained", help="weights of a model at random initialisation (a baseline for the probes)")
+    add_config(u)
+    u.add_argument("out", type=Path, help="output .safetensors file")
+    u.add_argument("--seed", type=int, default=0, help="seed of the initialisation")
+    u.set_defaults(func=cmd_untrained)
+
     i = sub.add_parser("info", help="describe a weights file")
     i.add_argument("weights", type=Path)
     i.set_defaults(func=cmd_info)
@@ -207,9 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError  # here: importing torch is too slow for --help
+
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"g3n-mae {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -42,7 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSpec, run_dir: str, resume: bool, threads: int) -> None:
+def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSpec, run_dir: str, resume: bool, threads: int,
+            init: str | None = None) -> None:
     import torch
 
     from .train import train
@@ -53,7 +54,8 @@ def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSp
                       LOCAL_RANK=str(rank))
     cfg = MAEConfig.model_validate_json(cfg_json)
     try:
-        train(cfg, spec.open(cfg.model.img_size), run_dir, resume=resume, log=(print if rank == 0 else (lambda s: None)))
+        train(cfg, spec.open(cfg.model.img_size), run_dir, resume=resume, log=(print if rank == 0 else (lambda s: None)),
+              init=init)
     finally:
         import torch.distributed as dist
 
@@ -63,7 +65,7 @@ def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSp
 
 def run_local(
     world_size: int, cfg: MAEConfig, spec: SourceSpec, run_dir: str | Path, resume: bool = False, threads: int = 1,
-    start_method: str = "spawn",
+    start_method: str = "spawn", init: str | Path | None = None,
 ) -> None:
     """Train with ``world_size`` local processes; returns when all have finished.
 
@@ -71,6 +73,7 @@ def run_local(
     machine); keep ``spawn`` when CUDA is initialised in the parent.
     """
     mp.start_processes(
-        _worker, args=(world_size, free_port(), cfg.model_dump_json(), spec, str(run_dir), resume, threads),
+        _worker, args=(world_size, free_port(), cfg.model_dump_json(), spec, str(run_dir), resume, threads,
+                       None if init is None else str(init)),
         nprocs=world_size, join=True, start_method=start_method,
     )

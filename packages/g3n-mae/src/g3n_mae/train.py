@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (
-    atomic_write_text, export_model, find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, atomic_write_text, export_model, find_latest, load_checkpoint, read_init_weights, rng_state,
+    save_checkpoint, set_rng_state,
 )
 from .config import MAEConfig, ModelConfig
 from .data import VolumeBatchStream, VolumeSource, make_loader, zscore_brain_torch
@@ -431,16 +432,24 @@ def train(
     stop_at: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
+    init: str | Path | None = None,
 ) -> TrainResult:
     """Pretrain the MAE on ``source``; checkpoints and logs go to ``run_dir``.
 
     Args:
         cfg: full config; on ``resume`` the *model* config comes from the checkpoint.
         source: volume source (a ``volumes`` ShardSet or an in-memory source).
-        resume: continue from ``run_dir/checkpoints`` latest (error if there is none).
+        resume: continue from ``run_dir/checkpoints`` latest (start, saying so, if there is none; a
+            run already at ``total_steps`` returns at once).
         data_manifests: digests of the training shard sets (recorded in checkpoints/model card).
         stop_at: stop after this global step (and checkpoint), e.g. to split a run into jobs.
         on_step: called as ``on_step(step, loss)`` after every step (tests use it to kill a run).
+        init: warm start from these full MAE weights (weights file, export, checkpoint or run dir):
+            loaded strictly into the new model before training; optimizer, schedule and step start
+            fresh. The architecture must equal ``cfg.model`` (see ``read_init_weights``). A
+            checkpoint found by ``resume`` wins (the init is then not applied), so a job that is
+            restarted with the same command continues its run instead of starting over. The init's
+            path and SHA-256 are recorded in every checkpoint's ``state.json`` and in the model card.
     """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -450,15 +459,28 @@ def train(
 
     # ---- resume: architecture from the checkpoint ------------------------------------------
     ckpt_dir, ckpt_state, model_sd, optim_sd = None, None, None, None
+    init_sd, init_record = None, None
     if resume:
         ckpt_dir = find_latest(ckpt_root)
-        if ckpt_dir is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
+        if ckpt_dir is None and d.is_main:
+            # as g3n-tokenizer and g3n-dit do: a job started with --resume from its first run (a
+            # pipeline stage, a job script) starts when there is nothing to continue yet
+            log(f"resume: no checkpoint under {ckpt_root} yet; starting " + ("from --init" if init else "from scratch"))
+    if ckpt_dir is not None:
+        if init is not None and d.is_main:
+            log(f"resume: continuing {ckpt_dir}; --init {init} not applied")
         model_sd, optim_sd, ckpt_state = load_checkpoint(ckpt_dir)
         saved_model = ModelConfig.model_validate(ckpt_state["config"]["model"])
         if saved_model != cfg.model and d.is_main:
             log(f"resume: using the model config stored in {ckpt_dir} (differs from the given one)")
         cfg = cfg.model_copy(update={"model": saved_model})
+        init_record = ckpt_state.get("init")  # provenance of the run's warm start carries over
+    elif init is not None:
+        init_sd, init_record = read_init_weights(init, cfg.model)
+        if d.is_main:
+            changed = "".join(f"; {k} {a} -> {b}" for k, (a, b) in init_record.get("objective_changed", {}).items())
+            log(f"init: weights from {init_record['path']} (sha256 {init_record['sha256']}){changed}; "
+                "optimizer and step fresh")
 
     # ---- determinism and model -------------------------------------------------------------
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -466,18 +488,23 @@ def train(
         torch.use_deterministic_algorithms(True)
     try:
         return _train(cfg, source, run_dir, d, engine_kind, ckpt_dir, ckpt_state, model_sd, optim_sd,
-                      data_manifests, stop_at, on_step, log)
+                      data_manifests, stop_at, on_step, log, init_sd, init_record)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
 def _train(cfg, source, run_dir, d, engine_kind, ckpt_dir, ckpt_state, model_sd, optim_sd, data_manifests,
-           stop_at, on_step, log) -> TrainResult:
+           stop_at, on_step, log, init_sd=None, init_record=None) -> TrainResult:
     """The body of :func:`train` (split out so global switches are restored on any exit)."""
     t = cfg.train
     ckpt_root = run_dir / "checkpoints"
     _seed_everything(t.seed)  # identical init on every rank
     model = MAE3D(cfg.model)
+    if init_sd is not None:  # before the engine: DeepSpeed takes its fp32 masters from the module
+        try:
+            model.load_state_dict(init_sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{init_record['path']}: --init weights do not match the model: {e}") from None
     engine = build_engine(engine_kind, model, cfg, d)
     _seed_everything(t.seed + 1000 * d.rank + 1)  # per-rank streams after init
 
@@ -501,7 +528,13 @@ def _train(cfg, source, run_dir, d, engine_kind, ckpt_dir, ckpt_state, model_sd,
         if d.is_main:
             log(f"resumed from {ckpt_dir} at step {step}")
     if step >= t.total_steps:
-        raise ValueError(f"nothing to do: step {step} >= total_steps {t.total_steps}")
+        # a finished run resumed again (e.g. a pipeline stage killed after training, during a later
+        # command) has nothing left to train: make sure its deliverable exists and stop
+        if d.is_main:
+            log(f"resume: {ckpt_dir} is at step {step}, total_steps {t.total_steps}: finished already")
+            if not (run_dir / "export" / "model.safetensors").is_file():
+                log(f"export {export_model(ckpt_dir, run_dir / 'export')}")
+        return TrainResult(step, [], ckpt_dir, 0.0)
 
     # ---- data --------------------------------------------------------------------------------
     stream = VolumeBatchStream(
@@ -549,7 +582,7 @@ def _train(cfg, source, run_dir, d, engine_kind, ckpt_dir, ckpt_state, model_sd,
             state = {
                 "config": cfg.model_dump(mode="json"), "samples_seen": samples_seen, "world_size": d.world_size,
                 "num_workers": t.num_workers, "engine": engine.name, "data": {"ranks": data_state}, "rng": rngs,
-                "data_manifests": data_manifests or [],
+                "data_manifests": data_manifests or [], "init": init_record,
                 "figures": {"loss": last_loss, "lr": lr, "step": step, "samples_seen": samples_seen},
             }
             path = save_checkpoint(ckpt_root, step, cfg.model, model_sd_, optim_, state, t.keep_last)

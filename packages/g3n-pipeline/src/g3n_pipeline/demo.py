@@ -1,7 +1,10 @@
 """`g3n-demo`: the whole BrainG3N chain on the built-in cohort, on CPU, in one command.
 
 The built-in cohort is the labelled synthetic cohort of `g3n-data synth` plus the 10 real IXI
-T1 volumes shipped in this package. Every stage is one of the stage packages' own commands;
+T1 volumes shipped in this package. Every training stage starts from the shipped models (g3n-zoo,
+trained for hours on the same cohort's train split) and trains briefly, so every training path
+runs; `--from-scratch` trains everything from random initialisation instead (about three times
+as long, and the models barely learn). Every stage is one of the stage packages' own commands;
 every intermediate is a shard set in the run folder, and a re-run skips finished stages. A stage
 whose settings changed (e.g. `samples_per_request: 16` in a --config file) starts over, and so does every
 stage after it:
@@ -23,11 +26,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from g3n_shards import ShardSet, atomic_write_bytes, subset_shard_set
 
-from .runner import Stage, StageFailed, run_stages
+from g3n_mae.config import preset as mae_preset
+
+from .runner import Stage, StageFailed, config_data, run_stages
 
 #: The samples the demo asks the generator for: one request per class of each condition, so that
 #: the evaluation can compare what was requested with what a probe sees (method.md Table 2a).
@@ -53,50 +58,70 @@ HEADLINE_PROBES: list[tuple[str, str, str]] = [
     ("idh1", "FLAIR", "auc"), ("idh1", "pooled", "auc"), ("brain_age", "T1", "mae")]
 
 
+#: the probe tasks the encoder and its two baselines are compared on (the headline's tasks)
+BASELINE_TASKS = "disease,sex,modality,idh1,brain_age"
+#: the rows of the comparison the headline prints: (task, slice, metric)
+BASELINE_ROWS: list[tuple[str, str, str]] = [("brain_age", "T1", "mae"), ("disease", "all", "auc"), ("sex", "all", "auc"),
+                                             ("idh1", "pooled", "auc")]
+
+
+#: training lengths by mode: from the shipped models (brief: every training path runs) or from scratch
+WARM_START = dict(mae_steps=30, mae_lr=1e-4, tokenizer_epochs=1, tokenizer_steps_per_epoch=10, tokenizer_lr=5e-5,
+                  dit_steps=100, dit_lr=1e-4, longitudinal_steps=50, longitudinal_lr=1e-4)
+FROM_SCRATCH = dict(mae_steps=400, mae_lr=None, tokenizer_epochs=2, tokenizer_steps_per_epoch=20, tokenizer_lr=None,
+                    dit_steps=2400, dit_lr=None, longitudinal_steps=200, longitudinal_lr=None)
+
+
 class DemoConfig(BaseModel):
-    """Sizes of the demo run; the defaults finish in under 15 minutes on 2 idle CPU cores."""
+    """Sizes of the demo run. Training lengths left unset follow the mode (``from_scratch`` or not)."""
 
     model_config = ConfigDict(extra="forbid")
     run_dir: Path = Path("runs/demo")
-    subjects: int = Field(100, ge=12, description="synthetic subjects (several volumes each; 100 gives the "
-                          "20 glioma subjects the IDH1 probe needs)")
+    subjects: int = Field(100, ge=12, description="synthetic subjects (100 gives the IDH1 probe 20 glioma subjects)")
     seed: int = 2025
     workers: int = Field(2, ge=1)
     real: bool = Field(True, description="include the 10 real IXI T1 volumes shipped with the package")
     real_skullstrip: str = Field("atlas", description="robex (about 45 s a volume), atlas, or none")
-    mae_steps: int = 400
-    mae_norm_pix_loss: bool = Field(True, description="MAE target: each patch normalised by its own mean and std "
-                                    "(MAE's norm_pix_loss). On the demo cohort, over MAE seeds 2025/1/2, the T1 "
-                                    "brain-age probe's MAE was 10.56/11.33/11.36 years with it and 11.75/11.80/10.41 "
-                                    "without, IDH1 (all) AUC 0.83/0.62/0.79 with it and 0.70/0.65/0.67 without")
-    tokenizer_epochs: int = 2
-    tokenizer_steps_per_epoch: int = 20
+    from_scratch: bool = Field(False, description="train every model from random initialisation instead of "
+                               "fine-tuning the shipped ones (g3n-zoo) briefly")
+    mae_steps: int | None = Field(None, ge=1, description="MAE training steps (30 fine-tuning, 400 from scratch)")
+    mae_lr: float | None = Field(None, gt=0, description="MAE peak learning rate (default: 1e-4 fine-tuning, the preset's from scratch)")
+    mae_norm_pix_loss: bool = Field(True, description="MAE target: each patch normalised by its own mean and std")
+    tokenizer_epochs: int | None = Field(None, ge=1, description="tokenizer epochs (1 fine-tuning, 2 from scratch)")
+    tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="tokenizer steps per epoch (10 / 20)")
+    tokenizer_lr: float | None = Field(None, gt=0, description="tokenizer learning rate (5e-5 fine-tuning, the preset's from scratch)")
     dit_preset: str = Field("small", description="g3n-dit preset of the generator (small: 2x2x2 latent patches)")
-    dit_steps: int = Field(2400, description="generator training steps. At 800 (three seeds), disease requests "
-                           "moved the latents but hardly the decoded anatomy: an AD sample's ventricles were 0.03-0.08 "
-                           "z darker than its HC pair's (real AD vs HC: 0.26), and HC->AD moved 1-3 of 8 paired groups "
-                           "on decoded volumes. At 2400: 0.21-0.28 z, and 7-8 of 8 groups")
-    dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision: fp32, bf16, or auto (bf16 on CPUs "
-                               "with AMX, where it trains 1.6x faster, and on CUDA)")
-    probe_permutations: int = Field(49, ge=0, description="permutation test of the probes whose scores the demo "
-                                    "reports (the panel's headline rows, and each controllability probe on real data): "
-                                    "that many cross-validations on shuffled labels each (p >= 1/50); 0 skips it")
-    longitudinal_steps: int = 200
-    recon_volumes: int = 8
-    anatomy_recon: bool = Field(False, description="also decode every real latent and measure each anatomy effect on "
-                                "the tokenizer's reconstructions: how much of it the decoder draws at all, so a row "
-                                "the decoded samples do not move can be told apart from a generator that did not "
-                                "learn it; and score each decoded-space controllability probe on the reconstructions "
-                                "of the real volumes it held out, so a probe that cannot see its task on decoded "
-                                "volumes is marked blind there. Costs about 2 minutes (one decode a volume). On the demo run the "
-                                "reconstructions keep 2 % of the PD putamen drop and all of the AD ventricle widening; "
-                                "a tokenizer trained 6 times longer (240 steps, 7 minutes) keeps 83 % of the PD drop")
+    dit_steps: int | None = Field(None, ge=1, description="generator training steps (100 fine-tuning, 2400 from scratch)")
+    dit_lr: float | None = Field(None, gt=0, description="generator learning rate (1e-4 fine-tuning, the preset's from scratch)")
+    dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision "
+                                                           "(auto: bf16 on CPUs with AMX and on CUDA)")
+    probe_permutations: int = Field(49, ge=0, description="shuffled labellings in each permutation test of a "
+                                    "reported probe score (0 skips the tests)")
+    longitudinal_preset: str = Field("small", description="g3n-dit preset of the longitudinal bridge")
+    longitudinal_steps: int | None = Field(None, ge=1, description="bridge training steps (50 fine-tuning, 200 from scratch)")
+    longitudinal_lr: float | None = Field(None, gt=0, description="bridge learning rate (1e-4 fine-tuning, the preset's from scratch)")
+    recon_volumes: int = Field(64, ge=1, description="held-out volumes whose reconstructions g3n-eval recon scores")
+    anatomy_recon: bool = Field(True, description="decode every real latent: the anatomy effects and the "
+                                "decoded-space probes are measured on the tokenizer's reconstructions too")
     samples_per_request: int = 8
     sample_steps: int = 25
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DemoConfig":
+        for k, v in (FROM_SCRATCH if self.from_scratch else WARM_START).items():
+            if getattr(self, k) is None and v is not None:
+                setattr(self, k, v)
+        return self
 
 
 def ixi_csv() -> Path:
     return Path(str(resources.files("g3n_pipeline") / "cohort" / "ixi10" / "ixi10.csv"))
+
+
+#: the demo's held-out set: every subject outside the train split. The demo has no use for a
+#: separate validation split (the tokenizer holds out its own share of train subjects), and the
+#: larger test set holds enough real follow-up visits for the forecast check's sign test
+TEST_SPLITS = ("val", "test")
 
 
 def _split_subsets(run: Path, source: str, prefix: str) -> None:
@@ -106,15 +131,55 @@ def _split_subsets(run: Path, source: str, prefix: str) -> None:
     splits = load_splits(run / "splits.json")
     src = ShardSet.open(run / source)
     have = set(src.keys())
-    for name in ("train", "test"):
-        keys = [k for k in splits.keys[name] if k in have]
+    for name, parts in (("train", ("train",)), ("test", TEST_SPLITS)):
+        keys = [k for part in parts for k in splits.keys.get(part, []) if k in have]
         out = run / f"{prefix}-{name}"
         subset_shard_set(src, keys, out, overwrite=True)
+
+
+def _split_cohort(run: Path, check_zoo: bool) -> None:
+    _split_subsets(run, "volumes", "volumes")
+    if check_zoo:
+        _check_zoo_data(run)
+
+
+def _check_zoo_data(run: Path) -> None:
+    """The shipped models may only start a run on the cohort they were trained on: on another one
+    (other subjects, seed or scans) their training subjects could sit in this run's test split."""
+    import g3n_zoo
+
+    want = g3n_zoo.get("mae").card["data"]["digest"]
+    have = ShardSet.open(run / "volumes-train").digest
+    if have != want:
+        raise StageFailed(f"{run / 'volumes-train'} ({have[:19]}...) is not the train split the shipped models were "
+                          f"trained on ({want[:19]}...): another cohort (subjects, seed, scans) could put their "
+                          f"training subjects in this run's test split. Use --from-scratch for this cohort")
+
+
+def shipped(name: str) -> Path:
+    """The shipped model ``name`` (checked against the zoo's manifest), or a StageFailed saying what to do."""
+    import g3n_zoo
+
+    try:
+        return g3n_zoo.get(name).path
+    except g3n_zoo.ZooError as e:
+        raise StageFailed(f"{e}\n  run `g3n-demo --from-scratch`, or rebuild the models with `g3n-zoo-build --pack`") from None
+
+
+def _ext(init: dict[str, Path], name: str) -> list[Path]:
+    return [init[name]] if name in init else []
+
+
+def _lr(flag: str, value: float | None) -> list[str]:
+    return [flag, repr(value)] if value is not None else []
 
 
 def build_stages(cfg: DemoConfig) -> list[Stage]:
     s = str  # paths become command-line strings
     w = str(cfg.workers)
+    width = mae_preset("tiny").model.embed_dim  # the raw-voxel baseline is reduced to the encoder's width
+    # the shipped models each training stage starts from (checked against the zoo's manifest)
+    init = {} if cfg.from_scratch else {name: shipped(name) for name in ("mae", "mae-cnn", "dit", "bridge")}
     stages = [
         Stage("synth", "synthetic labelled cohort (g3n-data synth)", ["volumes-synth"], lambda r: [
             ["g3n_data.cli", "synth", "--out", s(r / "volumes-synth"), "--subjects", str(cfg.subjects),
@@ -133,11 +198,13 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
               lambda r: [["g3n_shards.cli", "merge", s(r / "volumes"), *(s(r / p) for p in parts), "--overwrite"],
                          ["g3n_data.cli", "split", "--in", s(r / "volumes"), "--out", s(r / "splits.json"),
                           "--seed", str(cfg.seed)]],
-              after=lambda r: _split_subsets(r, "volumes", "volumes")),
-        Stage("mae", "3D MAE pretraining, tiny preset (g3n-mae train)", ["mae/export"], lambda r: [
-            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / "volumes"), "--run-dir", s(r / "mae"),
+              after=lambda r: _split_cohort(r, check_zoo=not cfg.from_scratch)),
+        Stage("mae", f"3D MAE {'pretraining' if cfg.from_scratch else 'fine-tuning'}, tiny preset (g3n-mae train)",
+              ["mae/export"], lambda r: [
+            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / "volumes-train"), "--run-dir", s(r / "mae"),
              "--steps", str(cfg.mae_steps), "--engine", "torch", "--seed", str(cfg.seed), "--no-tensorboard",
-             "--norm-pix-loss" if cfg.mae_norm_pix_loss else "--no-norm-pix-loss"]]),
+             "--norm-pix-loss" if cfg.mae_norm_pix_loss else "--no-norm-pix-loss", *_lr("--lr", cfg.mae_lr),
+             *(["--warmup", "0", "--init", s(init["mae"])] if init else [])]], external=_ext(init, "mae")),
         Stage("encode", "encode every volume (g3n-mae encode)", ["tokens"], lambda r: [
             ["g3n_mae.cli", "encode", s(r / "mae"), "--volumes", s(r / "volumes"), "--out", s(r / "tokens"),
              "--store", "both", "--overwrite"]]),
@@ -145,28 +212,44 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_probe.cli", "run", s(r / "tokens"), "--out", s(r / "probe"), "--name", "BrainG3N-tiny",
              *(["--permutations", str(cfg.probe_permutations),
                 "--permute", ",".join(f"{t}/{sl}" for t, sl, _ in HEADLINE_PROBES)] if cfg.probe_permutations else [])]]),
+        Stage("baselines", "the encoder's baselines through the same probes: raw voxels (g3n-eval raw-features, "
+              "PCA in each fold) and the MAE at random initialisation", ["baselines/probe-raw", "baselines/probe-random"],
+              lambda r: [
+            ["g3n_eval.cli", "raw-features", "--volumes", s(r / "volumes"), "--out", s(r / "baselines" / "raw-voxels")],
+            ["g3n_probe.cli", "run", s(r / "baselines" / "raw-voxels"), "--out", s(r / "baselines" / "probe-raw"),
+             "--name", f"raw voxels (PCA {width})", "--pca", str(width), "--tasks", BASELINE_TASKS],
+            ["g3n_mae.cli", "untrained", s(r / "baselines" / "mae-random.safetensors"), "--preset", "tiny",
+             "--seed", str(cfg.seed)],
+            ["g3n_mae.cli", "encode", s(r / "baselines" / "mae-random.safetensors"), "--volumes", s(r / "volumes"),
+             "--out", s(r / "baselines" / "tokens-random"), "--store", "mean", "--overwrite"],
+            ["g3n_probe.cli", "run", s(r / "baselines" / "tokens-random"), "--out", s(r / "baselines" / "probe-random"),
+             "--name", "MAE at random initialisation", "--tasks", BASELINE_TASKS]]),
         Stage("tokenizer", "MAE-CNN tokenizer, tiny preset (g3n-tokenizer train, encode)",
               ["tokenizer/tokenizer.safetensors", "latents", "latents-train", "latents-test"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
              "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae"), "--preset", "tiny",
              "--epochs", str(cfg.tokenizer_epochs), "--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch),
-             "--seed", str(cfg.seed)],
+             "--seed", str(cfg.seed), *_lr("--lr", cfg.tokenizer_lr),
+             *(["--precision", "auto", "--init", s(init["mae-cnn"])] if init else [])],
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents"), "--overwrite"]],
-              after=lambda r: _split_subsets(r, "latents", "latents")),
+              after=lambda r: _split_subsets(r, "latents", "latents"), external=_ext(init, "mae-cnn")),
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train, sample; g3n-tokenizer decode)",
-              ["dit", "samples", "samples-decoded"], inputs=["requests.jsonl"], commands=lambda r: [
+              ["dit", "samples", "samples-decoded"], inputs=["requests.jsonl"], external=_ext(init, "dit"), commands=lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"), "--preset", cfg.dit_preset,
-             "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed), "--precision", cfg.dit_precision],
+             "--max-steps", str(cfg.dit_steps), "--seed", str(cfg.seed), "--precision", cfg.dit_precision,
+             *_lr("--lr", cfg.dit_lr), *(["--init", s(init["dit"])] if init else [])],
             ["g3n_dit.cli", "sample", "--checkpoint", s(r / "dit"), "--out", s(r / "samples"),
              "--requests", s(r / "requests.jsonl"), "--steps", str(cfg.sample_steps), "--seed", str(cfg.seed),
              "--paired", "--overwrite"],
             # decoded once here, for every measurement that looks at generated volumes
             ["g3n_tokenizer.cli", "decode", "--latents", s(r / "samples"), "--out", s(r / "samples-decoded"),
              "--format", "volumes", "--overwrite"]]),
-        Stage("longitudinal", "longitudinal bridge and forecasts (g3n-dit)", ["dit-long", "forecasts"], lambda r: [
+        Stage("longitudinal", "longitudinal bridge and forecasts (g3n-dit)", ["dit-long", "forecasts"],
+              external=_ext(init, "bridge"), commands=lambda r: [
             ["g3n_dit.cli", "train-longitudinal", "--latents", s(r / "latents-train"), "--out", s(r / "dit-long"),
-             "--preset", "tiny", "--max-steps", str(cfg.longitudinal_steps), "--seed", str(cfg.seed)],
+             "--preset", cfg.longitudinal_preset, "--max-steps", str(cfg.longitudinal_steps), "--seed", str(cfg.seed),
+             *_lr("--lr", cfg.longitudinal_lr), *(["--init", s(init["bridge"])] if init else [])],
             ["g3n_dit.cli", "forecast", "--checkpoint", s(r / "dit-long"), "--latents", s(r / "latents-test"),
              "--keys", *first_visit_keys(r / "latents-test", modality="T1", n=8),
              "--intervals", "2", "5", "10", "--out", s(r / "forecasts"), "--overwrite"]]),
@@ -204,7 +287,8 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
              s(r / "eval" / "controllability-latent"), s(r / "eval" / "anatomy"),
              s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
-             "--probe-run", s(r / "probe"), "--volumes", f"real={r / 'volumes-test'}",
+             "--probe-run", s(r / "probe"), "--probe-run", s(r / "baselines" / "probe-raw"),
+             "--probe-run", s(r / "baselines" / "probe-random"), "--volumes", f"real={r / 'volumes-test'}",
              "--volumes", f"generated={r / 'samples-decoded'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
              "--title", "BrainG3N demo", "--out", s(r / "eval" / "report")]]),
     ]
@@ -244,10 +328,17 @@ def headline(run: Path) -> list[str]:
                 chance = f" ({chance})" if chance else ""
                 lines.append(f"probe {row['task']} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}{chance}")
 
+    lines += baseline_lines(run)
+
     def load(name: str, folder: str | None = None) -> dict:
         f = run / "eval" / (folder or name) / f"{name}.json"
         return json.loads(f.read_text()).get("results", {}) if f.is_file() else {}
 
+    rec = (load("recon").get("summary") or {})
+    if (rec.get("ssim") or {}).get("mean") is not None:
+        lines.append(f"tokenizer reconstruction of {rec['ssim']['n']} held-out volumes: SSIM {rec['ssim']['mean']:.3f}, "
+                     f"PSNR {rec['psnr']['mean']:.1f} dB, MSE {rec['mse']['mean']:.3f} (whole volume; "
+                     f"brain only: SSIM {rec['ssim_brain']['mean']:.3f}, PSNR {rec['psnr_brain']['mean']:.1f} dB)")
     for folder, space in (("controllability", "decoded + re-encoded"), ("controllability-latent", "latent space")):
         ctrl = load("controllability", folder)
         for task, r in (ctrl.get("tasks") or {}).items():
@@ -301,6 +392,29 @@ def headline(run: Path) -> list[str]:
     return lines
 
 
+def _scores(results: Path) -> dict[tuple[str, str, str], float]:
+    import csv
+
+    if not results.is_file():
+        return {}
+    return {(r["task"], r["slice"], r["metric"]): float(r["mean"]) for r in csv.DictReader(results.open()) if r.get("mean")}
+
+
+def baseline_lines(run: Path) -> list[str]:
+    """The encoder beside its two baselines (raw voxels at its width, itself untrained), same probes and folds."""
+    runs = {"encoder": run / "probe", "raw voxels": run / "baselines" / "probe-raw",
+            "random-init MAE": run / "baselines" / "probe-random"}
+    scores = {name: _scores(p / "results.csv") for name, p in runs.items()}
+    lines = []
+    for row in BASELINE_ROWS:
+        if all(row in sc for sc in scores.values()):
+            better = min if row[2] == "mae" else max
+            best = better(scores, key=lambda n: scores[n][row])
+            lines.append(f"encoder vs baselines, {row[0]} ({row[1]}) {row[2]}: "
+                         + ", ".join(f"{n} {scores[n][row]:.3f}" for n in scores) + f"; best: {best}")
+    return lines
+
+
 def _paired(pair: dict | None, what: str) -> str:
     """'; paired: 8/8 moved toward the request (shift +0.11, p 0.004)' for a summary line."""
     if not pair or not pair.get("n_groups"):
@@ -323,6 +437,13 @@ def run_demo(cfg: DemoConfig, force: bool = False, until: str | None = None) -> 
     names = [st.name for st in stages]
     if until is not None and until not in names:
         raise SystemExit(f"--until: unknown stage {until!r}; stages: {', '.join(names)}")
+    if cfg.from_scratch:
+        print("models: trained from random initialisation (--from-scratch)", flush=True)
+    else:
+        import g3n_zoo
+
+        print(f"models: the shipped ones (g3n-zoo, {g3n_zoo.root()}), fine-tuned briefly; --from-scratch trains them "
+              f"from random initialisation.\n  {g3n_zoo.INTENDED_USE}", flush=True)
     t = time.perf_counter()
     run_stages(run, stages, force=force, until=until)
     print(f"\nBrainG3N demo finished in {time.perf_counter() - t:.0f} s; run folder {run}")
@@ -343,21 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="seed of every stage (the synthetic cohort, training, sampling)")
     p.add_argument("--workers", type=int, help="parallel processes for data stages")
     p.add_argument("--no-real", action="store_true", help="leave out the real IXI volumes")
+    p.add_argument("--from-scratch", action="store_true", help="train every model from random initialisation instead "
+                   "of fine-tuning the shipped ones briefly (about 3 times longer; the models barely learn)")
     p.add_argument("--force", action="store_true", help="redo stages even if they are done")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     args = p.parse_args(argv)
-    data: dict = {}
-    if args.config:
-        import yaml
-
-        data = yaml.safe_load(args.config.read_text()) or {}
-    if args.run_dir is not None:
-        data["run_dir"] = args.run_dir
+    data = config_data(args.config, args.run_dir)
     for k in ("subjects", "seed", "workers"):
         if getattr(args, k) is not None:
             data[k] = getattr(args, k)
     if args.no_real:
         data["real"] = False
+    if args.from_scratch:
+        data["from_scratch"] = True
     cfg = DemoConfig.model_validate(data)
     try:
         run_demo(cfg, force=args.force, until=args.until)

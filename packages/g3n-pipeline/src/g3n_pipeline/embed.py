@@ -111,6 +111,20 @@ def encoder_info(path: str | Path) -> EncoderInfo:
                        embed_dim=int(mc["embed_dim"]), data_manifests=manifests)
 
 
+def shipped_encoder(quiet: bool = False) -> Path:
+    """The shipped demonstration encoder (g3n-zoo ``mae``), announced with its intended use."""
+    import g3n_zoo
+
+    try:
+        model = g3n_zoo.get("mae")
+    except g3n_zoo.ZooError as e:
+        raise EmbedError(f"no --encoder given and no shipped encoder: {e}") from None
+    if not quiet:
+        print(f"g3n-embed: no --encoder: using the shipped encoder {model.path} ({model.card.get('title', 'g3n-zoo mae')})."
+              f"\n  {model.intended_use}", file=sys.stderr)
+    return model.path
+
+
 # ---- the preprocessing config ---------------------------------------------------------------
 def preprocess_config(enc: EncoderInfo, preset: str | None, train_volumes: str | None,
                       overrides_file: str | None, skullstrip: str | None, no_n4: bool, no_register: bool,
@@ -350,7 +364,7 @@ def run_embed(args: argparse.Namespace) -> EmbedResult:
     work.mkdir(parents=True, exist_ok=True)
     steps = Steps(work / STEPS_NAME)
     skipped: list[str] = []
-    enc = encoder_info(args.encoder)
+    enc = encoder_info(args.encoder or shipped_encoder(quiet=args.quiet))
     # refuse a preprocessing the encoder was not trained on before any stage runs
     cfg = preprocess_config(enc, args.preset, args.train_volumes, args.preprocess_config, args.skullstrip,
                             args.no_n4, args.no_register)
@@ -448,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the tokens set OUT/tokens and OUT/rejects.jsonl. Re-run the same command to resume.")
     p.add_argument("inputs", nargs="*", metavar="BIDS_DIR | NIFTI", help="a BIDS folder, or NIfTI files")
     p.add_argument("--csv", help="CSV/TSV manifest: a path column plus metadata columns (see g3n-data ingest)")
-    p.add_argument("--encoder", required=True, help="g3n-mae weights file, export folder, checkpoint or run folder")
+    p.add_argument("--encoder", help="g3n-mae weights file, export folder, checkpoint or run folder (default: the "
+                   "shipped demonstration encoder, g3n-zoo's mae: 80x96x80 at 2 mm, not for clinical use)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=["paper", "demo"],
                    help="g3n-data preprocessing preset (default: the one whose grid matches the encoder)")

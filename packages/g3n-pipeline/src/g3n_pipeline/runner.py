@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from g3n_shards import MANIFEST_NAME, ShardSet, atomic_write_bytes
+from g3n_shards import MANIFEST_NAME, ShardSet, atomic_write_bytes, file_sha256
 
 
 class StageFailed(RuntimeError):
@@ -42,6 +42,9 @@ class Stage:
     #: plain files (relative to the run folder) the commands read whose content is a setting
     #: (e.g. a requests file): a change re-runs the stage
     inputs: Sequence[str] = ()
+    #: files or folders outside the run folder that the commands read (shipped weights): their
+    #: content is part of the fingerprint, so new weights re-run the stage
+    external: Sequence[Path] = ()
 
 
 def _fingerprint(run_dir: Path, stage: Stage, commands: list[list[str]] | None = None) -> dict:
@@ -54,7 +57,22 @@ def _fingerprint(run_dir: Path, stage: Stage, commands: list[list[str]] | None =
     root = str(run_dir)  # the run folder may move: paths inside it are kept relative
     rel = [[a.replace(root, "{run}", 1) if a.startswith(root) else a for a in argv]
            for argv in (stage.commands(run_dir) if commands is None else commands)]
-    return {"commands": rel, "inputs": files}
+    fp: dict = {"commands": rel, "inputs": files}
+    if stage.external:
+        fp["external"] = [_content_digest(Path(p)) for p in stage.external]
+    return fp
+
+
+def _content_digest(path: Path) -> str | None:
+    """SHA-256 of a file, or of a folder's files (relative names and contents); None if absent."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() if f != path else b"")
+        h.update(bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
 
 
 def output_digest(path: Path) -> str | None:
@@ -168,3 +186,17 @@ def run_stages(run_dir: Path, stages: Sequence[Stage], force: bool = False, unti
         if stage.name == until:
             break
     return ran
+
+
+def config_data(path: Path | None, run_dir: Path | None) -> dict:
+    """The fields of a YAML/JSON run config file (none: {}), with ``--run-dir`` over its run_dir."""
+    data: dict = {}
+    if path:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise SystemExit(f"{path}: a config file must be a mapping of fields, got {type(data).__name__}")
+    if run_dir is not None:
+        data["run_dir"] = run_dir
+    return data

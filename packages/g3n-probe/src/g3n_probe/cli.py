@@ -36,6 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permute", metavar="WHICH",
                    help="comma-separated slices for the permutation test: 'headline' (the panel's headline rows; default) "
                         "and/or TASK/SLICE patterns with * and ?, e.g. 'disease/all,idh1/T1c' or '*/*' for every slice")
+    p.add_argument("--pca", type=int, metavar="K",
+                   help="fit each probe on the top K principal components of the standardised features, the PCA fitted on "
+                        "each training part only (a baseline for wide features such as raw voxels)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -51,6 +54,8 @@ def _protocol(a: argparse.Namespace):
         over["save_probes"] = False
     if a.permutations is not None:
         over["permutations"] = a.permutations
+    if a.pca:
+        over["pca"] = a.pca
     if a.permute:
         over["permute"] = [w.strip() for w in a.permute.split(",") if w.strip()]
     return load_protocol(a.protocol, preset=a.preset, **over)

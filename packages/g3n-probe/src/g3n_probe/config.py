@@ -174,6 +174,11 @@ class ProtocolConfig(BaseModel):
         default="float32",
         description="precision of standardised features and probe parameters (shards store float32; ~1.4x faster fits)",
     )
+    pca: int | None = Field(
+        default=None, ge=1,
+        description="reduce the standardised features to this many principal components, fitted on each training part "
+                    "only (a baseline on wide raw features, e.g. voxels, at an encoder's width); probes stay linear in the "
+                    "original features")
     save_probes: bool = True
     save_fold_probes: bool = False
     pooled_min_modalities: int = Field(default=1, ge=1)

@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -150,6 +150,31 @@ def _scale(X: np.ndarray, dtype: np.dtype, inplace: bool = False) -> tuple[Stand
     Z = np.asarray(X, dtype=dtype) if inplace else np.array(X, dtype=dtype, copy=True)
     scaler = StandardScaler(copy=False).fit(Z)
     return scaler, scaler.transform(Z, copy=False)
+
+
+def fit_on_components(X: np.ndarray, k: int, fit: Callable[[np.ndarray], tuple[LinearProbe, FitReport]]
+                      ) -> tuple[LinearProbe, FitReport]:
+    """Fit a probe on the top ``k`` principal components of the standardised ``X`` (the training
+    part: nothing of a test part is seen), and return it composed back onto ``X``'s own features.
+
+    PCA and the probe are both affine, so the composition is one LinearProbe of the original width
+    (its ``mean``/``scale`` are the column standardisation, its ``coef`` folds in the components and
+    the probe's own standardisation): it scores and saves like any other probe.
+    """
+    X64 = np.asarray(X, dtype=np.float64)
+    mean = X64.mean(axis=0)
+    scale = _column_scale(mean, X64.std(axis=0))
+    Z = (X64 - mean) / scale
+    k = max(1, min(k, Z.shape[0] - 1, Z.shape[1]))
+    _, _, vt = np.linalg.svd(Z, full_matrices=False)  # economy SVD: rows are the components
+    V = vt[:k]
+    inner, report = fit((Z @ V.T).astype(X.dtype, copy=False))
+    w = inner.coef.astype(np.float64) / inner.scale.astype(np.float64)  # (outputs, k)
+    dt = inner.mean.dtype
+    probe = LinearProbe(kind=inner.kind, mean=mean.astype(dt), scale=scale.astype(dt), coef=(w @ V).astype(dt),
+                        intercept=(inner.intercept - w @ inner.mean.astype(np.float64)).astype(dt),
+                        classes=list(inner.classes), info={**inner.info, "pca_components": k})
+    return probe, report
 
 
 def fit_classifier(

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from .config import Panel, PanelError, ProtocolConfig, TaskSpec
 from .features import FeatureSet
-from .linear import FitReport, GramStats, LinearProbe, fit_classifier, fit_regressor, ridge_from_stats, wide
+from .linear import (FitReport, GramStats, LinearProbe, fit_classifier, fit_on_components, fit_regressor,
+                     ridge_from_stats, wide)
 from .metrics import classification_metric, regression_metric
 from .permutation import block_permutation, null_bound, p_value, slice_seed
 from .slices import build_view
@@ -220,6 +221,8 @@ def task_folds(
 
 
 def _fit(task: TaskSpec, X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProtocolConfig, init=None):
+    if cfg.pca:
+        return fit_on_components(X, cfg.pca, lambda U: _fit(task, U, y, groups, cfg.model_copy(update={"pca": None})))
     if task.kind == "classification":
         # X is a fresh copy (boolean-indexed training rows): standardise it in place
         return fit_classifier(X, y, cfg, init=init, inplace=True)
@@ -243,7 +246,7 @@ def _fit_folds(
 
     todo: list[Any] = list(scorable) + (["final"] if cfg.save_probes else [])
     fits: dict[Any, tuple[LinearProbe, FitReport]] = {}
-    if task.kind == "regression" and cfg.ridge_inner_cv == "gcv" and not wide(*X.shape):
+    if task.kind == "regression" and cfg.ridge_inner_cv == "gcv" and not wide(*X.shape) and not cfg.pca:
         # one pass over the data: per-fold statistics, summed for each training part
         # (wide features fit fold by fold in the kernel form instead: p x p would not fit)
         stats = {k: GramStats.of(X[ufold == k], y[ufold == k]) for k in np.unique(ufold).tolist()}

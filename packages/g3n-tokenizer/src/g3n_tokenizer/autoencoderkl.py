@@ -58,6 +58,8 @@ class AutoencoderKLTokenizer(TorchTokenizer):
 
     name = "autoencoderkl"
     entry_point = "g3n_tokenizer.autoencoderkl:AutoencoderKLTokenizer"
+    train_prefix = ""  # the train module holds the whole autoencoder under "ae.", as weights() does
+    init_may_differ = ("volume_geometry", "tokenizer.loss", "tokenizer.kl_weight")
 
     def __init__(self, cfg: AutoencoderKLConfig, volume_geometry: dict[str, Any] | None = None):
         super().__init__()

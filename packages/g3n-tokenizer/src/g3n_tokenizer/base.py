@@ -16,7 +16,8 @@ from torch import nn
 
 import g3n_shards as gs
 
-from .checkpoint import file_sha256, save_tokenizer
+from .checkpoint import config_differences, file_sha256, load_strict, read_tokenizer, save_tokenizer
+from .errors import CheckpointError
 from .interface import check_latents, check_volumes, model_ref_for
 
 #: Geometry fields a tokenizer copies from the volumes it was trained on (for NIfTI output).
@@ -28,6 +29,11 @@ class TorchTokenizer(nn.Module):
 
     name: str = ""
     entry_point: str = ""
+    #: where ``train_module``'s tensors sit in ``weights()`` (their key prefix there)
+    train_prefix: str = ""
+    #: ``config_dict()`` entries a warm start (``load_init``) may change: the training objective
+    #: and provenance, which change the loss or the record, not what a trainable weight means
+    init_may_differ: tuple[str, ...] = ("volume_geometry",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,6 +114,23 @@ class TorchTokenizer(nn.Module):
 
     def _mark_loaded(self, path: str | Path) -> None:
         self.checkpoint_path, self.checkpoint_digest = Path(path), file_sha256(path)
+
+    def load_init(self, path: str | Path) -> dict[str, str]:
+        """Warm start: load ``train_module`` strictly from a checkpoint of this tokenizer and config.
+
+        Only the trainable part is taken. For MAE-CNN the frozen encoder stays the one this
+        tokenizer was built with (its ``--mae-checkpoint``, e.g. a briefly fine-tuned MAE), so it
+        may differ from the encoder the init was trained with; the head then adapts to it. Another
+        tokenizer kind, or a config differing outside ``init_may_differ``, is an error naming the
+        file and every differing field. Returns the init's provenance (path, SHA-256).
+        """
+        tensors, header = read_tokenizer(path, expect_name=self.name)
+        diff = config_differences(header["config"], self.config_dict(), skip=self.init_may_differ)
+        if diff:
+            raise CheckpointError(f"{path}: --init tokenizer has another config than this run: " + "; ".join(diff))
+        n = len(self.train_prefix)
+        load_strict(self.train_module, {k[n:]: v for k, v in tensors.items() if k.startswith(self.train_prefix)}, str(path))
+        return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
     # ---- training hooks -----------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ Writes are atomic (temp file + ``os.replace``).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,19 @@ def check_weights(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+
+
+def config_differences(theirs: Any, ours: Any, skip: Sequence[str] = (), where: str = "") -> list[str]:
+    """``"path: A in the init, B in this run"`` for every differing leaf of two JSON configs
+    (dotted paths), except the paths in ``skip``; for refusing a warm start with a clear message."""
+    if where in skip:
+        return []
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        out: list[str] = []
+        for k in sorted(set(theirs) | set(ours)):
+            out += config_differences(theirs.get(k), ours.get(k), skip, f"{where}.{k}" if where else k)
+        return out
+    return [] if theirs == ours else [f"{where}: {theirs!r} in the init, {ours!r} in this run"]
 
 
 def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

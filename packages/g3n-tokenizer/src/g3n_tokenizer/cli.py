@@ -34,7 +34,8 @@ def _c_value(text: str) -> int | None:
 
 def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
     train = {k: v for k, v in {"max_epochs": a.epochs, "patience": a.patience, "batch_size": a.batch_size, "lr": a.lr,
-                               "engine": a.engine, "seed": a.seed, "steps_per_epoch": a.steps_per_epoch}.items()
+                               "engine": a.engine, "seed": a.seed, "steps_per_epoch": a.steps_per_epoch,
+                               "precision": a.precision}.items()
              if v is not None}
     return {"train": train} if train else {}
 
@@ -70,7 +71,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 2
     tok, loss = new_tokenizer(a.tokenizer, cfg, volume_geometry_from(ss.manifest.geometry), a.mae_checkpoint,
                               ss.manifest.geometry.shape, _device(a.device))
-    res = train_tokenizer(tok, ss, cfg.train, a.out, loss_kind=loss, resume=a.resume, progress=not a.quiet)
+    res = train_tokenizer(tok, ss, cfg.train, a.out, loss_kind=loss, resume=a.resume, progress=not a.quiet, init=a.init)
     print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.digest, "best_val": res.best_val,
                       "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "stopped_early": res.stopped_early}, indent=1))
     return 0
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--engine", choices=["torch", "deepspeed"])
         s.add_argument("--seed", type=int)
         s.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+        s.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="bf16 autocast or fp32 (auto: bf16 on CUDA; bf16 also pays on CPUs with AMX)")
 
     t = sub.add_parser("train", help="train a tokenizer on a volumes set (early stopping on a validation split)")
     t.add_argument("--volumes", required=True, help="volumes shard set")
@@ -163,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--c", type=_c_value, default=argparse.SUPPRESS, help="projected channels per token, or 'none' (default 32)")
     t.add_argument("--loss", choices=["mse", "l1"])
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.safetensors")
+    t.add_argument("--init", metavar="TOKENIZER.safetensors",
+                   help="warm start: the trainable part (mae-cnn: projection + decoder; autoencoderkl: all) from a "
+                        "checkpoint of the same tokenizer and config; optimizer fresh. --resume with state present wins")
     training(t)
     common(t)
     t.set_defaults(fn=cmd_train)

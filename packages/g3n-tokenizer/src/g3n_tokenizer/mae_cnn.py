@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import g3n_shards as gs
+from g3n_mae.checkpoint import OBJECTIVE_FIELDS as MAE_OBJECTIVE_FIELDS
 from g3n_mae.config import ModelConfig as MaeModelConfig
 from g3n_mae.model import MAE3D
 
@@ -92,6 +93,10 @@ class MaeCnnTokenizer(TorchTokenizer):
 
     name = "mae-cnn"
     entry_point = "g3n_tokenizer.mae_cnn:MaeCnnTokenizer"
+    train_prefix = "head."
+    # the encoder may come from another (e.g. briefly fine-tuned) MAE of the same architecture
+    init_may_differ = ("volume_geometry", "mae_checkpoint_digest", "tokenizer.loss",
+                       *(f"mae.{k}" for k in MAE_OBJECTIVE_FIELDS))
 
     def __init__(self, mae: MAE3D, cfg: MaeCnnConfig, volume_geometry: dict[str, Any] | None = None,
                  mae_digest: str | None = None):

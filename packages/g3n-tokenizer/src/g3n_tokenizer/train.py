@@ -15,6 +15,10 @@
   and CUDA generators, via g3n-mae's ``rng_state``), which resume restores, so stochastic training
   (AutoencoderKL's reparameterised latent sample) continues the same random stream. Training
   stops after ``patience`` epochs without improvement, at ``max_epochs``, or on a non-finite loss.
+* Warm start (``init``): the trainable module starts from another checkpoint of the same tokenizer
+  and config (``TorchTokenizer.load_init``) with a fresh optimizer and epoch 0; resume (state
+  present) wins over it. The init's path and SHA-256 go into ``train_state.json`` and the
+  metadata of the checkpoints written (``init``).
 * Everything is written atomically (no pickle); ``train_state.json`` is written last and records
   the SHA-256 of the two tensor files it belongs with; ``metrics.jsonl`` has one line per epoch.
 """
@@ -285,8 +289,11 @@ def _restore_rng(rngs: Any, rank: int, world: int) -> None:
 
 def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig, out_dir: str | Path,
                     splits: dict[str, list[str]] | None = None, loss_kind: str = "mse", resume: bool = False,
-                    progress: bool = True) -> TrainResult:
-    """Train ``tok`` on the train split of ``volumes``; early-stop on the val split. See module doc."""
+                    progress: bool = True, init: str | Path | None = None) -> TrainResult:
+    """Train ``tok`` on the train split of ``volumes``; early-stop on the val split. See module doc.
+
+    ``init``: a tokenizer checkpoint to warm-start the trainable module from (ignored, with one
+    log line, when ``resume`` finds a run to continue, so a restarted job does not start over)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     assert tok.geometry.shape is not None
@@ -303,14 +310,23 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
         from .base import volume_geometry_from
 
         tok.volume_geometry = volume_geometry_from(volumes.manifest.geometry)
+    resuming = resume and (out / STATE_NAME).is_file()
+    init_record = None
+    if init is not None and not resuming:  # before the engine: ZeRO-1/2 copy the module's weights as fp32 masters
+        init_record = tok.load_init(init)
     _seed(cfg.seed)
     device = tok.device
     engine = build_engine(tok.train_module, cfg, device)
     tok.bf16 = engine.bf16
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "step": 0}
-    if resume and (out / STATE_NAME).is_file():
+    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "step": 0,
+                             "init": init_record}
+    if init_record is not None and rank == 0:
+        tqdm.write(f"init: {tok.name} trainable weights from {init_record['path']} (sha256 {init_record['sha256']})")
+    if resuming:
+        if init is not None and rank == 0:
+            tqdm.write(f"resume: continuing {out}; --init {init} not applied")
         state = json.loads((out / STATE_NAME).read_text())
         _check_resume_files(out, state)
         last = type(tok).from_checkpoint(out / LAST_NAME)
@@ -326,6 +342,7 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
     stopped_early = False
     train_set = set(train_keys)
     resume_files: dict[str, str] = {}
+    provenance = {"init": json.dumps(state["init"], sort_keys=True)} if state.get("init") else {}
     while state["epoch"] < cfg.max_epochs:
         epoch = state["epoch"]
         t0, losses = time.time(), []
@@ -351,8 +368,9 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
         rngs = _gather_rng_states(world)  # every rank's stream as it enters the next epoch
         if rank == 0:
             if improved:
-                tok.save(out / BEST_NAME, extra={"epoch": str(epoch), "val_loss": repr(val), "data_manifest": data_manifest})
-            resume_files[LAST_NAME] = tok.save(out / LAST_NAME, extra={"epoch": str(epoch)})
+                tok.save(out / BEST_NAME, extra={"epoch": str(epoch), "val_loss": repr(val), "data_manifest": data_manifest,
+                                                 **provenance})
+            resume_files[LAST_NAME] = tok.save(out / LAST_NAME, extra={"epoch": str(epoch), **provenance})
             atomic_save_safetensors(optim, out / OPTIM_NAME, {"format": "g3n-tokenizer-optimizer"})
             resume_files[OPTIM_NAME] = file_sha256(out / OPTIM_NAME)
         if torch.distributed.is_initialized():

@@ -1,0 +1,76 @@
+"""g3n-zoo-build on a small cohort: every stage trains a few steps, the pack step writes a zoo that
+verifies and loads, its cards hold no machine path, and the demo's warm start uses it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import g3n_zoo
+from g3n_pipeline import zoo_build
+from g3n_pipeline.demo import DemoConfig, build_stages
+from g3n_pipeline.runner import _fingerprint
+
+SMALL = dict(subjects=24, real=False, mae_steps=2, tokenizer_epochs=1, tokenizer_steps_per_epoch=1, dit_steps=2,
+             bridge_steps=2)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("zoo-build")
+    cfg = tmp / "zoo.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "run_dir": str(tmp / "run")}))
+    assert zoo_build.main(["--config", str(cfg), "--pack", str(tmp / "zoo")]) == 0
+    return tmp / "run", tmp / "zoo"
+
+
+def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch):
+    run, zoo = built
+    monkeypatch.setenv("G3N_ZOO_DIR", str(zoo))
+    assert g3n_zoo.model_names() == ["bridge", "dit", "mae", "mae-cnn"]
+    assert g3n_zoo.verify() == []
+    for name in g3n_zoo.model_names():
+        m = g3n_zoo.get(name)
+        text = "".join(f.read_text() for f in m.folder.iterdir() if f.suffix in (".json", ".md"))
+        assert str(run) not in text and str(zoo) not in text
+        card = m.card
+        assert card["training"]["wall_minutes"] is not None and card["training"]["final"]
+        assert card["data"]["digest"].startswith("sha256:") and card["weights"]["dtype"] == "float16"
+        assert card["weights"]["max_relative_roundtrip_error"] < 1e-3
+        assert any(c.startswith("python -m g3n_") and "$RUN" in c for c in card["command"])
+    assert json.loads((zoo / "mae" / "config.json").read_text())["train"]["total_steps"] == SMALL["mae_steps"]
+
+
+def test_a_rerun_skips_every_stage(built, capsys):
+    run, _ = built
+    cfg = zoo_build.ZooConfig(run_dir=run, **SMALL)
+    (run.parent / "again.yaml").write_text(yaml.safe_dump({**SMALL, "run_dir": str(run)}))
+    assert zoo_build.main(["--config", str(run.parent / "again.yaml")]) == 0
+    assert capsys.readouterr().out.count("done already, skipped") == len(zoo_build.build_zoo_stages(cfg))
+
+
+def test_the_demo_starts_from_the_zoo_and_its_fingerprint_follows_the_weights(built, monkeypatch, tmp_path):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(built[1], zoo)
+    monkeypatch.setenv("G3N_ZOO_DIR", str(zoo))
+    cfg = DemoConfig(run_dir=tmp_path / "demo")
+    stages = {st.name: st for st in build_stages(cfg)}
+    for stage, model in (("mae", "mae"), ("tokenizer", "mae-cnn"), ("dit", "dit"), ("longitudinal", "bridge")):
+        assert list(stages[stage].external) == [g3n_zoo.get(model).path], stage
+        if stage != "longitudinal":  # (its forecast command needs the run's latents)
+            argv = stages[stage].commands(cfg.run_dir)[0]
+            assert argv[argv.index("--init") + 1] == str(g3n_zoo.get(model).path), stage
+    scratch = [st for st in build_stages(DemoConfig(run_dir=tmp_path / "demo", from_scratch=True))
+               if st.name in ("mae", "tokenizer", "dit")]
+    assert all(not st.external and "--init" not in st.commands(cfg.run_dir)[0] for st in scratch)
+    before = _fingerprint(cfg.run_dir, stages["dit"])
+    with open(zoo / "dit" / "ema.safetensors", "r+b") as f:  # new weights: the stage is no longer done
+        f.seek(-2, 2)
+        f.write(b"\x00\x01")
+    assert _fingerprint(cfg.run_dir, stages["dit"]) != before
+    with pytest.raises(Exception, match="SHA-256 differs"):  # and the demo refuses weights the manifest does not list
+        build_stages(cfg)
