@@ -47,8 +47,18 @@ def test_training_times_uniform_and_logit_normal():
 def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert resolve_precision("auto", cpu) == "bf16"
+    # told to behave as an AVX2-only CPU, the AMX kernels are off: bf16 would be emulated
+    for var, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2")):
+        monkeypatch.setenv(var, value)
+        assert resolve_precision("auto", cpu) == "fp32", var
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert resolve_precision("auto", cpu) == "fp32"
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)  # an older torch

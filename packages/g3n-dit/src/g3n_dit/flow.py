@@ -159,7 +159,18 @@ def fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None) if device.type == "cpu" else None
-    return bool(amx is not None and amx())
+    return bool(amx is not None and amx()) and not _isa_capped()
+
+
+def _isa_capped() -> bool:
+    """oneDNN or ATen told to use less than the CPU has (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY,
+    e.g. to behave as an AVX2-only CPU): the AMX kernels are then off, and bf16 runs emulated,
+    hundreds of times slower, although the hardware has tile units."""
+    import os
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    return bool(isa and isa not in ("ALL", "DEFAULT") and "AMX" not in isa) or aten in ("default", "avx2")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
