@@ -307,3 +307,44 @@ def test_bad_volumes_are_named(tmp_path):
     lines = (tmp_path / "o2" / "rejects.jsonl").read_text().splitlines()
     assert [json.loads(x)["key"] for x in lines] == ["real:flat-t1", "generated:flat-t1"]
     assert all("constant inside the brain region" in json.loads(x)["reason"] for x in lines)
+
+
+def test_forecast_ageing_is_measured_on_the_anatomy_without_a_probe(tmp_path):
+    """Forecasts whose roi darkens with the interval (the spec's age effect: decrease) move in every
+    baseline, at the rate real follow-ups show; forecasts that only add noise do not; a T1c baseline
+    is not measured by a T1 effect; a spec with no age effect is refused, naming it."""
+    from g3n_eval.forecast import anatomy_ageing
+
+    a = Anatomy.load(write_spec(tmp_path / "spec"))
+    rng = np.random.default_rng(3)
+    rate = 2.0  # roi intensity lost per year (of a 100-unit brain, noise sd 5)
+    bases = [volume(rng) for _ in range(6)]
+    metas = [{"modality": "T1"}] * 5 + [{"modality": "T1c"}]
+    # the last two baselines are a real follow-up pair: the same brain 4 years later
+    bases[4] = bases[3].copy()
+    bases[4][4:7, 4:7, 3:6] -= 4 * rate
+    intervals = (2.0, 5.0, 10.0)
+    pairs, ageing, still = [], [], []
+    for b in (0, 1, 2, 3, 5):
+        for dt in intervals:
+            v = bases[b].copy()
+            v[4:7, 4:7, 3:6] -= rate * dt
+            pairs.append((len(ageing), b, dt))
+            ageing.append(v)
+            still.append(bases[b] + rng.normal(0, 1.0, SHAPE).astype(np.float32))
+    keys = [f"b{i}" for i in range(len(bases))]
+    out = anatomy_ageing(a, ageing, bases, pairs, keys, metas, followups=[(3, 4, 4.0)])
+    r = out["age:30->70 [T1]"]
+    assert r["signature"] == "roi_signal" and r["expect"] == "decrease"
+    assert r["n"] == 12  # 4 T1 baselines x 3 intervals; the T1c baseline is left out
+    assert r["paired"]["n_groups"] == 4 and r["paired"]["n_moved"] == 4
+    assert r["slope"] > 0  # signed: the expected direction is positive
+    assert r["real_followups"]["n"] == 1 and r["real_followups"]["n_moved"] == 1
+    # the forecasts age at the real rate (z-scoring over the brain makes the signature slightly
+    # sublinear in the darkening, so the 2-10 y slope is a little below the 4 y pair's rate)
+    assert 0.75 < r["recovered"] < 1.05
+    flat = anatomy_ageing(a, still, bases, pairs, keys, metas)["age:30->70 [T1]"]
+    assert abs(flat["slope"]) < 0.1 * r["slope"] and "real_followups" not in flat
+    no_age = {**SPEC, "effects": [e for e in SPEC["effects"] if e["field"] != "age"]}
+    with pytest.raises(InputError, match="anatomy.yaml: has no numeric age effect"):
+        anatomy_ageing(Anatomy.load(write_spec(tmp_path / "no-age", no_age)), ageing, bases, pairs, keys, metas)

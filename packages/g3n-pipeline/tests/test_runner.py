@@ -86,3 +86,35 @@ def test_signal_config_is_a_demo_config_with_three_times_the_glioma_subjects(mon
     assert cfg.anatomy_recon
     glioma = [p for p in plan_cohort(SynthConfig(subjects=cfg.subjects, seed=cfg.seed)) if p.cohort == "SYN-GLIOMA"]
     assert len(glioma) == 60 and sum(p.idh1 == "mutant" for p in glioma) == 21
+
+
+def test_the_evaluation_decodes_the_anatomy_modalities_and_the_held_out_volumes(tmp_path):
+    """recon_keys: every latent of the anatomy effects' modalities (which must be the synthetic
+    spec's), plus the first N held-out keys; a held-out key with no latent fails the stage."""
+    import numpy as np
+    import pytest
+
+    import g3n_shards as gs
+    from g3n_data.synth import load_config
+    from g3n_data.synth.anatomy import anatomy_spec
+    from g3n_pipeline.demo import ANATOMY_MODALITIES, recon_keys
+    from g3n_pipeline.runner import StageFailed
+
+    spec, _ = anatomy_spec(load_config(None, "demo"))
+    assert {e["modality"] for e in spec["effects"]} <= set(ANATOMY_MODALITIES)
+
+    def write(path, items):
+        with gs.ShardWriter(path, kind="volumes", producer=gs.Producer(package="test"),
+                            geometry=gs.Geometry(shape=(4, 4, 4), spacing=(2.0, 2.0, 2.0))) as w:
+            for key, mod in items:
+                w.write(key, {"subject": key[:2], "modality": mod}, {"volume": np.ones((4, 4, 4), np.float32)})
+        return path
+
+    items = [("s1-t1", "T1"), ("s1-t2", "T2"), ("s2-fl", "FLAIR"), ("s2-t1c", "T1c"), ("s3-t2", "T2"), ("s3-t1", "T1")]
+    latents = write(tmp_path / "all", items)
+    heldout = write(tmp_path / "test", [("s2-fl", "FLAIR"), ("s3-t2", "T2"), ("s3-t1", "T1")])
+    assert recon_keys(latents, heldout, ("T1", "T1c"), 1) == ["s1-t1", "s2-fl", "s2-t1c", "s3-t1"]
+    assert recon_keys(latents, heldout, ("T1", "T1c"), 5) == ["s1-t1", "s2-fl", "s2-t1c", "s3-t1", "s3-t2"]
+    other = write(tmp_path / "other", [("s9-t2", "T2")])
+    with pytest.raises(StageFailed, match="s9-t2"):
+        recon_keys(latents, other, ("T1",), 5)

@@ -31,7 +31,7 @@ def built(tmp_path_factory) -> tuple[Path, Path]:
 def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch):
     run, zoo = built
     monkeypatch.setenv("G3N_ZOO_DIR", str(zoo))
-    assert g3n_zoo.model_names() == ["bridge", "dit", "mae", "mae-cnn"]
+    assert g3n_zoo.model_names() == ["autoencoderkl", "bridge", "dit", "mae", "mae-cnn"]
     assert g3n_zoo.verify() == []
     for name in g3n_zoo.model_names():
         m = g3n_zoo.get(name)
@@ -43,6 +43,29 @@ def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch)
         assert card["weights"]["max_relative_roundtrip_error"] < 1e-3
         assert any(c.startswith("python -m g3n_") and "$RUN" in c for c in card["command"])
     assert json.loads((zoo / "mae" / "config.json").read_text())["train"]["total_steps"] == SMALL["mae_steps"]
+    # Table 5 in kind beside the baseline: both tokenizers, scored on the held-out split
+    t5 = json.loads((zoo / "autoencoderkl" / "table5.json").read_text())
+    assert [r["tokenizer"] for r in t5["results"]["rows"]] == ["MAE-CNN c=32", "AutoencoderKL"]
+    assert [r["values_per_volume"] for r in t5["results"]["rows"]] == [38_400, 76_800]
+    assert g3n_zoo.get("autoencoderkl").card["stage"] == "g3n-tokenizer"
+
+
+def test_pack_only_replaces_the_named_models(built, tmp_path):
+    """--only writes the named models and keeps every other file byte for byte."""
+    run, zoo = built
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    cfg = zoo_build.ZooConfig(run_dir=run, **SMALL)
+    zoo_build.pack(cfg, copy, only={"autoencoderkl"})
+    after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert set(after) == set(before)
+    changed = {str(p).split("/")[0] for p in after if after[p] != before[p]}
+    assert changed <= {"autoencoderkl", "manifest.json"}
+    assert {p: b for p, b in after.items() if str(p).startswith("mae")} == \
+        {p: b for p, b in before.items() if str(p).startswith("mae")}
+    with pytest.raises(zoo_build.StageFailed, match="unknown model"):
+        zoo_build.pack(cfg, copy, only={"nope"})
 
 
 def test_a_rerun_skips_every_stage(built, capsys):

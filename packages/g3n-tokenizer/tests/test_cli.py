@@ -26,6 +26,13 @@ def test_cli_train_encode_decode(tmp_path, mae_checkpoint, volumes_set, capsys, 
     img = nib.load(str(sorted(nii.glob("*.nii.gz"))[0]))
     assert np.allclose(img.affine, cohort_affine) and img.shape == (32, 32, 32)
     capsys.readouterr()
+    # --keys decodes just those samples; a key not in the set is refused, naming it
+    keys = sorted(gs.ShardSet.open(lat).keys())[:3]
+    assert main(["decode", "--latents", str(lat), "--out", str(tmp_path / "some"), "--keys", *keys, "--quiet"]) == 0
+    assert sorted(gs.ShardSet.open(tmp_path / "some").keys()) == keys
+    assert main(["decode", "--latents", str(lat), "--out", str(tmp_path / "bad"), "--keys", keys[0], "no-such-key",
+                 "--quiet"]) == 2
+    assert "no sample with key(s) no-such-key" in capsys.readouterr().err
     assert main(["list"]) == 0
     assert "mae-cnn" in capsys.readouterr().out
 

@@ -125,9 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", required=True, help="the latents (or volumes) set the forecasts started from")
     p.add_argument("--age-probe", default=None, help="a g3n-probe brain-age probe folder")
     p.add_argument("--real", default=None, help="real features with ages to fit the age probe (if no --age-probe)")
+    p.add_argument("--anatomy", default=None, help="an anatomy spec (g3n-data synth-anatomy) whose age effects are "
+                   "also measured on the decoded forecasts: ageing checked with no probe")
     p.add_argument("--limit", type=int, default=None)
     _tok_args(p)
     _enc_args(p, required=True)
+    _common(p)
+
+    p = sub.add_parser("tokenizers", help="tokenizers side by side (Table 5 in kind): values per volume, held-out "
+                       "MSE / PSNR / SSIM, probe AUCs on their latents")
+    p.add_argument("--arm", nargs=3, action="append", required=True, metavar=("LABEL", "NAME", "CHECKPOINT"),
+                   help="a tokenizer: its label in the table, registry name (mae-cnn, autoencoderkl) and checkpoint; repeat")
+    p.add_argument("--volumes", required=True, help="volumes set whose latents are probed (subject-grouped CV)")
+    p.add_argument("--heldout", required=True, help="held-out volumes set the reconstructions are scored on")
+    p.add_argument("--tasks", default="idh1,tumour_grade", help="probe tasks (comma-separated; default: Table 5's)")
+    p.add_argument("--slice", default="all", help="probe slice (default all)")
+    p.add_argument("--limit", type=int, default=None, help="first N held-out volumes (key order)")
     _common(p)
 
     p = sub.add_parser("raw-features", help="raw voxels (z-scored, block means) as a g3n-probe feature table: the "
@@ -261,9 +274,25 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         from .forecast import run_forecast
 
         doc = run_forecast(args.forecasts, args.baselines, args.out, _encoder(args), _tokenizers(args), args.real,
-                           args.age_probe, None, args.limit, progress=progress)
+                           args.age_probe, None, args.limit, progress=progress, anatomy=args.anatomy)
         a = doc["results"]["age"]
         print(f"{doc['results']['n_pairs']} forecasts: slope {a['slope']}, Pearson r {a['pearson_r']}")
+        for name, r in (doc["results"].get("anatomy") or {}).items():
+            pr = r.get("paired") or {}
+            print(f"anatomy {name} ({r['signature']}): moved with the interval in {pr.get('n_moved')}/{pr.get('n_groups')} "
+                  f"baselines (p {pr.get('p', float('nan')):.3g})")
+        return 0
+    if args.cmd == "tokenizers":
+        from .models import TokenizerHandle
+        from .tokenizers import run_tokenizers
+
+        arms = [(label, TokenizerHandle(name, ckpt, args.device)) for label, name, ckpt in args.arm]
+        doc = run_tokenizers(args.volumes, args.heldout, arms, args.out, [t for t in args.tasks.split(",") if t],
+                             args.slice, limit=args.limit, progress=progress)
+        for r in doc["results"]["rows"]:
+            aucs = ", ".join(f"{t} AUC {'n/a' if a is None else format(a, '.3f')}" for t, a in r["auc"].items())
+            print(f"{r['tokenizer']}: {r['values_per_volume']:,} values/volume, MSE {r['mse']:.4f}, PSNR {r['psnr']:.2f}, "
+                  f"SSIM {r['ssim']:.3f}; {aucs}")
         return 0
     if args.cmd == "raw-features":
         from .baselines import raw_voxel_features

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import InputError, label_of
 from .stats import line_fit
 
 
@@ -83,6 +84,52 @@ def followup_ageing(interval: Sequence[float], predicted_first: Sequence[float],
             "n_older": up, "n_younger": down, "p": p, "blind": bool(not p <= BLIND_P)}
 
 
+def anatomy_ageing(anatomy: Any, forecast_vols: Sequence[np.ndarray], baseline_vols: Sequence[np.ndarray],
+                   pairs: Sequence[tuple[int, int, float]], baseline_keys: Sequence[str],
+                   baseline_metas: Sequence[Mapping[str, Any]],
+                   followups: Sequence[tuple[int, int, float]] = ()) -> dict[str, Any]:
+    """Forecast ageing measured on the known anatomy, with no probe.
+
+    For each numeric ``age`` effect of the anatomy spec (e.g. the ventricles widen with age), the
+    effect's signature is measured on each decoded forecast and on its decoded baseline. The change
+    (forecast - baseline) is signed so that the expected direction is positive and treated as
+    :func:`ageing_recovery` treats predicted ages: regressed on the requested interval, and paired
+    within each baseline (a baseline moved when its change grows with the interval). ``pairs`` are
+    (forecast index, baseline index, interval); ``followups`` (first index, later index, years) are
+    real follow-up sessions in ``baseline_vols``: the same signature's real change per year, decoded
+    like the forecasts, is the rate the forecasts are compared with."""
+    from .controllability import _direction
+
+    def of_modality(e: Any, meta: Mapping[str, Any]) -> bool:
+        return e.modality is None or label_of(meta.get("modality")) == e.modality
+
+    effects = [e for e in anatomy.spec.effects if e.field == "age" and e.numeric]
+    if not effects:
+        raise InputError(f"{anatomy.path}: has no numeric age effect to measure forecasts' ageing with")
+    need_b = sorted({b for _, b, _ in pairs} | {k for a, b, _ in followups for k in (a, b)})
+    base_sig = {b: anatomy.signatures(baseline_vols[b], baseline_keys[b]) for b in need_b}
+    fc_sig = {i: anatomy.signatures(forecast_vols[i], f"forecast {i}") for i, _, _ in pairs}
+    out = {}
+    for e in effects:
+        sign = 1.0 if e.expect == "increase" else -1.0
+        of = [(i, b, dt) for i, b, dt in pairs if of_modality(e, baseline_metas[b])]
+        if len(of) < 2:
+            continue
+        fi, bi, dts = zip(*of)
+        rec = ageing_recovery(dts, [sign * base_sig[b][e.signature] for b in bi],
+                              [sign * fc_sig[i][e.signature] for i in fi], [baseline_keys[b] for b in bi])
+        rec = {"signature": e.signature, "expect": e.expect, "why": e.why, "modality": e.modality, **rec}
+        fu = [(a, b, dt) for a, b, dt in followups if of_modality(e, baseline_metas[a])]
+        if fu:
+            rate = [sign * (base_sig[b][e.signature] - base_sig[a][e.signature]) / dt for a, b, dt in fu]
+            real = _direction(rate, "mean_change_per_year")
+            rec["real_followups"] = {**real, "n": len(fu), "mean_interval": float(np.mean([dt for *_, dt in fu]))}
+            per_year = real["mean_change_per_year"]
+            rec["recovered"] = float(rec["slope"] / per_year) if per_year > 0 else math.nan
+        out[e.name] = rec
+    return out
+
+
 def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Mean (forecast - baseline) and mean |forecast - baseline| over subjects, voxel by voxel."""
     if len(forecasts) != len(baselines) or not forecasts:
@@ -99,12 +146,14 @@ def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarr
 
 def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokenizers: Any = None,
                  real: Any = None, age_probe: Any = None, protocol: Any = None, limit: int | None = None,
-                 montage_n: int = 4, progress: bool = True) -> dict[str, Any]:
+                 montage_n: int = 4, progress: bool = True, anatomy: Any = None) -> dict[str, Any]:
     """Brain-age recovery and difference maps of a forecast set against its baselines.
 
     Each forecast's ``meta.request`` names its source (``source.key``) and ``interval`` (years).
     The age probe is a saved g3n-probe regression probe (``age_probe``) or is fitted here (ridge,
-    through g3n-probe) on the ``real`` features' ages.
+    through g3n-probe) on the ``real`` features' ages. With ``anatomy`` (an anatomy spec, see
+    :mod:`g3n_eval.anatomy`), the spec's age effects are also measured on the decoded volumes
+    (:func:`anatomy_ageing`): ageing checked with no probe.
     """
     from pathlib import Path
 
@@ -170,6 +219,12 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     if fpairs:
         rec["real_followups"] = followup_ageing([dt for _, _, dt in fpairs], base_age[[base_by_key[a] for a, _, _ in fpairs]],
                                                 base_age[[base_by_key[b] for _, b, _ in fpairs]])
+    anat = None
+    if anatomy is not None:
+        from .anatomy import Anatomy
+
+        anat = anatomy_ageing(Anatomy.load(anatomy), fc.arrays, base.arrays, pairs, base.keys, base.metas,
+                              [(base_by_key[a], base_by_key[b], dt) for a, b, dt in fpairs])
     maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
     import io
 
@@ -203,7 +258,9 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
         inputs.append(input_ref(real, "real features (age probe)"))
     if age_probe is not None:
         inputs.append(input_ref(age_probe, "age probe"))
-    results = {"n_pairs": len(pairs), "rejected": rejects.count, "age": rec,
+    if anatomy is not None:
+        inputs.append(input_ref(anatomy, "anatomy spec"))
+    results = {"n_pairs": len(pairs), "rejected": rejects.count, "age": rec, **({"anatomy": anat} if anat is not None else {}),
                "difference": {"mean_abs_change": float(maps["mean_abs"].mean()),
                               "file": "forecast_difference.npz"}, "figures": figures}
     return write_metrics(out / "forecast.json", "forecast", settings, inputs, results)

@@ -79,6 +79,22 @@ class TokenizerHandle:
         return out
 
 
+    @torch.no_grad()
+    def latent_means(self, volumes_z: Sequence[np.ndarray], batch_size: int = 4) -> np.ndarray:
+        """z-space volumes -> the mean over tokens of each one's latents (Table 5's probe features)."""
+        out = []
+        for s in range(0, len(volumes_z), batch_size):
+            x = torch.as_tensor(np.stack(volumes_z[s : s + batch_size])[:, None], dtype=torch.float32, device=self.device)
+            out.append(self.tok.encode(x).float().mean(dim=1).cpu().numpy())
+        return np.concatenate(out)
+
+    @property
+    def values_per_volume(self) -> int:
+        from g3n_tokenizer.interface import values_per_volume
+
+        return values_per_volume(self.tok)
+
+
 class MAEFeatures:
     """Mean-over-tokens features of the frozen MAE encoder (the probes' feature space)."""
 

@@ -382,7 +382,25 @@ def _forecast_section(doc: dict[str, Any]) -> str:
     return (f"<p>{r['n_pairs']} forecasts. Brain-age probe on decoded forecasts vs requested interval: slope "
             f"{_fmt(a['slope'])} (fraction of requested ageing recovered), Pearson r {_fmt(a['pearson_r'])}; "
             f"mean |forecast − baseline| {_fmt(r['difference']['mean_abs_change'])} (z-units).{paired}</p>"
-            + _table(["requested interval", "n", "mean predicted ageing (y)"], rows))
+            + _table(["requested interval", "n", "mean predicted ageing (y)"], rows)
+            + _forecast_anatomy(r.get("anatomy") or {}))
+
+
+def _forecast_anatomy(anat: dict[str, Any]) -> str:
+    """The forecasts' ageing measured on the known anatomy (no probe), one sentence per age effect."""
+    out = []
+    for name, e in anat.items():
+        pair, real = e.get("paired") or {}, e.get("real_followups") or {}
+        s = (f"Known anatomy, no probe ({html.escape(name)}: {html.escape(e['signature'])} expected to "
+             f"{e['expect']}{'; ' + html.escape(e['why']) if e.get('why') else ''}): the change moved the expected way "
+             f"with the interval in {_moved(pair)} baselines (sign-test p {_fmt(pair.get('p'), 3)}), "
+             f"{_fmt(e['slope'])} per year")
+        if real.get("n_groups"):
+            s += (f"; on {real['n_groups']} real follow-up pairs it moved the expected way in {real['n_moved']} "
+                  f"(p {_fmt(real['p'], 3)}), {_fmt(real['mean_change_per_year'])} per year, so the forecasts show "
+                  f"{_fmt(e.get('recovered'), 3)} of the real rate")
+        out.append(f"<p>{s}.</p>")
+    return "".join(out)
 
 
 def _probe_section(run: Path, show: Callable[[Any], str] = str) -> str:
@@ -412,7 +430,20 @@ def _probe_section(run: Path, show: Callable[[Any], str] = str) -> str:
             + _table(cols, [[cell(r[c]) for c in cols] for r in rows], left=3))
 
 
+def _tokenizers_section(doc: dict[str, Any]) -> str:
+    pr = doc["settings"]["probe"]
+    tasks = pr["tasks"]
+    rows = [[r["tokenizer"], f"{r['values_per_volume']:,}", r["mse"], r["psnr"], r["ssim"],
+             *[r["auc"].get(t) if r["auc"].get(t) is not None else "n/a" for t in tasks]] for r in doc["results"]["rows"]]
+    n = doc["results"]["rows"][0]["n_heldout"] if doc["results"]["rows"] else 0
+    return (f"<p>Table 5 in kind: each tokenizer's reconstruction of {n} held-out volumes (brain z-space, whole "
+            f"volume) and the AUC of probes on the mean over tokens of its latents ({pr['volumes']} volumes, slice "
+            f"{html.escape(pr['slice'])}, subject-grouped cross-validation).</p>"
+            + _table(["tokenizer", "values / volume", "MSE", "PSNR (dB)", "SSIM", *[f"{t} AUC" for t in tasks]], rows))
+
+
 SECTIONS = {
+    "tokenizers": ("Tokenizers", _tokenizers_section),
     "reconstruction": ("Reconstruction", _recon_section),
     "controllability": ("Controllability", _control_section),
     "anatomy": ("Anatomy of generated samples", _anatomy_section),

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +59,10 @@ HEADLINE_PROBES: list[tuple[str, str, str]] = [
     ("idh1", "FLAIR", "auc"), ("idh1", "pooled", "auc"), ("brain_age", "T1", "mae")]
 
 
+#: the modalities the synthetic cohort's anatomy effects are measured in (g3n-data synth-anatomy):
+#: the only real volumes besides the held-out ones the evaluation decodes
+ANATOMY_MODALITIES = ("T1", "T1c")
+
 #: the probe tasks the encoder and its two baselines are compared on (the headline's tasks)
 BASELINE_TASKS = "disease,sex,modality,idh1,brain_age"
 #: the rows of the comparison the headline prints: (task, slice, metric)
@@ -66,8 +71,8 @@ BASELINE_ROWS: list[tuple[str, str, str]] = [("brain_age", "T1", "mae"), ("disea
 
 
 #: training lengths by mode: from the shipped models (brief: every training path runs) or from scratch
-WARM_START = dict(mae_steps=30, mae_lr=1e-4, tokenizer_epochs=1, tokenizer_steps_per_epoch=10, tokenizer_lr=5e-5,
-                  dit_steps=100, dit_lr=1e-4, longitudinal_steps=50, longitudinal_lr=1e-4)
+WARM_START = dict(mae_steps=30, mae_lr=1e-4, tokenizer_epochs=1, tokenizer_steps_per_epoch=4, tokenizer_lr=5e-5,
+                  dit_steps=50, dit_lr=1e-4, longitudinal_steps=25, longitudinal_lr=1e-4)
 FROM_SCRATCH = dict(mae_steps=400, mae_lr=None, tokenizer_epochs=2, tokenizer_steps_per_epoch=20, tokenizer_lr=None,
                     dit_steps=2400, dit_lr=None, longitudinal_steps=200, longitudinal_lr=None)
 
@@ -88,21 +93,21 @@ class DemoConfig(BaseModel):
     mae_lr: float | None = Field(None, gt=0, description="MAE peak learning rate (default: 1e-4 fine-tuning, the preset's from scratch)")
     mae_norm_pix_loss: bool = Field(True, description="MAE target: each patch normalised by its own mean and std")
     tokenizer_epochs: int | None = Field(None, ge=1, description="tokenizer epochs (1 fine-tuning, 2 from scratch)")
-    tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="tokenizer steps per epoch (10 / 20)")
+    tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="tokenizer steps per epoch (4 fine-tuning, 20 from scratch)")
     tokenizer_lr: float | None = Field(None, gt=0, description="tokenizer learning rate (5e-5 fine-tuning, the preset's from scratch)")
     dit_preset: str = Field("small", description="g3n-dit preset of the generator (small: 2x2x2 latent patches)")
-    dit_steps: int | None = Field(None, ge=1, description="generator training steps (100 fine-tuning, 2400 from scratch)")
+    dit_steps: int | None = Field(None, ge=1, description="generator training steps (50 fine-tuning, 2400 from scratch)")
     dit_lr: float | None = Field(None, gt=0, description="generator learning rate (1e-4 fine-tuning, the preset's from scratch)")
     dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision "
                                                            "(auto: bf16 on CPUs with AMX and on CUDA)")
     probe_permutations: int = Field(49, ge=0, description="shuffled labellings in each permutation test of a "
                                     "reported probe score (0 skips the tests)")
     longitudinal_preset: str = Field("small", description="g3n-dit preset of the longitudinal bridge")
-    longitudinal_steps: int | None = Field(None, ge=1, description="bridge training steps (50 fine-tuning, 200 from scratch)")
+    longitudinal_steps: int | None = Field(None, ge=1, description="bridge training steps (25 fine-tuning, 200 from scratch)")
     longitudinal_lr: float | None = Field(None, gt=0, description="bridge learning rate (1e-4 fine-tuning, the preset's from scratch)")
     recon_volumes: int = Field(64, ge=1, description="held-out volumes whose reconstructions g3n-eval recon scores")
-    anatomy_recon: bool = Field(True, description="decode every real latent: the anatomy effects and the "
-                                "decoded-space probes are measured on the tokenizer's reconstructions too")
+    anatomy_recon: bool = Field(True, description="decode the real latents of the anatomy's modalities: its effects "
+                                "and the decoded-space probes are measured on the tokenizer's reconstructions too")
     samples_per_request: int = 8
     sample_steps: int = 25
 
@@ -259,12 +264,18 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              "--keys", *first_visit_keys(r / "latents-test", modality="T1", n=4, diagnosis="HC"),
              "--set", "disease=AD", "--set", "age=+10", "--out", s(r / "counterfactuals"), "--overwrite"]]),
         Stage("eval", "evaluation and the HTML report (g3n-eval)", ["eval/report/index.html"], lambda r: [
-            ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--tokenizer-checkpoint",
-             s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit", str(cfg.recon_volumes),
-             "--save-recon", "--out", s(r / "eval" / "recon")],
-            # every real latent decoded: the anatomy and the decoded-space probes on reconstructions
-            *([["g3n_tokenizer.cli", "decode", "--latents", s(r / "latents"), "--out", s(r / "eval" / "recon-real"),
-                "--format", "volumes", "--overwrite"]] if cfg.anatomy_recon else []),
+            *([
+                # real latents decoded once (decoding is the evaluation's costly part): those the anatomy
+                # effects are measured in, and the held-out volumes the reconstruction metrics score
+                ["g3n_tokenizer.cli", "decode", "--latents", s(r / "latents"), "--out", s(r / "eval" / "recon-real"),
+                 "--format", "volumes", "--overwrite", "--keys",
+                 *recon_keys(r / "latents", r / "volumes-test", ANATOMY_MODALITIES, cfg.recon_volumes)],
+                ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--recon", s(r / "eval" / "recon-real"),
+                 "--limit", str(cfg.recon_volumes), "--save-recon", "--out", s(r / "eval" / "recon")],
+            ] if cfg.anatomy_recon else [
+                ["g3n_eval.cli", "recon", "--volumes", s(r / "volumes-test"), "--tokenizer-checkpoint",
+                 s(r / "tokenizer" / "tokenizer.safetensors"), "--tokenizer", "mae-cnn", "--limit",
+                 str(cfg.recon_volumes), "--save-recon", "--out", s(r / "eval" / "recon")]]),
             ["g3n_eval.cli", "controllability", "--real", s(r / "tokens"), "--generated", s(r / "samples-decoded"),
              "--encoder", s(r / "mae"), "--permutations", str(cfg.probe_permutations),
              *(["--recon", s(r / "eval" / "recon-real")] if cfg.anatomy_recon else []),
@@ -283,7 +294,8 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              "--recon", s(r / "eval" / "recon" / "recon-volumes"), "--skip-fid", "--encoder", s(r / "mae"),
              "--out", s(r / "eval" / "fidelity")],
             ["g3n_eval.cli", "forecast", "--forecasts", s(r / "forecasts"), "--baselines", s(r / "latents-test"),
-             "--real", s(r / "tokens"), "--encoder", s(r / "mae"), "--out", s(r / "eval" / "forecast")],
+             "--real", s(r / "tokens"), "--encoder", s(r / "mae"), "--anatomy",
+             s(r / "eval" / "anatomy-spec" / "anatomy.yaml"), "--out", s(r / "eval" / "forecast")],
             ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
              s(r / "eval" / "controllability-latent"), s(r / "eval" / "anatomy"),
              s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
@@ -293,6 +305,19 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
              "--title", "BrainG3N demo", "--out", s(r / "eval" / "report")]]),
     ]
     return stages
+
+
+def recon_keys(latents: Path, heldout: Path, modalities: Sequence[str], n_heldout: int) -> list[str]:
+    """Keys of the real latents worth decoding: every one of the given modalities (the anatomy
+    effects are measured in them, on as many subjects as there are) and the first ``n_heldout``
+    held-out volumes in key order (what ``g3n-eval recon --limit`` scores)."""
+    metas = ShardSet.open(latents).metadata()
+    keys = {k for k, m in metas.items() if m.modality in modalities}
+    keys |= set(sorted(ShardSet.open(heldout).keys())[:n_heldout])
+    missing = sorted(keys - set(metas))
+    if missing:
+        raise StageFailed(f"{latents}: held-out volume(s) {', '.join(missing[:3])} have no latent")
+    return sorted(keys)
 
 
 def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None = None) -> list[str]:
@@ -389,6 +414,12 @@ def headline(run: Path) -> list[str]:
                 + (": blind, cannot judge the forecasts" if real["blind"] else "")) if real.get("n") else ""
         lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}"
                      f"{_paired(fc.get('paired'), 'slope')}{seen}")
+    for name, a in (load("forecast").get("anatomy") or {}).items():
+        real = a.get("real_followups") or {}
+        seen = (f"; real follow-ups {real['mean_change_per_year']:.3f}/y ({real['n_moved']}/{real['n_groups']} moved), "
+                f"forecasts {a.get('recovered', float('nan')):.2f} of that rate") if real.get("n_groups") else ""
+        lines.append(f"forecasts, anatomy (no probe) {name} {a['signature']} (expected to {a['expect']}): "
+                     f"{a['slope']:.3f}/y{_paired(a.get('paired'), 'slope')}{seen}")
     return lines
 
 

@@ -6,8 +6,8 @@ long as they need on a CPU (hours). The run folder works like the demo's: each s
 marker, a re-run skips finished stages, and a killed trainer resumes from its last checkpoint.
 
     cohort (as g3n-demo) ─▶ volumes-train ─▶ mae ─▶ tokenizer (MAE-CNN) ─▶ latents-train ─▶ dit
-                                   │                                              └──▶ bridge
-                                   └──▶ autoencoderkl (the baseline tokenizer)
+                                   │                         │                    └──▶ bridge
+                                   └──▶ tokenizer-baseline ──┴▶ tokenizers (Table 5 in kind, held-out split)
 
 `--pack` (after the last stage) writes each model's weights (fp16), its config, its model card
 and the exact command into the zoo folder, and the manifest with every file's SHA-256.
@@ -52,6 +52,8 @@ class ZooConfig(BaseModel):
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="override the config's steps_per_epoch")
+    baseline_tokenizer_config: str = Field("tokenizer-autoencoderkl.yaml",
+                                           description="AutoencoderKL baseline training config (g3n_pipeline/zoo/)")
     dit_steps: int = Field(6000, ge=1, description="generator steps (batch 8)")
     bridge_steps: int = Field(2000, ge=1, description="longitudinal bridge steps (batch 8)")
     dit_preset: str = "small"
@@ -85,6 +87,17 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
              *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])],
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes-train"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents-train"), "--overwrite"]]),
+        Stage("tokenizer-baseline", "AutoencoderKL baseline tokenizer, tiny preset (g3n-tokenizer train)",
+              ["tokenizer-akl/tokenizer.safetensors"], lambda r: [
+            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl"),
+             "--tokenizer", "autoencoderkl", "--config", s(zoo_file(cfg.baseline_tokenizer_config)), "--resume",
+             *(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
+             *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]]),
+        Stage("tokenizers", "the two tokenizers side by side on the held-out split (g3n-eval tokenizers)",
+              ["tokenizers/tokenizers.json"], lambda r: [
+            ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / "tokenizer" / "tokenizer.safetensors"),
+             "--arm", "AutoencoderKL", "autoencoderkl", s(r / "tokenizer-akl" / "tokenizer.safetensors"),
+             "--volumes", s(r / "volumes"), "--heldout", s(r / "volumes-test"), "--out", s(r / "tokenizers")]]),
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train)", ["dit"], lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"),
              "--preset", cfg.dit_preset, "--max-steps", str(cfg.dit_steps), "--seed", seed, "--precision", "auto"]]),
@@ -227,10 +240,20 @@ def _tail_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def pack(cfg: ZooConfig, dest: Path) -> Path:
-    """Write the trained models of ``cfg.run_dir`` into the zoo folder ``dest`` (replacing it)."""
+#: the shipped models, by name
+MODELS = ("mae", "mae-cnn", "autoencoderkl", "dit", "bridge")
+
+
+def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
+    """Write the trained models of ``cfg.run_dir`` into the zoo folder ``dest`` (replacing it).
+    ``only``: write just these models and keep the others' files in ``dest`` as they are (a model
+    added or replaced without rewriting the rest: safetensors does not write its metadata in a fixed
+    order, so a re-pack of unchanged weights would still change their bytes)."""
     from g3n_zoo.zoo import FORMAT, VERSION, Manifest, ModelEntry, file_entries
 
+    unknown = sorted(set(only or ()) - set(MODELS))
+    if unknown:
+        raise StageFailed(f"--only: unknown model(s) {', '.join(unknown)}; models: {', '.join(MODELS)}")
     run = cfg.run_dir.resolve()
     stages = {st.name: st for st in build_zoo_stages(cfg.model_copy(update={"run_dir": run}))}
     data = _data(run)
@@ -247,41 +270,62 @@ def pack(cfg: ZooConfig, dest: Path) -> Path:
             "training": {"steps": steps, "wall_minutes": minutes, "machine": machine, "built": built, "final": final},
             "weights": weights, "command": _command(stages[stage], run)})
 
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    if only is not None:  # the other models are kept byte for byte (a re-pack would rewrite their files)
+        for name in MODELS:
+            if name not in only and (dest / name).is_dir():
+                shutil.copytree(dest / name, staging / name)
+
     # MAE: the full model (encoder and its pretraining decoder), so a demo run can continue pretraining
-    mae = run / "mae" / "export"
-    w = _to_fp16(mae / "model.safetensors", staging / "mae" / "model.safetensors")
-    shutil.copyfile(mae / "config.json", staging / "mae" / "config.json")
-    mcfg = json.loads((mae / "config.json").read_text())
-    m = mcfg["model"]
-    grid = [i // p for i, p in zip(m["img_size"], m["patch_size"])]
-    card("mae", f"3D MAE, {mcfg.get('preset') or 'custom'} preset ({'x'.join(map(str, m['img_size']))} voxels, "
-         f"{'x'.join(map(str, m['patch_size']))} patches, {grid[0] * grid[1] * grid[2]} tokens, width {m['embed_dim']}, "
-         f"depth {m['depth']})", "g3n-mae", "model.safetensors",
-         "mae", mcfg["train"]["total_steps"],
-         _rate_minutes(run / "mae" / "metrics.jsonl", mcfg["train"]["batch_size"], "volumes_per_s"),
-         _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w)
+    if want("mae"):
+        mae = run / "mae" / "export"
+        w = _to_fp16(mae / "model.safetensors", staging / "mae" / "model.safetensors")
+        shutil.copyfile(mae / "config.json", staging / "mae" / "config.json")
+        mcfg = json.loads((mae / "config.json").read_text())
+        m = mcfg["model"]
+        grid = [i // p for i, p in zip(m["img_size"], m["patch_size"])]
+        card("mae", f"3D MAE, {mcfg.get('preset') or 'custom'} preset ({'x'.join(map(str, m['img_size']))} voxels, "
+             f"{'x'.join(map(str, m['patch_size']))} patches, {grid[0] * grid[1] * grid[2]} tokens, width "
+             f"{m['embed_dim']}, depth {m['depth']})", "g3n-mae", "model.safetensors",
+             "mae", mcfg["train"]["total_steps"],
+             _rate_minutes(run / "mae" / "metrics.jsonl", mcfg["train"]["batch_size"], "volumes_per_s"),
+             _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w)
 
-    # MAE-CNN tokenizer: the best epoch by validation loss
-    tok = run / "tokenizer"
-    w = _to_fp16(tok / "tokenizer.safetensors", staging / "mae-cnn" / "tokenizer.safetensors")
-    state = json.loads((tok / "train_state.json").read_text())
-    from g3n_tokenizer.checkpoint import read_header
+    def tokenizer(name: str, folder: str, stage: str, title: Callable[[dict], str]) -> None:
+        """A tokenizer: the best epoch by validation loss."""
+        from g3n_tokenizer.checkpoint import read_header
 
-    tok_cfg = {"tokenizer": state["tokenizer"], "model": read_header(tok / "tokenizer.safetensors")["config"],
-               "train": state["config"]}
-    atomic_write_bytes(staging / "mae-cnn" / "config.json", (json.dumps(tok_cfg, indent=1) + "\n").encode())
-    best = state["history"][state["best_epoch"]]
-    c = tok_cfg["model"]["tokenizer"]["c"]
-    card("mae-cnn", f"MAE-CNN tokenizer (frozen MAE encoder, projection to c = {c}, 3D CNN decoder)", "g3n-tokenizer",
-         "tokenizer.safetensors", "tokenizer", int(best["step"]),
-         round(sum(h["seconds"] for h in state["history"][: state["best_epoch"] + 1]) / 60, 1),
-         {"train_loss": best["train_loss"], "val_loss": best["val_loss"], "best_epoch": state["best_epoch"]}, w)
+        tok = run / folder
+        w = _to_fp16(tok / "tokenizer.safetensors", staging / name / "tokenizer.safetensors")
+        state = json.loads((tok / "train_state.json").read_text())
+        tok_cfg = {"tokenizer": state["tokenizer"], "model": read_header(tok / "tokenizer.safetensors")["config"],
+                   "train": state["config"]}
+        atomic_write_bytes(staging / name / "config.json", (json.dumps(tok_cfg, indent=1) + "\n").encode())
+        best = state["history"][state["best_epoch"]]
+        card(name, title(tok_cfg["model"]["tokenizer"]), "g3n-tokenizer", "tokenizer.safetensors", stage,
+             int(best["step"]), round(sum(h["seconds"] for h in state["history"][: state["best_epoch"] + 1]) / 60, 1),
+             {"train_loss": best["train_loss"], "val_loss": best["val_loss"], "best_epoch": state["best_epoch"]}, w)
+
+    if want("mae-cnn"):
+        tokenizer("mae-cnn", "tokenizer", "tokenizer",
+                  lambda t: f"MAE-CNN tokenizer (frozen MAE encoder, projection to c = {t['c']}, 3D CNN decoder)")
+    if want("autoencoderkl"):
+        tokenizer("autoencoderkl", "tokenizer-akl", "tokenizer-baseline",
+                  lambda t: f"AutoencoderKL baseline tokenizer (MONAI, channels {tuple(t['channels'])}, latent "
+                            f"{t['latent_channels']} x {' x '.join(str(n // 2 ** (len(t['channels']) - 1)) for n in t['img_size'])})")
+        # Table 5 in kind: both tokenizers on the demo's held-out split (the demo prints and reports it)
+        doc = _scrub_paths(json.loads((run / "tokenizers" / "tokenizers.json").read_text()), run)
+        atomic_write_bytes(staging / "autoencoderkl" / "table5.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
     # generator and bridge: the last checkpoint's raw and EMA weights (no optimizer)
     from g3n_dit.checkpoint import resolve_checkpoint
 
     for name, folder, title in (("dit", "dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset"),
                                 ("bridge", "dit-long", f"longitudinal bridge, {cfg.bridge_preset} preset")):
+        if not want(name):
+            continue
         ck = resolve_checkpoint(run / folder)
         st = json.loads((ck / "state.json").read_text())
         costs, files = [], {}
@@ -322,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack", type=Path, nargs="?", const=Path("-"), metavar="ZOO_DIR",
                    help="after the last stage, write the models into ZOO_DIR (default: the g3n-zoo package's weights "
                         "folder, i.e. replace the shipped models)")
+    p.add_argument("--only", nargs="+", choices=MODELS, metavar="MODEL",
+                   help=f"with --pack: write only these models ({', '.join(MODELS)}), keeping the others as they are")
     a = p.parse_args(argv)
     cfg = ZooConfig.model_validate(config_data(a.config, a.run_dir))
     cfg = cfg.model_copy(update={"run_dir": cfg.run_dir.resolve()})
@@ -331,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [st.name for st in stages]
     if a.until is not None and a.until not in names:
         p.error(f"--until: unknown stage {a.until!r}; stages: {', '.join(names)}")
+    if a.only and a.pack is None:
+        p.error("--only goes with --pack")
     t = time.perf_counter()
     try:
         run_stages(cfg.run_dir, stages, until=a.until)
@@ -338,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             import g3n_zoo
 
             dest = g3n_zoo.root() if str(a.pack) == "-" else a.pack
-            print(f"packed into {pack(cfg, dest)}")
+            print(f"packed into {pack(cfg, dest, set(a.only) if a.only else None)}")
     except StageFailed as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

@@ -108,8 +108,8 @@ def cmd_decode(a: argparse.Namespace) -> int:
             return 2
     tok = _load(a) if a.checkpoint and a.tokenizer else None
     summary = decode_set(a.latents, a.out, fmt=a.format, tokenizer=tok, checkpoint=a.checkpoint, batch_size=a.batch_size,
-                         affine=affine, overwrite=a.overwrite, progress=not a.quiet, map_location=_device(a.device),
-                         intensity=a.intensity, mask=a.mask)
+                         affine=affine, keys=a.keys, overwrite=a.overwrite, progress=not a.quiet,
+                         map_location=_device(a.device), intensity=a.intensity, mask=a.mask)
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--intensity", choices=["zscored", "original"], default="zscored",
                    help="zscored (what the tokenizer reconstructs) or original (needs --mask; see decode_set)")
     d.add_argument("--mask", help="brain mask NIfTI of the volume shape (> 0 = brain), for --intensity original")
+    d.add_argument("--keys", nargs="+", default=None,
+                   help="decode only these samples (decoding is the costly part); a key not in the set is an error")
     d.add_argument("--batch-size", type=int, default=2)
     d.add_argument("--overwrite", action="store_true")
     common(d)

@@ -67,6 +67,11 @@ def encode_set(tok: Tokenizer, volumes: str | Path | gs.ShardSet, out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     rejects = gs.RejectLog(out)
     wanted = None if keys is None else set(keys)
+    if wanted is not None:
+        missing = sorted(wanted - set(ss.keys()))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise LatentError(f"{ss.location}: no sample with key(s) {', '.join(missing[:5])}{more}")
     total = len(wanted) if wanted is not None else len(ss)
     geometry = latents_geometry(tok, vg)
     extra = {"intensity": INTENSITY, "latent_layout": LATENT_LAYOUT,
@@ -216,6 +221,11 @@ def decode_set(latents: str | Path | gs.ShardSet, out_dir: str | Path, fmt: Lite
     out.mkdir(parents=True, exist_ok=True)
     rejects = gs.RejectLog(out)
     wanted = None if keys is None else set(keys)
+    if wanted is not None:
+        missing = sorted(wanted - set(ss.keys()))
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise LatentError(f"{ss.location}: no sample with key(s) {', '.join(missing[:5])}{more}")
     tg = tok.geometry
     vg = ss.manifest.geometry
     vol_geometry = gs.Geometry(shape=tg.shape, spacing=vg.spacing or tg.spacing, affine=vg.affine or tg.affine,

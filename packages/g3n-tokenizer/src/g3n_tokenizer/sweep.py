@@ -83,19 +83,28 @@ def evaluate(tok: TorchTokenizer, ss: gs.ShardSet, test_keys: list[str], all_key
 def probe_aucs(X: np.ndarray, keys: list[str], metas: list[gs.SampleMeta], cfg: SweepConfig, name: str
                ) -> tuple[dict[str, float], dict[str, str]]:
     """AUC per probe task (g3n-probe, grouped CV); NaN with a reason where a task cannot be scored."""
+    return latent_probe_aucs(X, keys, [m.model_dump(mode="json") for m in metas], cfg.probe_tasks, cfg.probe_slice,
+                             cfg.probe_protocol, name)
+
+
+def latent_probe_aucs(X: np.ndarray, keys: list[str], records: list[dict[str, Any]], tasks: list[str],
+                      probe_slice: str, protocol: str, name: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Table 5's probe columns: the AUC of each task on one slice by g3n-probe's subject-grouped
+    cross-validation of latent features (``X``, one row per key); NaN with the reason where a task
+    cannot be scored (too few labelled subjects, one class)."""
     try:
         import g3n_probe as gp
     except ImportError:
         raise RuntimeError("the sweep's probe columns need g3n-probe: install g3n-tokenizer[sweep]") from None
 
-    panel = gp.load_panel().subset(cfg.probe_tasks)
-    panel = panel.model_copy(update={"tasks": [t.model_copy(update={"slices": [cfg.probe_slice]}) for t in panel.tasks]})
-    records = [{**m.model_dump(mode="json"), "key": k} for k, m in zip(keys, metas, strict=True)]
+    panel = gp.load_panel().subset(tasks)
+    panel = panel.model_copy(update={"tasks": [t.model_copy(update={"slices": [probe_slice]}) for t in panel.tasks]})
+    records = [{**r, "key": k} for k, r in zip(keys, records, strict=True)]
     fs = gp.from_arrays(X.astype(np.float64), records, name=name, keys=keys)
-    res = gp.run_panel(fs, panel, gp.protocol_preset(cfg.probe_protocol, save_probes=False), progress=False)
+    res = gp.run_panel(fs, panel, gp.protocol_preset(protocol, save_probes=False), progress=False)
     aucs, notes = {}, {}
-    for t in cfg.probe_tasks:
-        r = res.get(t, cfg.probe_slice)
+    for t in tasks:
+        r = res.get(t, probe_slice)
         aucs[t] = r.summary("auc")[0] if r is not None else math.nan
         if r is None:
             notes[t] = "; ".join(s.reason for s in res.skipped if s.task == t) or "not scored"
