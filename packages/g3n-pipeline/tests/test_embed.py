@@ -103,6 +103,30 @@ def test_preprocess_overrides_file(tmp_path):
         embed.preprocess_config(info, "demo", None, str(bad), None, False, False)
 
 
+def test_the_steps_are_runner_stages_that_own_only_their_folders(tmp_path):
+    """ingest, preprocess and encode run on g3n-pipeline's runner: a start-over removes the step's own
+    folder, never the markers, the logs or the preprocessing cache; the inputs' stamp is a setting."""
+    from g3n_pipeline import runner
+
+    nii = tmp_path / "sub-01_T1w.nii.gz"
+    nii.write_bytes(b"x")
+    out = (tmp_path / "out").resolve()
+    args = embed.build_parser().parse_args([str(nii), "--out", str(out), "--batch-size", "3"])
+    ingest_args, stamp = embed.ingest_source(args, out / "work")
+    assert ingest_args[:2] == ["csv", str(out / "work" / "inputs.csv")] and stamp[-1] == "T1"
+    weights = tmp_path / "w.safetensors"
+    stages = embed.embed_stages(args, out, ingest_args, weights)
+    assert [st.name for st in stages] == ["ingest", "preprocess", "encode"]
+    keep = [out / "work" / ".stages", out / "work" / "logs"]
+    owned = [runner.owned_paths(out, st, keep) for st in stages]
+    assert owned == [[out / "work" / "ingest"], [out / "work" / "volumes"], [out / "tokens"]]
+    (argv,) = stages[1].commands(out)
+    assert argv[argv.index("--cache") + 1] == str(out / "work" / "preprocess-cache")  # outside what is removed
+    assert stages[0].inputs == ["work/ingest-source.json"] and list(stages[2].external) == [weights]
+    (argv,) = stages[2].commands(out)
+    assert argv[argv.index("--batch-size") + 1] == "3"
+
+
 # ---- end to end -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:

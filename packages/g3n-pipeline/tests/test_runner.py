@@ -1,5 +1,6 @@
-"""The stage runner: a re-run skips a finished stage only while its commands, its input files and
-its outputs are unchanged; a stage run again starts over, and so does every stage after it."""
+"""The stage runner: a re-run skips a finished stage only while its commands, its input files, the
+installed versions and its outputs are unchanged; a stage run again starts over (unless it resumes an
+interrupted attempt with the same settings), and so does every stage after it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import re
 from pathlib import Path
 
-from g3n_pipeline.runner import Stage, is_done, run_stages
+import pytest
+
+from g3n_pipeline import runner
+from g3n_pipeline.runner import Stage, StageFailed, is_done, run_stages
 
 
 def _stages(indent: int) -> list[Stage]:
@@ -49,6 +53,132 @@ def test_rerun_follows_commands_inputs_and_outputs(tmp_path):
     moved = tmp_path / "moved"
     run.rename(moved)
     assert run_stages(moved, _stages(4)) == []  # paths inside the run folder are recorded relative to it
+
+
+def test_a_tampered_output_that_is_not_a_shard_set_runs_its_stage_again(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"steps": 800}))
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    marker = json.loads((run / ".stages" / "a.json").read_text())
+    assert all(str(d).startswith("content:") for d in marker["outputs"].values())  # a digest, not just "exists"
+    (run / "a-dir" / "x.json").write_text('{"steps": 1}')  # same names, other content
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    assert json.loads((run / "a-dir" / "x.json").read_text()) == {"steps": 800}
+    (run / "b-out.json").write_text('{"steps": 2}')  # a tampered file output
+    assert run_stages(run, _stages(2)) == ["b"]
+    assert json.loads((run / "b-out.json").read_text()) == {"steps": 800}
+
+
+def test_an_upgraded_package_runs_the_stages_again(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"steps": 800}))
+    versions = runner.installed_versions()
+    assert versions["g3n-pipeline"] and "torch" in versions and "numpy" in versions
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    assert json.loads((run / ".stages" / "a.json").read_text())["fingerprint"]["versions"] == versions
+    monkeypatch.setattr(runner, "installed_versions", lambda: {**versions, "numpy": "0.0.1"})
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    monkeypatch.setattr(runner, "installed_versions", lambda: {**versions, "g3n-mae": "9.9"})
+    assert run_stages(run, _stages(2)) == ["a", "b"]
+    assert run_stages(run, _stages(2)) == []
+
+
+# a stage command that writes one piece of its output per call and fails while FAIL exists: a stage
+# killed half way leaves its piece behind and no done-marker
+STEP = """\
+import sys
+from pathlib import Path
+out, tag, fail = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+out.mkdir(exist_ok=True)
+(out / f"piece-{tag}").write_text(tag)
+if fail.exists():
+    sys.exit(3)
+(out / "complete").write_text(" ".join(sorted(p.name for p in out.iterdir())))
+"""
+
+
+def _step_stage(tmp: Path, tag: str, resumable: bool | None = None, resume_flag: bool = False) -> Stage:
+    (tmp / "stepmod").mkdir(exist_ok=True)
+    (tmp / "stepmod" / "g3n_test_step.py").write_text(STEP)
+    return Stage("s", "a step", ["out/complete"], resumable=resumable, env={"PYTHONPATH": str(tmp / "stepmod")},
+                 commands=lambda r: [["g3n_test_step", str(r / "out"), tag, str(tmp / "FAIL"),
+                                      *(["--resume"] if resume_flag else [])]])
+
+
+def _kill(tmp: Path, run: Path, stage: Stage) -> None:
+    """Run the stage so that its command fails half way, as a killed stage would stop."""
+    (tmp / "FAIL").touch()
+    with pytest.raises(StageFailed, match="stage 's' failed"):
+        run_stages(run, [stage], say=None)
+    (tmp / "FAIL").unlink()
+    assert (run / ".stages" / "s.running.json").is_file() and not (run / ".stages" / "s.json").exists()
+
+
+def test_a_killed_stage_is_redone_not_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    _kill(tmp_path, run, _step_stage(tmp_path, "old"))
+    assert (run / "out" / "piece-old").is_file()  # the partial output of the killed attempt
+    assert run_stages(run, [_step_stage(tmp_path, "old")]) == ["s"]
+    assert "interrupted attempt (its commands do not resume)" in capsys.readouterr().out
+    assert (run / "out" / "complete").read_text() == "piece-old"  # started over: nothing of the killed attempt
+    assert not (run / ".stages" / "s.running.json").exists() and is_done(run, _step_stage(tmp_path, "old"))
+
+    # killed with the old settings, re-run with new ones: the old partial outputs do not survive
+    # under the new fingerprint, even for a stage whose commands resume
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    _kill(tmp_path, run2, _step_stage(tmp_path, "old", resumable=True))
+    assert run_stages(run2, [_step_stage(tmp_path, "new", resumable=True)]) == ["s"]
+    assert "interrupted attempt with other settings (commands)" in capsys.readouterr().out
+    assert (run2 / "out" / "complete").read_text() == "piece-new"
+    log = (run2 / "logs" / "s.log").read_text()
+    assert "# an interrupted attempt with other settings (commands): removed out" in log
+
+
+def test_a_resumable_stage_killed_with_the_same_settings_keeps_its_outputs(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    stage = _step_stage(tmp_path, "a", resume_flag=True)  # resumable: its command takes --resume
+    _kill(tmp_path, run, stage)
+    (run / "out" / "piece-earlier").write_text("made before the kill")
+    assert run_stages(run, [stage]) == ["s"]
+    assert "resuming an interrupted attempt with the same settings" in capsys.readouterr().out
+    assert (run / "out" / "complete").read_text() == "piece-a piece-earlier"  # kept for the command to continue
+
+    # the same, but the packages were upgraded between the kill and the re-run: cleared, and said why
+    run2 = tmp_path / "run2"
+    run2.mkdir()
+    _kill(tmp_path, run2, stage)
+    (run2 / "out" / "piece-earlier").write_text("made before the kill")
+    versions = runner.installed_versions()
+    monkeypatch.setattr(runner, "installed_versions", lambda: {**versions, "torch": "0.1"})
+    assert run_stages(run2, [stage]) == ["s"]
+    assert f"other settings (versions (torch {versions['torch']} -> 0.1))" in capsys.readouterr().out
+    assert (run2 / "out" / "complete").read_text() == "piece-a"
+
+
+def test_outputs_without_any_marker_are_removed_and_removal_stays_in_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "out").mkdir(parents=True)
+    (run / "out" / "piece-stale").write_text("left by a runner that kept no in-progress marker")
+    assert run_stages(run, [_step_stage(tmp_path, "a")], say=None) == ["s"]
+    assert (run / "out" / "complete").read_text() == "piece-a"
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the stage's")
+    (run / "link").symlink_to(outside)
+    cmd = lambda r: [["json.tool", str(r / "settings.json")]]  # noqa: E731
+    for owns in (["../precious"], [str(outside)], ["link/keep.txt"], [".stages"], ["."], [""]):
+        with pytest.raises(ValueError, match="stage 'x'"):
+            runner.clear_outputs(run, Stage("x", "x", ["o"], commands=cmd, owns=owns), keep=[run / ".stages"])
+    with pytest.raises(ValueError, match="holds the runner's own"):
+        runner.clear_outputs(run, Stage("x", "x", ["w/o"], commands=cmd, owns=["w"]), keep=[run / "w" / ".stages"])
+    runner.clear_outputs(run, Stage("x", "x", ["link/keep.txt"], commands=cmd))  # a symlinked top: the link only
+    assert not (run / "link").exists() and (outside / "keep.txt").is_file()
 
 
 def test_demo_flags_override_the_config_file_and_only_when_given(tmp_path, monkeypatch):

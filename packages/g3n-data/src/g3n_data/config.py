@@ -1,6 +1,6 @@
 """Preprocessing configuration: every size, threshold and setting is here, never in code.
 
-Two presets exist: ``paper`` (1 mm, 160x192x160, method.md §1) and ``demo`` (2 mm, 80x96x80,
+Two presets exist: ``paper`` (1 mm, 160x192x160, docs/method.md §1) and ``demo`` (2 mm, 80x96x80,
 the same 160x192x160 mm field of view). A config file (YAML or JSON) may name a preset and
 override any field; unknown keys are refused so that a typo does not silently fall back to a
 default.
@@ -150,7 +150,7 @@ class QCConfig(_Strict):
 
 
 class PreprocessConfig(_Strict):
-    """One pipeline for every cohort (method.md §1); every step can be switched off."""
+    """One pipeline for every cohort (docs/method.md §1); every step can be switched off."""
 
     preset: str = "paper"
     geometry: GeometryConfig = GeometryConfig()

@@ -1,6 +1,6 @@
 """Preprocess one subject: its sessions, T1 first, other modalities through T1's transform.
 
-Per session (method.md §1):
+Per session (docs/method.md §1):
   T1:        load -> N4 -> skull strip (native mask) -> affine to the atlas -> resample into the
              output grid (crop/pad and resampling in one interpolation) -> mask -> clip < 0 -> QC
   T2/FLAIR/T1c: load -> N4 -> rigid to the session's T1 -> carried through T1's transform, masked

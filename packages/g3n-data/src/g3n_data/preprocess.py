@@ -18,7 +18,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         "preprocess",
         help="N4, skull strip, register to the atlas, crop/pad -> volumes shard set",
         description=(
-            "Preprocess an ingest work list into a `volumes` shard set (method.md §1): N4 bias-field "
+            "Preprocess an ingest work list into a `volumes` shard set (docs/method.md §1): N4 bias-field "
             "correction, skull stripping, affine registration of T1 to the atlas (T2/FLAIR/T1c rigidly "
             "to their session's T1 and carried through T1's transform), clipping of negative voxels and "
             "crop/pad to the configured grid. Resumable (re-run the same command after a kill), parallel "

@@ -1,4 +1,4 @@
-"""The longitudinal bridge (method.md §6): baseline at t = 0, follow-up at t = 1.
+"""The longitudinal bridge (docs/method.md §6): baseline at t = 0, follow-up at t = 1.
 
     x_t = (1 - t) x_base + t x_follow + gamma(t) z,   gamma(t) = sigma * sqrt(t (1 - t)),  z ~ N(0, I)
 

@@ -165,7 +165,7 @@ def _common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", required=True, help="training latents shard set (folder)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, rejects.jsonl)")
     p.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="tiny",
-                   help="model and training sizes: paper (method.md), small (CPU demo), tiny (tests)")
+                   help="model and training sizes: paper (docs/method.md), small (CPU demo), tiny (tests)")
     p.add_argument("--config", default=None, help="YAML overriding the preset (model, conditions, train, bridge)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

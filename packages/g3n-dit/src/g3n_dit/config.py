@@ -33,7 +33,8 @@ class DiTConfig(BaseModel):
     heads: int = Field(gt=0)
     mlp_ratio: float = Field(default=4.0, gt=0)
     patch: int = Field(default=1, gt=0, description="latent tokens per side merged into one transformer token "
-                       "(DiT's p: DiT-XL/2 uses 2); 1 keeps one transformer token per latent token as in method.md")
+                       "(DiT's p: DiT-XL/2 uses 2); 1 keeps one transformer token per latent token "
+                       "as in docs/method.md")
     freq_dim: int = Field(default=256, gt=0, description="sinusoidal features of the timestep")
     time_scale: float = Field(default=1000.0, gt=0, description="t in [0,1] is multiplied by this before the sinusoid")
 
@@ -59,7 +60,7 @@ class DiTConfig(BaseModel):
         return (a // self.patch, b // self.patch, c // self.patch)
 
 
-#: Model presets. ``paper``: 12 blocks, hidden 1024, 16 heads (DiT-L width, method.md §5) over the
+#: Model presets. ``paper``: 12 blocks, hidden 1024, 16 heads (DiT-L width, docs/method.md §5) over the
 #: 10x12x10 grid of c=32 latents. ``tiny``: CPU tests and the demo.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(grid=(10, 12, 10), channels=32, hidden=1024, depth=12, heads=16, mlp_ratio=4.0),
@@ -98,7 +99,7 @@ class ConditionSpec(BaseModel):
 
 
 def default_generation_conditions() -> list[ConditionSpec]:
-    """The six conditions of method.md §5 (modality never dropped)."""
+    """The six conditions of docs/method.md §5 (modality never dropped)."""
     return [
         ConditionSpec(name="disease", field="diagnosis", kind="categorical"),
         ConditionSpec(name="sex", field="sex", kind="categorical"),
@@ -110,7 +111,7 @@ def default_generation_conditions() -> list[ConditionSpec]:
 
 
 def default_longitudinal_conditions() -> list[ConditionSpec]:
-    """The conditions of method.md §6 (interval and diagnosis never dropped)."""
+    """The conditions of docs/method.md §6 (interval and diagnosis never dropped)."""
     return [
         ConditionSpec(name="diagnosis", field="diagnosis", kind="categorical", drop_prob=0.0),
         ConditionSpec(name="sex", field="sex", kind="categorical"),
@@ -136,7 +137,7 @@ class TrainConfig(BaseModel):
     normalise: Literal["channel", "element"] = Field(
         default="channel",
         description="latent statistics the flow's data are standardised with. channel: per-channel mean and std "
-        "over every token (method.md). element: per token and channel, so the flow models each latent's "
+        "over every token (docs/method.md). element: per token and channel, so the flow models each latent's "
         "deviation from the mean training latent in units of that element's spread, and an error of an "
         "undertrained net is scaled down where the data hardly vary (the background)",
     )

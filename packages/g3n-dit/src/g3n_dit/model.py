@@ -5,7 +5,7 @@ patches: by default no patchify (``patch`` 1), a linear input projection, fixed 
 the token grid; ``patch`` p > 1 merges p x p x p latent tokens into one transformer token, as DiT's
 latent patch size does (DiT-XL/2), for 8x fewer tokens at p = 2.
 The conditioning vector is the timestep embedding plus the *sum* of every condition's embedding
-(method.md §5). Each block's SiLU+Linear produces shift/scale/gate for attention and MLP; the
+(docs/method.md §5). Each block's SiLU+Linear produces shift/scale/gate for attention and MLP; the
 LayerNorms have no affine parameters; that Linear and the final layer are zero-initialised, so
 every block starts as the identity and the network starts by predicting zero velocity.
 """

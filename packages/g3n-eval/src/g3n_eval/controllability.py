@@ -1,4 +1,4 @@
-"""Controllability (method.md §5, Table 2a): does the generator give what was asked for?
+"""Controllability (docs/method.md §5, Table 2a): does the generator give what was asked for?
 
 A probe trained on *real* embeddings scores generated samples after they are decoded and
 re-encoded by the MAE encoder (exactly how real volumes are embedded). For a condition and a

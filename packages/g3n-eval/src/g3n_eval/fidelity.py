@@ -1,4 +1,4 @@
-"""Generation fidelity (method.md §7): FID on 2D central slices and a Frechet distance in our
+"""Generation fidelity (docs/method.md §7): FID on 2D central slices and a Frechet distance in our
 own encoder's feature space, each for generated-vs-real, generated-vs-reconstructed and
 reconstructed-vs-real (the tokenizer's floor).
 

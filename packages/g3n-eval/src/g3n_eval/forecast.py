@@ -1,4 +1,4 @@
-"""Longitudinal forecast evaluation (method.md §6).
+"""Longitudinal forecast evaluation (docs/method.md §6).
 
 A brain-age probe (trained on real embeddings) scores the decoded-and-re-encoded forecast and
 its baseline; the predicted ageing (forecast - baseline) is regressed on the *requested*

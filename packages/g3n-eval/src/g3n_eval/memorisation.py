@@ -1,4 +1,4 @@
-"""Memorisation audit (method.md §7): are synthetic latents copies of training latents?
+"""Memorisation audit (docs/method.md §7): are synthetic latents copies of training latents?
 
 For every synthetic sample, the L2 distance to its nearest training latent (flattened, e.g.
 1200 x 32 = 38,400-d) is compared with the same distance for *held-out real* samples, which no

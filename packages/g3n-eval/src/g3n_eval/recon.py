@@ -1,4 +1,4 @@
-"""Reconstruction quality of a tokenizer (method.md §3, Table 5): MSE, PSNR, 3D SSIM.
+"""Reconstruction quality of a tokenizer (docs/method.md §3, Table 5): MSE, PSNR, 3D SSIM.
 
 Two ways in: a registered tokenizer run over a ``volumes`` set (encode, decode, compare in
 brain z-space: the space tokenizers work in, where the paper's MSE 0.119 / PSNR 32.5 live), or

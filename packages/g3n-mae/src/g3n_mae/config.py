@@ -138,7 +138,7 @@ class MAEConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. `paper`: method.md §2. `tiny`: paper token count (1200) at 80x96x80 with 8^3 patches
+# Presets. `paper`: docs/method.md §2. `tiny`: paper token count (1200) at 80x96x80 with 8^3 patches
 # and small widths, for a CPU demo. `test`: 32^3 / 8^3 = 64 tokens, width 48, for unit tests.
 # ---------------------------------------------------------------------------------------------
 PRESETS: dict[str, dict] = {

@@ -14,7 +14,7 @@ Design choices, and why:
   that after a resume the worker that was due next is served first.
 * Masking noise is drawn per sample from (seed, epoch, key) (:func:`masking.sample_noise`), never
   from the process RNG: masks do not depend on batch composition or on the number of ranks.
-* Per-volume z-scoring over brain voxels (> 0) happens at load time, not on disk (method.md
+* Per-volume z-scoring over brain voxels (> 0) happens at load time, not on disk (docs/method.md
   §1); background stays 0. The stream only validates and batches the stored values; the loop
   z-scores the batch on the device (:func:`zscore_brain_torch`), which is what keeps the loader
   cheap enough for GPU-rate training.

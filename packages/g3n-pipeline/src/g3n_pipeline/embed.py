@@ -19,28 +19,29 @@ Why the preprocessing must match: the encoder only ever saw volumes of one geome
 spacing, atlas box). Its weights record the volume shape and patch size (not the spacing), so
 ``g3n-embed`` picks the g3n-data preset whose grid equals the encoder's, or takes the exact
 config from the ``volumes`` set the encoder was trained on (``--train-volumes``), and refuses a
-mismatch before and after preprocessing with a message naming both shapes. (g3n-mae's encoder
-would otherwise silently interpolate its position embeddings to another grid.)
+mismatch before and after preprocessing with a message naming both shapes (``embed_encoder.py``).
+(g3n-mae's encoder would otherwise silently interpolate its position embeddings to another grid.)
 
 Every refused input of every stage ends in ``OUT/rejects.jsonl`` with the stage and reason, and
-is summarised at the end. Re-running the same command skips finished steps (each step records
-a digest of its inputs in ``steps.json`` in OUT's ``work`` folder; the stages are resumable themselves).
+is summarised at the end. The steps run on g3n-pipeline's stage runner (``runner.py``, the
+demo's): re-running the same command skips a finished step while its commands, its inputs (the
+input files' names, sizes and modification times; the preprocessing config; the encoder's
+weights), the installed package versions and its outputs hold, and a step run again starts over,
+with every step after it. Markers are in ``OUT/work/.stages``, logs in ``OUT/work/logs``; the
+preprocessing cache (``OUT/work/preprocess-cache``, keyed on each input and the config)
+survives a start-over, so only new or changed inputs are preprocessed again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,155 +50,19 @@ import yaml
 
 import g3n_shards as gs
 
+from .embed_encoder import EmbedError, EncoderInfo, check_geometry, encoder_info, preprocess_config, shipped_encoder
+from .runner import Stage, StageFailed, run_stage, run_stages
+
+__all__ = ["TABLE_COLUMNS", "EmbedError", "EmbedResult", "EncoderInfo", "build_parser", "check_geometry",
+           "collect_rejects", "embed_stages", "encoder_info", "ingest_source", "main", "preprocess_config",
+           "run_embed", "shipped_encoder", "subject_from_filename", "write_nifti_manifest", "write_tables"]
+
 NIFTI_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 #: BIDS-like suffixes recognised in loose file names (the rest take ``--modality``)
 SUFFIX_MODALITY = {"t1w": "T1", "t2w": "T2", "flair": "FLAIR", "t1c": "T1c", "t1ce": "T1c", "t1gd": "T1c"}
 #: metadata columns of embeddings.csv, in this order, before the embedding columns
 TABLE_COLUMNS = ("key", "subject", "session", "modality", "cohort", "site", "age", "sex", "diagnosis",
                  "field_strength", "vendor", "handedness")
-STEPS_NAME = "steps.json"
-
-
-class EmbedError(RuntimeError):
-    """The embedding run cannot go on; the message names the input or stage and the reason."""
-
-
-# ---- the encoder --------------------------------------------------------------------------
-@dataclass
-class EncoderInfo:
-    """What the encoder's weights say about the volumes it expects."""
-
-    weights: Path
-    img_size: tuple[int, int, int]
-    patch_size: tuple[int, int, int]
-    embed_dim: int
-    data_manifests: list[str] = field(default_factory=list)
-
-
-def encoder_info(path: str | Path) -> EncoderInfo:
-    """Read the encoder's geometry from its safetensors metadata (no tensor is loaded, nothing pickled).
-
-    Accepts what ``g3n-mae encode`` accepts: a weights file, an export folder, a checkpoint step
-    folder or a run folder. The training data digests come from the weights metadata (exports)
-    or the checkpoint's ``state.json`` (run folders).
-    """
-    from g3n_mae.checkpoint import CheckpointError, resolve_weights
-    from safetensors import safe_open
-
-    try:
-        w = resolve_weights(path)
-    except CheckpointError as e:
-        raise EmbedError(f"--encoder: {e}") from None
-    try:
-        with safe_open(str(w), framework="np") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
-        raise EmbedError(f"--encoder {w}: not a readable safetensors file: {e}") from None
-    if meta.get("format") != "g3n-mae-weights" or "model_config" not in meta:
-        raise EmbedError(f"--encoder {w}: not a g3n-mae weights file (metadata format={meta.get('format')!r})")
-    mc = json.loads(meta["model_config"])
-    manifests: list[str] = []
-    try:
-        manifests = list(json.loads(meta.get("data_manifests", "[]")))
-    except ValueError:
-        pass
-    state = w.parent / "state.json"
-    if not manifests and state.is_file():
-        try:
-            manifests = list(json.loads(state.read_text()).get("data_manifests") or [])
-        except (OSError, ValueError):
-            pass
-    return EncoderInfo(weights=w, img_size=tuple(mc["img_size"]), patch_size=tuple(mc["patch_size"]),
-                       embed_dim=int(mc["embed_dim"]), data_manifests=manifests)
-
-
-def shipped_encoder(quiet: bool = False) -> Path:
-    """The shipped demonstration encoder (g3n-zoo ``mae``), announced with its intended use."""
-    import g3n_zoo
-
-    try:
-        model = g3n_zoo.get("mae")
-    except g3n_zoo.ZooError as e:
-        raise EmbedError(f"no --encoder given and no shipped encoder: {e}") from None
-    if not quiet:
-        print(f"g3n-embed: no --encoder: using the shipped encoder {model.path} ({model.card.get('title', 'g3n-zoo mae')})."
-              f"\n  {model.intended_use}", file=sys.stderr)
-    return model.path
-
-
-# ---- the preprocessing config ---------------------------------------------------------------
-def preprocess_config(enc: EncoderInfo, preset: str | None, train_volumes: str | None,
-                      overrides_file: str | None, skullstrip: str | None, no_n4: bool, no_register: bool,
-                      log=print) -> dict[str, Any]:
-    """The g3n-data PreprocessConfig (as a dict) the encoder expects, with the site's overrides.
-
-    Source, most exact first: the ``volumes`` set the encoder was trained on (its manifest records
-    the producer's full config), else ``--preset``, else the g3n-data preset whose grid equals the
-    encoder's. Refuses a grid other than the encoder's.
-    """
-    from g3n_data.config import PRESETS, PreprocessConfig, make_config
-
-    if train_volumes:
-        ss = gs.ShardSet.open(train_volumes, kind="volumes")
-        prod = ss.manifest.producer
-        if prod.package != "g3n-data" or not prod.config:
-            raise EmbedError(f"--train-volumes {train_volumes}: made by {prod.package!r}, records no g3n-data config")
-        if not enc.data_manifests:
-            log(f"g3n-embed: warning: the encoder records no training shard sets, so {train_volumes} cannot be "
-                f"confirmed as its training data; using its preprocessing config")
-        elif ss.digest not in enc.data_manifests:
-            log(f"g3n-embed: warning: {train_volumes} ({ss.digest[:19]}...) is not among the sets the encoder "
-                f"records as its training data; using its preprocessing config anyway")
-        base = PreprocessConfig.model_validate(prod.config)
-        if preset and base.preset != preset:
-            raise EmbedError(f"--preset {preset} contradicts the training set's preset {base.preset!r}")
-    else:
-        if preset is None:
-            matching = [n for n in sorted(PRESETS) if tuple(make_config(n).geometry.shape) == enc.img_size]
-            if not matching:
-                raise EmbedError(f"--encoder {enc.weights}: expects volumes of {enc.img_size}; no g3n-data preset "
-                                 f"makes that grid ({ {n: make_config(n).geometry.shape for n in PRESETS} }); "
-                                 f"give --preprocess-config or --train-volumes")
-            preset = matching[0]
-        base = make_config(preset)
-    data = base.model_dump(mode="json")
-    if overrides_file:
-        try:
-            over = yaml.safe_load(Path(overrides_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise EmbedError(f"--preprocess-config {overrides_file}: cannot read: {e}") from None
-        if not isinstance(over, dict):
-            raise EmbedError(f"--preprocess-config {overrides_file}: must be a mapping")
-        over.pop("preset", None)
-        data = _deep_update(data, over)
-    if skullstrip:
-        data["skullstrip"]["method"] = skullstrip
-    if no_n4:
-        data["n4"]["enabled"] = False
-    if no_register:
-        data["registration"]["enabled"] = False
-    try:
-        cfg = PreprocessConfig.model_validate(data)
-    except Exception as e:  # noqa: BLE001 - pydantic error, re-raised with the source named
-        raise EmbedError(f"invalid preprocessing config: {e}") from None
-    check_geometry(tuple(cfg.geometry.shape), tuple(cfg.geometry.patch_size), enc, "the preprocessing config")
-    return cfg.model_dump(mode="json")
-
-
-def check_geometry(shape: tuple[int, ...], patch: tuple[int, ...] | None, enc: EncoderInfo, what: str) -> None:
-    """Refuse volumes the encoder was not trained on (grid or patch size differ)."""
-    if tuple(shape) != tuple(enc.img_size):
-        raise EmbedError(f"{what} gives volumes of {tuple(shape)}, but the encoder {enc.weights} expects "
-                         f"{tuple(enc.img_size)}: preprocess with the encoder's preset (or --train-volumes)")
-    if patch is not None and tuple(patch) != tuple(enc.patch_size):
-        raise EmbedError(f"{what} tiles volumes in {tuple(patch)} patches, the encoder uses {tuple(enc.patch_size)}")
-
-
-def _deep_update(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in upd.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -230,10 +95,6 @@ def write_nifti_manifest(files: list[str], out: Path, modality: str) -> Path:
 
 
 # ---- steps ----------------------------------------------------------------------------------
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _file_stamp(path: str | Path) -> list[Any]:
     p = Path(path)
     st = p.stat()
@@ -246,39 +107,63 @@ def _tree_stamp(root: Path) -> list[Any]:
             for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-class Steps:
-    """``steps.json`` in OUT's ``work`` folder: each finished step and the digest of its inputs."""
+def ingest_source(args: argparse.Namespace, work: Path) -> tuple[list[str], Any]:
+    """The ``g3n-data ingest`` arguments for the inputs, and a stamp of them (what a re-run compares).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+    Loose NIfTI files go through a generated CSV manifest (``work/inputs.csv``). Paths are made
+    absolute: the stages run in the output folder."""
+    inputs = list(args.inputs or [])
+    if args.csv and inputs:
+        raise EmbedError("give either --csv MANIFEST or a BIDS folder / NIfTI files, not both")
+    passthrough = [a for pair in (("--cohort", args.cohort), ("--site", args.site),
+                                  ("--mapping", args.mapping and str(Path(args.mapping).resolve())))
+                   if pair[1] for a in pair]
+    if args.csv:
+        kind, source, stamp = "csv", str(Path(args.csv).resolve()), _file_stamp(args.csv)
+    elif len(inputs) == 1 and Path(inputs[0]).is_dir():
+        kind, source, stamp = "bids", str(Path(inputs[0]).resolve()), _tree_stamp(Path(inputs[0]))
+    elif inputs:
+        missing = [f for f in inputs if not Path(f).is_file()]
+        if missing:
+            raise EmbedError(f"no such file(s): {missing[:5]}")
+        bad = [f for f in inputs if not NIFTI_RE.search(f)]
+        if bad:
+            raise EmbedError(f"not NIfTI files (.nii / .nii.gz): {bad[:5]}; pass a BIDS folder, NIfTI files or --csv")
+        kind, source = "csv", str(work / "inputs.csv")
+        stamp = [_file_stamp(f) for f in inputs] + [args.modality]
+        write_nifti_manifest(inputs, Path(source), args.modality)
+        if not args.cohort:
+            passthrough += ["--cohort", "nifti"]
+    else:
+        raise EmbedError("no input: give a BIDS folder, NIfTI files, or --csv MANIFEST")
+    return [kind, source, *passthrough], stamp
 
-    def finished(self, name: str, digest: str) -> bool:
-        return self.done.get(name) == digest
 
-    def mark(self, name: str, digest: str) -> None:
-        self.done[name] = digest
-        gs.atomic_write_bytes(self.path, (json.dumps(self.done, indent=1, sort_keys=True) + "\n").encode())
+def embed_stages(args: argparse.Namespace, run: Path, ingest_args: list[str], weights: Path) -> list[Stage]:
+    """ingest, preprocess, encode in the output folder ``run``: each owns its output folder (the runner
+    removes it to start over). Their setting files (``work/ingest-source.json``, ``work/preprocess.yaml``)
+    are written before."""
+    work, tokens = run / "work", run / "tokens"
+    ingest, volumes = work / "ingest", work / "volumes"
 
+    def rel(p: Path) -> str:  # the runner's paths are relative to the run folder
+        return p.relative_to(run).as_posix()
 
-def run_stage(name: str, module: str, args: list[str], logs: Path, env: dict[str, str] | None = None,
-              quiet: bool = False) -> None:
-    """Run ``python -m module args`` in a fresh interpreter; its output goes to ``logs/name.log``."""
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
-    cmd = [sys.executable, "-m", module, *args]
-    if not quiet:
-        print(f"g3n-embed: {name}: {' '.join(cmd[2:])}", file=sys.stderr)
-    t0 = time.time()
-    with open(log, "w", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    if rc != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        raise EmbedError(f"stage {name} failed (exit {rc}); log {log}:\n{tail}")
-    if not quiet:
-        print(f"g3n-embed: {name}: done in {time.time() - t0:.1f} s", file=sys.stderr)
+    enc_args = ["--store", args.store, "--batch-size", str(args.batch_size), "--quiet", "--overwrite",
+                *(["--device", args.device] if args.device else [])]
+    return [
+        Stage("ingest", "ingest (g3n-data ingest)", [rel(ingest)], owns=[rel(ingest)],
+              inputs=[rel(work / "ingest-source.json")], commands=lambda r: [
+                  ["g3n_data.cli", "ingest", *ingest_args[:2], "--out", str(ingest), *ingest_args[2:]]]),
+        Stage("preprocess", "the encoder's preprocessing (g3n-data preprocess)", [rel(volumes)], owns=[rel(volumes)],
+              inputs=[rel(work / "preprocess.yaml")], commands=lambda r: [
+                  ["g3n_data.cli", "preprocess", str(ingest / "worklist.jsonl"), "--out", str(volumes), "--config",
+                   str(work / "preprocess.yaml"), "--workers", str(args.workers), "--no-progress",
+                   "--cache", str(work / "preprocess-cache")]]),
+        Stage("encode", "encode every volume (g3n-mae encode)", [rel(tokens)], owns=[rel(tokens)], external=[weights],
+              commands=lambda r: [
+                  ["g3n_mae.cli", "encode", str(weights), "--volumes", str(volumes), "--out", str(tokens), *enc_args]]),
+    ]
 
 
 # ---- the table ------------------------------------------------------------------------------
@@ -359,97 +244,47 @@ class EmbedResult:
 def run_embed(args: argparse.Namespace) -> EmbedResult:
     """The whole chain; see the module docstring. Raises EmbedError with a clear message."""
     out = Path(args.out)
-    work = out / "work"
-    logs = work / "logs"
+    run = out.resolve()
+    work = run / "work"
     work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(work / STEPS_NAME)
-    skipped: list[str] = []
     enc = encoder_info(args.encoder or shipped_encoder(quiet=args.quiet))
     # refuse a preprocessing the encoder was not trained on before any stage runs
     cfg = preprocess_config(enc, args.preset, args.train_volumes, args.preprocess_config, args.skullstrip,
                             args.no_n4, args.no_register)
-
-    # 1. ingest --------------------------------------------------------------------------------
-    inputs = list(args.inputs or [])
-    if args.csv and inputs:
-        raise EmbedError("give either --csv MANIFEST or a BIDS folder / NIfTI files, not both")
-    ingest_dir = work / "ingest"
-    passthrough = [a for pair in (("--cohort", args.cohort), ("--site", args.site), ("--mapping", args.mapping))
-                   if pair[1] for a in pair]
-    if args.csv:
-        kind, source, stamp = "csv", str(Path(args.csv).resolve()), _file_stamp(args.csv)
-    elif len(inputs) == 1 and Path(inputs[0]).is_dir():
-        kind, source, stamp = "bids", str(Path(inputs[0]).resolve()), _tree_stamp(Path(inputs[0]))
-    elif inputs:
-        missing = [f for f in inputs if not Path(f).is_file()]
-        if missing:
-            raise EmbedError(f"no such file(s): {missing[:5]}")
-        bad = [f for f in inputs if not NIFTI_RE.search(f)]
-        if bad:
-            raise EmbedError(f"not NIfTI files (.nii / .nii.gz): {bad[:5]}; pass a BIDS folder, NIfTI files or --csv")
-        kind, source = "csv", str(work / "inputs.csv")
-        stamp = [_file_stamp(f) for f in inputs] + [args.modality]
-        write_nifti_manifest(inputs, Path(source), args.modality)
-        if not args.cohort:
-            passthrough += ["--cohort", "nifti"]
-    else:
-        raise EmbedError("no input: give a BIDS folder, NIfTI files, or --csv MANIFEST")
-    d_ingest = _sha([kind, source, stamp, passthrough])
-    if steps.finished("ingest", d_ingest) and (ingest_dir / "worklist.jsonl").is_file():
-        skipped.append("ingest")
-    else:
-        run_stage("ingest", "g3n_data.cli", ["ingest", kind, source, "--out", str(ingest_dir), *passthrough],
-                  logs, quiet=args.quiet)
-        steps.mark("ingest", d_ingest)
-
-    # 2. preprocess ----------------------------------------------------------------------------
+    ingest_args, stamp = ingest_source(args, work)
+    gs.atomic_write_bytes(work / "ingest-source.json", (json.dumps(stamp, indent=1) + "\n").encode())
     cfg_path = work / "preprocess.yaml"
     gs.atomic_write_bytes(cfg_path, yaml.safe_dump(cfg, sort_keys=True).encode())
-    volumes = work / "volumes"
-    worklist = ingest_dir / "worklist.jsonl"
-    d_pre = _sha([hashlib.sha256(worklist.read_bytes()).hexdigest(), cfg])
-    if steps.finished("preprocess", d_pre) and (volumes / gs.MANIFEST_NAME).is_file():
-        skipped.append("preprocess")
-    else:
-        run_stage("preprocess", "g3n_data.cli",
-                  ["preprocess", str(worklist), "--out", str(volumes), "--config", str(cfg_path),
-                   "--workers", str(args.workers), "--no-progress"], logs, quiet=args.quiet)
-        steps.mark("preprocess", d_pre)
-    vs = gs.ShardSet.open(volumes, kind="volumes")
-    geo = vs.manifest.geometry
-    check_geometry(tuple(geo.shape or ()), tuple(geo.patch_size) if geo.patch_size else None, enc,
-                   f"the preprocessed set {volumes}")
+    tokens, volumes = run / "tokens", work / "volumes"
+    stages = embed_stages(args, run, ingest_args, enc.weights.resolve())
+    say = None if args.quiet else (lambda s: print(f"g3n-embed: {s}", file=sys.stderr, flush=True))
+    opts = dict(say=say, tee=False, state_dir=work / ".stages", log_dir=work / "logs")
+    try:
+        ran = run_stages(run, stages[:2], **opts)  # ingest, preprocess
+        vs = gs.ShardSet.open(volumes, kind="volumes")
+        geo = vs.manifest.geometry
+        check_geometry(tuple(geo.shape or ()), tuple(geo.patch_size) if geo.patch_size else None, enc,
+                       f"the preprocessed set {volumes}")
+        if len(vs):
+            if run_stage(run, stages[2], 3, 3, force=bool(ran), **opts) > 0:
+                ran.append("encode")
+    except StageFailed as e:
+        raise EmbedError(str(e)) from None
+    skipped = [st.name for st in stages[: 3 if len(vs) else 2] if st.name not in ran]
 
-    # 3. encode --------------------------------------------------------------------------------
-    tokens = out / "tokens"
-    enc_sha = gs.file_sha256(enc.weights)
-    d_enc = _sha([vs.digest, enc_sha, args.store])
-    if len(vs) == 0:
-        raise_after = "no volume survived ingest and preprocessing"
-    else:
-        raise_after = None
-        if steps.finished("encode", d_enc) and (tokens / gs.MANIFEST_NAME).is_file():
-            skipped.append("encode")
-        else:
-            enc_args = ["encode", str(enc.weights), "--volumes", str(volumes), "--out", str(tokens),
-                        "--store", args.store, "--batch-size", str(args.batch_size), "--quiet", "--overwrite"]
-            if args.device:
-                enc_args += ["--device", args.device]
-            run_stage("encode", "g3n_mae.cli", enc_args, logs, quiet=args.quiet)
-            steps.mark("encode", d_enc)
-
-    # 4. table and rejects ---------------------------------------------------------------------
-    rejects = collect_rejects([("ingest", ingest_dir / gs.REJECTS_NAME), ("preprocess", volumes / gs.REJECTS_NAME),
-                               ("encode", tokens / gs.REJECTS_NAME)], out / gs.REJECTS_NAME)
-    if raise_after:
-        raise EmbedError(f"{raise_after}; see {out / gs.REJECTS_NAME} ({sum(rejects.values())} lines)")
-    rows, dim = write_tables(tokens, out)
+    # the table and rejects
+    rejects = collect_rejects([("ingest", work / "ingest" / gs.REJECTS_NAME), ("preprocess", volumes / gs.REJECTS_NAME),
+                               ("encode", tokens / gs.REJECTS_NAME)], run / gs.REJECTS_NAME)
+    if not len(vs):
+        raise EmbedError(f"no volume survived ingest and preprocessing; see {out / gs.REJECTS_NAME} "
+                         f"({sum(rejects.values())} lines)")
+    rows, dim = write_tables(tokens, run)
     if dim != enc.embed_dim:
         raise EmbedError(f"{tokens}: features of width {dim}, the encoder's hidden width is {enc.embed_dim}")
-    summary = {"rows": rows, "dim": dim, "encoder": str(enc.weights), "encoder_sha256": enc_sha,
+    summary = {"rows": rows, "dim": dim, "encoder": str(enc.weights), "encoder_sha256": gs.file_sha256(enc.weights),
                "volumes_digest": vs.digest, "tokens_digest": gs.ShardSet.open(tokens).digest,
                "preprocess_config": str(cfg_path), "rejects": dict(rejects)}
-    gs.atomic_write_bytes(out / "embed_summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+    gs.atomic_write_bytes(run / "embed_summary.json", (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
     return EmbedResult(out, rows, dim, rejects, skipped)
 
 

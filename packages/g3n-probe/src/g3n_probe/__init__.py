@@ -1,4 +1,4 @@
-"""BrainG3N torch-free clinical linear-probe panel (method.md §4).
+"""BrainG3N torch-free clinical linear-probe panel (docs/method.md §4).
 
 Fits and applies linear probes on cached embeddings with numpy and scikit-learn only, so a
 CPU-only site can install this package alone. Core API::

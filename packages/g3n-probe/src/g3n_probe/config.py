@@ -100,7 +100,7 @@ REGRESSION_METRICS: tuple[str, ...] = ("mae", "r2", "pearson_r")
 
 
 class HeadlineRow(BaseModel):
-    """A row of the head-to-head comparison table (method.md Table 1)."""
+    """A row of the head-to-head comparison table (docs/method.md Table 1)."""
 
     model_config = ConfigDict(extra="forbid")
     task: str
@@ -148,7 +148,7 @@ class Panel(BaseModel):
 
 
 class ProtocolConfig(BaseModel):
-    """Cross-validation and model settings (method.md §4). Presets: ``paper`` and ``tiny``."""
+    """Cross-validation and model settings (docs/method.md §4). Presets: ``paper`` and ``tiny``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -207,7 +207,7 @@ class ProtocolConfig(BaseModel):
 
 
 PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
-    # method.md §4: 5-fold, seed 2025, logistic regression max_iter 1000, ridge.
+    # docs/method.md §4: 5-fold, seed 2025, logistic regression max_iter 1000, ridge.
     "paper": {},
     # For unit tests and demos on a handful of subjects.
     "tiny": {"n_splits": 3, "min_class_subjects": 3, "min_task_subjects": 9, "ridge_alphas": [0.1, 1.0, 10.0, 100.0]},

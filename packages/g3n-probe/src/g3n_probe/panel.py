@@ -1,6 +1,6 @@
 """Run the probe panel: labels -> subject-grouped folds -> per-slice fits -> fold metrics.
 
-Protocol (method.md §4): for each task, folds are assigned once per subject over all of the
+Protocol (docs/method.md §4): for each task, folds are assigned once per subject over all of the
 task's labelled volumes (5-fold, stratified, grouped, seed 2025); every slice reuses that
 assignment, so slices and feature sets see identical splits. Inside each fold the scaler and
 the probe are fitted on training units only. Too-small classes are dropped and too-small

@@ -200,7 +200,7 @@ def compare_markdown(results: Sequence[PanelResult]) -> str:
         "",
         f"Panel `{results[0].panel.name}`; protocol digest {results[0].protocol.digest()}; mean ± SD over folds.",
         "",
-        "## Headline (method.md Table 1 layout)",
+        "## Headline (docs/method.md Table 1 layout)",
         "",
         *table(compare_rows(results, headline_only=True)),
         "",

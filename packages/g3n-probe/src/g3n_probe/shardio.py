@@ -1,7 +1,7 @@
 """The one module that talks to g3n-shards: read features and metadata out of a shard set.
 
 ``tokens`` sets give the stored ``mean`` (1152-vector per volume) or, when only ``tokens`` is
-stored, their mean over tokens (method.md §4). ``latents`` sets give the projected tokens,
+stored, their mean over tokens (docs/method.md §4). ``latents`` sets give the projected tokens,
 flattened (1200 x 32 = 38,400 values) or averaged over tokens (32 values).
 """
 

@@ -1,4 +1,4 @@
-"""Subject-grouped, stratified K-fold assignment (method.md §4: 5 folds, seed 2025).
+"""Subject-grouped, stratified K-fold assignment (docs/method.md §4: 5 folds, seed 2025).
 
 Folds are assigned per sample but decided per subject, so no subject is ever in the training
 and test part of one fold. The assignment depends only on (group, stratum) pairs, never on

@@ -1,6 +1,6 @@
 """A synthetic cohort of per-volume features with realistic label coverage.
 
-Used by the benchmark (35,000 x 1152, method.md scale), the tests (small) and ``g3n-probe
+Used by the benchmark (35,000 x 1152, docs/method.md scale), the tests (small) and ``g3n-probe
 synth`` (a demo feature table). Cohorts mirror the paper's mix: which labels each cohort
 records follows the public datasets (ADNI has APOE and CDR, PPMI has UPDRS-III, the glioma
 cohorts have IDH1/MGMT/grade, ...), so most tasks see a small labelled fraction, as in reality.

@@ -22,7 +22,7 @@ Handedness = Literal["R", "L", "A"]
 IDH1 = Literal["wildtype", "mutant"]
 MGMT = Literal["methylated", "unmethylated"]
 
-#: Default diagnosis vocabulary (method.md §1). Other labels are allowed; the manifest of a set
+#: Default diagnosis vocabulary (docs/method.md §1). Other labels are allowed; the manifest of a set
 #: records the vocabulary it actually uses.
 DIAGNOSES: tuple[str, ...] = ("HC", "MCI", "AD", "PD", "GBM", "glioma", "ASD", "ADHD", "SCZ", "paediatric-mixed")
 CDR_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)

@@ -1,4 +1,4 @@
-"""g3n-tokenizer: BrainG3N phase 2 (method.md §3) and the swappable tokenizer interface.
+"""g3n-tokenizer: BrainG3N phase 2 (docs/method.md §3) and the swappable tokenizer interface.
 
 * :mod:`.interface`: the ``Tokenizer`` protocol every stage uses (encode/decode, latent shape,
   geometry, ``from_checkpoint``, ``model_ref``).

@@ -1,6 +1,6 @@
 """Typed configuration of the tokenizers and their training, with presets.
 
-Every size is a config value (method.md: "keep every one of them a config value"): the paper
+Every size is a config value (docs/method.md: "keep every one of them a config value"): the paper
 model, the CPU demo (``tiny``) and the unit-test model (``test``) are the same code with different
 numbers. Models are pydantic v2 with ``extra="forbid"`` so a typo in a YAML file is an error.
 
@@ -141,7 +141,7 @@ class TokenizerConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets. ``paper``: method.md §3 (16^3 patches, c = 32, ~43.7 M decoder parameters, 80 epochs,
+# Presets. ``paper``: docs/method.md §3 (16^3 patches, c = 32, ~43.7 M decoder parameters, 80 epochs,
 # patience 40; AutoencoderKL latent 8 x 40 x 48 x 40). ``tiny``: 8^3 patches at 80x96x80 for a CPU
 # demo. ``test``: 8^3 patches at 32^3 with narrow widths for unit tests.
 # ---------------------------------------------------------------------------------------------

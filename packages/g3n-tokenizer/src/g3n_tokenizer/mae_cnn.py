@@ -1,4 +1,4 @@
-"""MAE-CNN tokenizer (method.md §3): frozen g3n-mae encoder -> Linear(hidden, c) -> 3D CNN decoder.
+"""MAE-CNN tokenizer (docs/method.md §3): frozen g3n-mae encoder -> Linear(hidden, c) -> 3D CNN decoder.
 
 The encoder is loaded from its g3n-mae checkpoint (``g3n_mae.checkpoint.load_model``, strict) and
 frozen: ``requires_grad=False``, always in eval mode, run under ``no_grad``, and kept out of the

@@ -1,4 +1,4 @@
-"""Reconstruction metrics of method.md's Table 5: MSE, PSNR, SSIM on 3D volumes.
+"""Reconstruction metrics of docs/method.md's Table 5: MSE, PSNR, SSIM on 3D volumes.
 
 All three are computed per volume in the z-scored space the tokenizers work in, then averaged
 over volumes. PSNR and SSIM use each target volume's own dynamic range (max - min) as the data

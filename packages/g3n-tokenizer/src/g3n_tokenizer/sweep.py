@@ -1,4 +1,4 @@
-"""The bottleneck sweep of method.md §3 (Table 5): MAE-CNN at several c, and AutoencoderKL.
+"""The bottleneck sweep of docs/method.md §3 (Table 5): MAE-CNN at several c, and AutoencoderKL.
 
 On one cohort (a ``volumes`` set), subjects are split once into test (``test_fraction``),
 validation (early stopping) and training. Every arm is trained on the same training subjects,
@@ -182,7 +182,7 @@ def run_sweep(volumes: str | Path | gs.ShardSet, mae_checkpoint: str | Path, out
                         "stopped_early": result.stopped_early, "probe_notes": notes})
     csv_text, md = _table(rows, cfg.probe_tasks)
     atomic_write_text(out / "table5.csv", csv_text)
-    header = (f"# Bottleneck sweep (method.md Table 5)\n\nvolumes set `{ss.manifest.digest}` ({len(ss)} volumes, "
+    header = (f"# Bottleneck sweep (docs/method.md Table 5)\n\nvolumes set `{ss.manifest.digest}` ({len(ss)} volumes, "
               f"{len(set(m.subject for m in meta.values()))} subjects); test split {len(splits['test'])} volumes, "
               f"validation {len(splits['val'])}, training {len(splits['train'])}. MSE/PSNR/SSIM on the test split in "
               f"z-scored space; AUCs: g3n-probe grouped CV ({cfg.probe_protocol} protocol) on the mean over tokens of the "
