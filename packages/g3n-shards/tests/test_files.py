@@ -31,6 +31,8 @@ def test_atomic_writes_and_sets_get_the_umask_mode(tmp_path, umask):
         gs.atomic_write_text(tmp_path / "sub" / "b.txt", "x")  # parents created
         with atomic_path(tmp_path / "w.safetensors") as tmp, open(tmp, "wb") as f:  # a writer that needs a name
             f.write(b"weights")
+        with atomic_path(tmp_path / "s.safetensors") as tmp:  # a writer that creates its file 0600 (safetensors)
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
         with atomic_path(tmp_path / "v.nii.gz", keep_suffix=True) as tmp:
             assert tmp.name.endswith(".tmp.nii.gz") and tmp.parent == tmp_path
             tmp.write_bytes(b"\x1f\x8b")
@@ -38,7 +40,8 @@ def test_atomic_writes_and_sets_get_the_umask_mode(tmp_path, umask):
     finally:
         os.umask(old)
     want = 0o666 & ~umask
-    files = [tmp_path / "a.json", tmp_path / "sub" / "b.txt", tmp_path / "w.safetensors", tmp_path / "v.nii.gz",
+    files = [tmp_path / "a.json", tmp_path / "sub" / "b.txt", tmp_path / "w.safetensors", tmp_path / "s.safetensors",
+             tmp_path / "v.nii.gz",
              *sorted((tmp_path / "set").iterdir())]
     assert {f.name: _mode(f) for f in files} == {f.name: want for f in files}
     assert _mode(tmp_path / "set") == 0o777 & ~umask

@@ -71,15 +71,30 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel tells it (Linux's
+    /proc/self/status); elsewhere by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], keep_suffix: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that needs a file name (safetensors, nibabel,
-    PIL...); when the block ends without an error the file is fsynced and renamed onto ``path``,
-    otherwise removed. Parents are created. The temporary file is *not* created here: whoever
-    writes it creates it with ``open()``, so it gets the mode the user's umask gives (0644 under
-    umask 022, 0664 under 002), never ``mkstemp``'s 0600, and keeps it through the rename. The
-    name ends in ``.tmp``; ``keep_suffix=True`` appends the target's extension(s) after it, for
-    writers that choose the format by the name (nibabel, SimpleITK: ``.nii.gz``)."""
+    PIL...); when the block ends without an error the file gets the mode the user's umask gives
+    (0644 under umask 022, 0664 under 002: never the 0600 of ``mkstemp``, or of safetensors'
+    ``save_file``, which creates its files 0600 itself), is fsynced and renamed onto ``path``;
+    otherwise it is removed. Parents are created. The name ends in ``.tmp``; ``keep_suffix=True``
+    appends the target's extension(s) after it, for writers that choose the format by the name
+    (nibabel, SimpleITK: ``.nii.gz``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ("".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix) if keep_suffix else ""
@@ -88,6 +103,7 @@ def atomic_path(path: str | os.PathLike[str], keep_suffix: bool = False) -> Iter
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"{tmp}: nothing was written for {path}")
+        os.chmod(tmp, 0o666 & ~current_umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
