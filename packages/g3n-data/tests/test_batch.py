@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
 from datahelpers import (  # noqa: E402
-    CHEAP, FAST, TCGA, TCGA_FILES, TCGA_SRI, TCGA_SRI_FILES, ixi_paths, link, need_real, save, save_broken_affine,
+    CHEAP, FAST, TCGA, TCGA_FILES, TCGA_SRI, TCGA_SRI_FILES, ixi_paths, link, save, save_broken_affine,
 )
 
 import g3n_shards as gs  # noqa: E402
@@ -33,7 +33,6 @@ from g3n_data.worklist import WorkItem  # noqa: E402
 
 
 def _bad_bids(root: Path) -> Path:
-    need_real()
     rng = np.random.default_rng(0)
     t = root / "sub-tcga" / "ses-1" / "anat"
     link(TCGA / TCGA_FILES["T1"], t / "sub-tcga_ses-1_T1w.nii.gz")
@@ -113,7 +112,6 @@ def test_bad_inputs_end_in_rejects_and_nothing_is_lost(tmp_path):
 
 def test_implausible_brain_mask_volume_is_rejected(tmp_path):
     """A skull-stripped input whose brain is a 40 mm cube: the mask volume test sends it to rejects."""
-    need_real()
     vol = np.zeros((100, 100, 100), np.float32)
     vol[30:70, 30:70, 30:70] = 100.0
     p = save(vol, tmp_path / "cube.nii.gz")
@@ -128,7 +126,6 @@ def test_implausible_brain_mask_volume_is_rejected(tmp_path):
 
 def _cheap_worklist(tmp_path: Path, n: int = 5) -> Path:
     """n subjects of already-registered, skull-stripped T1 + T2 (the TCGA SRI24 files, linked)."""
-    need_real()
     root = tmp_path / "ds"
     for i in range(n):
         for mod, suf in (("T1", "T1w"), ("T2", "T2w")):
