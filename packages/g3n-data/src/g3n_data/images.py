@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from g3n_shards import atomic_path
 from g3n_shards import file_sha256 as sha256_file  # noqa: F401 - the sample's source_sha256
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -120,21 +121,11 @@ def from_array(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def save_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Write an (x, y, z) array with its RAS affine (qform and sform both set) atomically."""
-    import os
-    import tempfile
-
-    p = Path(path)
     img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=2)
     img.set_sform(affine, code=2)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".nii.gz" if str(p).endswith(".gz") else ".nii")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, keep_suffix=True) as tmp:  # nibabel picks gzip by the name
+        nib.save(img, str(tmp))
 
 
 @contextlib.contextmanager
