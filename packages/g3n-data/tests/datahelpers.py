@@ -28,8 +28,8 @@ TCGA_FILES = {
     "T2": "MRHR_T2_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_T2_AX_SE_2_tse2d1_11_t2.nii.gz",
     "FLAIR": "MRHR_FLAIR_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_FLAIR_AX_SE_IR_5_tir2d1_21_fla.nii.gz",
 }
-TCGA_SRI_FILES = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T1c": "OtherEXampleFromTCIA_t1c_bet.nii.gz",
-                  "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz", "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}
+TCGA_SRI_FILES = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz",
+                  "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}  # the T1c is not kept (no test uses it)
 
 
 def ixi_paths() -> list[Path]:

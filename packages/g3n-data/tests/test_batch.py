@@ -233,3 +233,42 @@ def test_console_script_has_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("ingest", "preprocess", "synth", "split", "check"):
         assert cmd in out
+
+
+def test_a_source_changed_since_ingest_is_rejected_and_the_batch_goes_on(tmp_path):
+    """Ingest records each file's SHA-256; preprocessing hashes what it reads: a T1 replaced after
+    ingest is refused (with both hashes), not processed under the old provenance nor served from the
+    cache; the other subject is reused, and once the file is back the subject is processed again."""
+    wl = _cheap_worklist(tmp_path, n=2)
+    cfg = make_config("demo", CHEAP)
+    out = tmp_path / "out"
+    run_preprocess(wl, out, cfg, progress=False)
+    first = gs.ShardSet.open(out).manifest.digest
+    t1 = tmp_path / "ds" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    recorded = gs.ShardSet.open(out).metadata()["r-sub-01-t1"].source_sha256
+    t1.unlink()  # a link to the repository's file: replace the link, never touch the file
+    t1.write_bytes((TCGA_SRI / TCGA_SRI_FILES["FLAIR"]).read_bytes())  # a valid volume, another file
+
+    s = run_preprocess(wl, out, cfg, progress=False)
+    assert (s.processed, s.reused) == (1, 1)  # sub-00 from the cache, sub-01 again
+    ss = gs.ShardSet.open(out)
+    assert sorted(ss.keys()) == ["r-sub-00-t1", "r-sub-00-t2", "r-sub-01-t2"]
+    (r,) = [r for r in gs.RejectLog(out).records() if r.get("key") == "r-sub-01-t1"]
+    now = gs.file_sha256(t1)
+    assert (r["step"], r["reason"], r["path"]) == ("load", "source changed since ingest", str(t1.absolute()))
+    assert r["detail"] == f"sha256 {now}, the work list records {recorded}"
+    assert s.rejects_by_step == {"load": 1}
+    assert check.check_set(out, worklist=wl)["ok"]  # accounted for: a reject, not a lost input
+
+    # the worker checks the bytes it reads too (a file changed after the driver looked)
+    item = next(i for i in run_ingest("bids", tmp_path / "ds", tmp_path / "wl2", ColumnMapping(cohort="R")).items
+                if i.key == "r-sub-00-t1")
+    stale = item.model_copy(update={"meta": {**item.meta, "source_sha256": "0" * 64}})
+    res = process_subject([stale], cfg, load_atlas(cfg.atlas, cfg.geometry))
+    assert not res.samples and (res.rejects[0]["step"], res.rejects[0]["reason"]) == ("load", "source changed since ingest")
+
+    t1.unlink()
+    link(TCGA_SRI / TCGA_SRI_FILES["T1"], t1)  # the file is back: its reject is not served from the cache
+    s = run_preprocess(wl, out, cfg, progress=False)
+    assert (s.processed, s.reused) == (1, 1) and gs.ShardSet.open(out).manifest.digest == first
+    assert not gs.RejectLog(out).records()
