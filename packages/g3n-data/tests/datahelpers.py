@@ -1,20 +1,26 @@
-"""Shared helpers for the ingest/preprocess tests (real volumes from ../shared, fast settings)."""
+"""Shared helpers for the ingest/preprocess tests (real volumes kept in the repository, fast settings).
+
+Real data (see data/real/PROVENANCE.md): the 10 IXI T1 volumes are the demo's built-in cohort in
+g3n-pipeline (read here by path, not imported); their DLMUSE labels for the two subjects the tests
+use, and the TCGA-FG-6692 glioma case (native space, and in SRI24 space), reduced to 2 mm in
+plane / isotropic, are under ``tests/data/real``. Nothing is read from outside the repository.
+"""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-SHARED = (REPO / ".." / "shared").resolve()
-REAL = SHARED / "data" / "real"
-IXI = REAL / "ixi10-t1"
-TCGA = REAL / "tcga-fg-6692-native"
-TCGA_SRI = REAL / "tcga-fg-6692-sri24"
+DATA = Path(__file__).resolve().parent / "data" / "real"
+IXI = REPO / "packages" / "g3n-pipeline" / "src" / "g3n_pipeline" / "cohort" / "ixi10"
+IXI_LABELS = DATA / "ixi10-dlmuse"
+TCGA = DATA / "tcga-fg-6692-native"
+TCGA_SRI = DATA / "tcga-fg-6692-sri24"
 
 TCGA_FILES = {
     "T1": "T1_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_T1_AX_SE_10_se2d1_t1.nii.gz",
@@ -22,22 +28,27 @@ TCGA_FILES = {
     "T2": "MRHR_T2_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_T2_AX_SE_2_tse2d1_11_t2.nii.gz",
     "FLAIR": "MRHR_FLAIR_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_FLAIR_AX_SE_IR_5_tir2d1_21_fla.nii.gz",
 }
-TCGA_SRI_FILES = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T1c": "OtherEXampleFromTCIA_t1c_bet.nii.gz",
-                  "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz", "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}
-
-
-def need_real() -> None:
-    if not IXI.is_dir() or not TCGA.is_dir():
-        pytest.skip("../shared/data/real not available")
+TCGA_SRI_FILES = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz",
+                  "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}  # the T1c is not kept (no test uses it)
 
 
 def ixi_paths() -> list[Path]:
-    need_real()
-    return sorted((IXI / "nifti").glob("*.nii.gz"))
+    paths = sorted(IXI.glob("*.nii.gz"))
+    assert len(paths) == 10, f"{IXI}: expected the 10 IXI T1 volumes of g3n-pipeline's built-in cohort"
+    return paths
+
+
+def ixi_demographics() -> dict[str, tuple[str, str]]:
+    """subject (MRID) -> (age, sex) as text, from the cohort's CSV manifest."""
+    with open(IXI / "ixi10.csv", newline="", encoding="utf-8") as f:
+        return {row["subject"]: (row["age"], row["sex"]) for row in csv.DictReader(f)}
 
 
 def ixi_labels(t1: Path) -> Path:
-    return IXI / "dlmuse" / t1.name.replace("_ds.nii.gz", "_ds_DLMUSE.nii.gz")
+    """The subject's DLMUSE region labels (kept for IXI012 and IXI014, the subjects the tests use)."""
+    p = IXI_LABELS / t1.name.replace("_ds.nii.gz", "_ds_DLMUSE.nii.gz")
+    assert p.is_file(), f"{p}: no labels kept for {t1.name} (see data/real/PROVENANCE.md)"
+    return p
 
 
 #: quick settings for tests: coarse N4 and registration (the paper settings are the defaults)

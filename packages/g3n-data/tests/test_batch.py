@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
 from datahelpers import (  # noqa: E402
-    CHEAP, FAST, TCGA, TCGA_FILES, TCGA_SRI, TCGA_SRI_FILES, ixi_paths, link, need_real, save, save_broken_affine,
+    CHEAP, FAST, TCGA, TCGA_FILES, TCGA_SRI, TCGA_SRI_FILES, ixi_paths, link, save, save_broken_affine,
 )
 
 import g3n_shards as gs  # noqa: E402
@@ -33,7 +33,6 @@ from g3n_data.worklist import WorkItem  # noqa: E402
 
 
 def _bad_bids(root: Path) -> Path:
-    need_real()
     rng = np.random.default_rng(0)
     t = root / "sub-tcga" / "ses-1" / "anat"
     link(TCGA / TCGA_FILES["T1"], t / "sub-tcga_ses-1_T1w.nii.gz")
@@ -113,7 +112,6 @@ def test_bad_inputs_end_in_rejects_and_nothing_is_lost(tmp_path):
 
 def test_implausible_brain_mask_volume_is_rejected(tmp_path):
     """A skull-stripped input whose brain is a 40 mm cube: the mask volume test sends it to rejects."""
-    need_real()
     vol = np.zeros((100, 100, 100), np.float32)
     vol[30:70, 30:70, 30:70] = 100.0
     p = save(vol, tmp_path / "cube.nii.gz")
@@ -128,7 +126,6 @@ def test_implausible_brain_mask_volume_is_rejected(tmp_path):
 
 def _cheap_worklist(tmp_path: Path, n: int = 5) -> Path:
     """n subjects of already-registered, skull-stripped T1 + T2 (the TCGA SRI24 files, linked)."""
-    need_real()
     root = tmp_path / "ds"
     for i in range(n):
         for mod, suf in (("T1", "T1w"), ("T2", "T2w")):
@@ -236,3 +233,42 @@ def test_console_script_has_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("ingest", "preprocess", "synth", "split", "check"):
         assert cmd in out
+
+
+def test_a_source_changed_since_ingest_is_rejected_and_the_batch_goes_on(tmp_path):
+    """Ingest records each file's SHA-256; preprocessing hashes what it reads: a T1 replaced after
+    ingest is refused (with both hashes), not processed under the old provenance nor served from the
+    cache; the other subject is reused, and once the file is back the subject is processed again."""
+    wl = _cheap_worklist(tmp_path, n=2)
+    cfg = make_config("demo", CHEAP)
+    out = tmp_path / "out"
+    run_preprocess(wl, out, cfg, progress=False)
+    first = gs.ShardSet.open(out).manifest.digest
+    t1 = tmp_path / "ds" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    recorded = gs.ShardSet.open(out).metadata()["r-sub-01-t1"].source_sha256
+    t1.unlink()  # a link to the repository's file: replace the link, never touch the file
+    t1.write_bytes((TCGA_SRI / TCGA_SRI_FILES["FLAIR"]).read_bytes())  # a valid volume, another file
+
+    s = run_preprocess(wl, out, cfg, progress=False)
+    assert (s.processed, s.reused) == (1, 1)  # sub-00 from the cache, sub-01 again
+    ss = gs.ShardSet.open(out)
+    assert sorted(ss.keys()) == ["r-sub-00-t1", "r-sub-00-t2", "r-sub-01-t2"]
+    (r,) = [r for r in gs.RejectLog(out).records() if r.get("key") == "r-sub-01-t1"]
+    now = gs.file_sha256(t1)
+    assert (r["step"], r["reason"], r["path"]) == ("load", "source changed since ingest", str(t1.absolute()))
+    assert r["detail"] == f"sha256 {now}, the work list records {recorded}"
+    assert s.rejects_by_step == {"load": 1}
+    assert check.check_set(out, worklist=wl)["ok"]  # accounted for: a reject, not a lost input
+
+    # the worker checks the bytes it reads too (a file changed after the driver looked)
+    item = next(i for i in run_ingest("bids", tmp_path / "ds", tmp_path / "wl2", ColumnMapping(cohort="R")).items
+                if i.key == "r-sub-00-t1")
+    stale = item.model_copy(update={"meta": {**item.meta, "source_sha256": "0" * 64}})
+    res = process_subject([stale], cfg, load_atlas(cfg.atlas, cfg.geometry))
+    assert not res.samples and (res.rejects[0]["step"], res.rejects[0]["reason"]) == ("load", "source changed since ingest")
+
+    t1.unlink()
+    link(TCGA_SRI / TCGA_SRI_FILES["T1"], t1)  # the file is back: its reject is not served from the cache
+    s = run_preprocess(wl, out, cfg, progress=False)
+    assert (s.processed, s.reused) == (1, 1) and gs.ShardSet.open(out).manifest.digest == first
+    assert not gs.RejectLog(out).records()

@@ -115,3 +115,25 @@ def test_output_grid_is_the_atlas_box():
     ad = load_atlas(demo.atlas, demo.geometry)
     corner = lambda a: a[:3, :3] @ np.array([-0.5, -0.5, -0.5]) + a[:3, 3]
     np.testing.assert_allclose(corner(ad.affine), corner(atlas.affine), atol=1e-6)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_get_the_umask_mode(tmp_path, umask):
+    """Every file g3n-data writes goes through g3n_shards' one atomic writer: the umask's mode, never mkstemp's 0600."""
+    import os
+
+    from g3n_data.qc import write_montage
+    from g3n_data.worklist import write_worklist
+
+    vol = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    old = os.umask(umask)
+    try:
+        save_nifti(vol, np.eye(4), tmp_path / "v.nii.gz")
+        write_montage(tmp_path / "qc" / "m.png", vol)
+        write_worklist(tmp_path / "wl", [], [], {"kind": "test"})
+    finally:
+        os.umask(old)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert sorted(p.name for p in files) == ["ingest_report.json", "m.png", "rejects.jsonl", "v.nii.gz", "worklist.jsonl"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~umask for p in files}
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "v.nii.gz").dataobj), vol)  # gzip: .nii.gz kept

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: make the helpers importable
-from datahelpers import IXI, TCGA, TCGA_FILES, ixi_paths, link, need_real  # noqa: E402
+from datahelpers import TCGA, TCGA_FILES, ixi_demographics, ixi_paths, link  # noqa: E402
 
 from g3n_data.columns import ColumnMapping  # noqa: E402
 from g3n_data.images import keep_locale  # noqa: E402
@@ -47,7 +47,6 @@ def make_bids(root: Path) -> Path:
 
 
 def test_bids_ingest_maps_columns_and_sessions(tmp_path):
-    need_real()
     res = ingest_bids(make_bids(tmp_path / "ds"), ColumnMapping(cohort="Demo", site="S1"))
     by_key = {i.key: i for i in res.items}
     assert sorted(by_key) == [
@@ -77,7 +76,6 @@ def test_bids_ingest_maps_columns_and_sessions(tmp_path):
 
 
 def test_bids_unknown_columns_refused_with_a_clear_message(tmp_path):
-    need_real()
     res = ingest_bids(make_bids(tmp_path / "ds"), ColumnMapping(unknown_columns="refuse"))
     assert not res.items
     assert all("unknown column 'scanner_room'" in r["reason"] for r in res.rejects if r["step"] == "metadata"
@@ -88,7 +86,6 @@ def test_bids_unknown_columns_refused_with_a_clear_message(tmp_path):
 
 
 def test_custom_column_mapping_and_codes(tmp_path):
-    need_real()
     root = tmp_path / "ds"
     link(ixi_paths()[0], root / "sub-7" / "anat" / "sub-7_T1w.nii.gz")
     (root / "participants.tsv").write_text("participant_id\tyrs\tsx\tdx\nsub-7\t400\tX\tProbable AD\n")
@@ -104,9 +101,8 @@ def test_custom_column_mapping_and_codes(tmp_path):
 
 
 def test_csv_manifest_ingest(tmp_path):
-    need_real()
     ixi = ixi_paths()
-    demog = {line.split(",")[0]: line.split(",")[1:] for line in (IXI / "lists" / "IXI_demog_n10.csv").read_text().split()[1:]}
+    demog = ixi_demographics()
     rows = ["path,MRID,Age,Sex,scanner"]
     for p in ixi[:3]:
         mrid = p.name.replace("-T1_ds.nii.gz", "")
@@ -158,7 +154,6 @@ def _write_dicom_series_unguarded(vol: sitk.Image, folder: Path, description: st
 
 
 def test_dicom_series_are_converted_without_identifying_tags(tmp_path):
-    need_real()
     before = locale.setlocale(locale.LC_ALL)
     src, _ = sitk.ReadImage(str(ixi_paths()[0])), None
     src = sitk.DICOMOrient(src[:, :, 30:50], "LPS")

@@ -71,6 +71,10 @@ def test_checkpoint_contents_and_keep_last(tmp_path):
     assert vocab["disease"] == ["AD", "HC"] and vocab["site"] == ["site0", "site1", "site2"]
     assert vocab["idh1"] == []  # never recorded: only its null embedding exists
     assert not list(tmp_path.joinpath("checkpoints").glob(".tmp-*"))
+    from g3n_shards.writer import current_umask  # files get the umask's mode, not safetensors' 0600
+
+    assert {f.name: f.stat().st_mode & 0o777 for f in cks[-1].iterdir()} == {f.name: 0o666 & ~current_umask()
+                                                                               for f in cks[-1].iterdir()}
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 4
     # a corrupted weights file is refused

@@ -94,10 +94,9 @@ def test_real_atlas_degradation_orders_metrics():
     """On a real brain (the SRI24 atlas, downsampled), more blur gives worse MSE, PSNR and SSIM."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "real" / "sri24-atlas"
-    files = sorted(root.glob("*skullstripped*.nii*")) if root.is_dir() else []
-    if not files:
-        pytest.skip(f"real atlas not found under {root}")
+    # the SRI24 skull-stripped T1 as g3n-data ships it (see its PROVENANCE.md), read by path
+    atlas = Path(__file__).resolve().parents[2] / "g3n-data" / "src" / "g3n_data" / "atlases" / "sri24" / "t1_brain_1mm.nii.gz"
+    files = [atlas]
     nib = pytest.importorskip("nibabel")
     from scipy.ndimage import gaussian_filter
 

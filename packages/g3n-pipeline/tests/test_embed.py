@@ -1,6 +1,6 @@
 """g3n-embed: loose NIfTI in, the training preprocessing, a tiny encoder, an embeddings table out.
 
-The end-to-end test uses one real 2 mm IXI T1 volume from ../shared (skipped when absent), a
+The end-to-end test uses one real 2 mm IXI T1 volume of the built-in cohort (cohort/ixi10), a
 `tiny` g3n-mae encoder (80x96x80, 8^3 patches = 1200 tokens, the demo preprocessing grid)
 trained for two steps, atlas skull stripping and a coarser registration schedule, so the whole
 chain (ingest, preprocess, encode, table, probe) runs in well under two minutes on CPU.
@@ -18,8 +18,7 @@ import pytest
 import g3n_shards as gs
 from g3n_pipeline import embed
 
-SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
-IXI = SHARED / "data" / "real" / "ixi10-t1" / "nifti"
+IXI = Path(embed.__file__).resolve().parent / "cohort" / "ixi10"  # the built-in real cohort (see its PROVENANCE.md)
 FAST_PREPROCESS = """\
 registration:
   shrink_factors: [6, 4, 2]
@@ -144,7 +143,6 @@ def tiny_encoder(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.skipif(not IXI.is_dir(), reason="../shared (real IXI volumes) is not available")
 def test_embed_nifti_end_to_end(tmp_path, tiny_encoder, capsys):
     good = IXI / "IXI012-HH-1211-T1_ds.nii.gz"
     broken = tmp_path / "broken_T1w.nii.gz"

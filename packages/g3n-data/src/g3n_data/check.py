@@ -1,8 +1,10 @@
 """`g3n-data check`: verify a `volumes` shard set and account for every input.
 
-Checks: the set opens as kind ``volumes`` (kind and schema version known), every shard's SHA-256,
-every sample's metadata, volume shape = geometry, finite and non-negative voxels, no identifying
-header text in metadata. With ``--worklist``: every input of the work list (and every ingest
+Checks: the set opens as kind ``volumes`` (kind and schema version known); every shard and sample
+as a reader checks them (SHA-256, keys and metadata against the index, members, declared arrays,
+payloads: each problem named with its shard and sample, never a traceback); volume shape =
+geometry, finite and non-negative voxels. A set with 0 samples (every input rejected) is reported
+as such, with its rejects. With ``--worklist``: every input of the work list (and every ingest
 reject) ends as a sample or as a line of the set's ``rejects.jsonl`` — nothing lost silently.
 """
 
@@ -16,33 +18,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from g3n_shards import ShardError, ShardSet
+from g3n_shards import Sample, ShardError, ShardSet
 
 from .worklist import read_jsonl, read_worklist
 
 
 def check_set(path: str | Path, worklist: str | Path | None = None, read_volumes: bool = True) -> dict[str, Any]:
     """Return a report dict with ``ok`` and a list of ``problems`` (each naming the sample or file)."""
-    problems: list[str] = []
     path = Path(path)
     try:
         ss = ShardSet.open(path, kind="volumes")
-        ss.verify()
+        metas = ss.metadata()
     except (ShardError, FileNotFoundError) as e:
         return {"ok": False, "problems": [str(e)], "samples": 0}
     geom = ss.manifest.geometry
-    metas = ss.metadata()
-    if read_volumes:
-        for s in ss.iter_split(shuffle=False):
-            v = s.arrays["volume"]
-            if geom.shape is not None and tuple(v.shape) != tuple(geom.shape):
-                problems.append(f"{s.key}: shape {v.shape} != geometry {geom.shape}")
-            if not np.all(np.isfinite(v)):
-                problems.append(f"{s.key}: non-finite voxels")
-            if float(v.min()) < 0:
-                problems.append(f"{s.key}: negative voxels (min {float(v.min())})")
-            if not np.any(v > 0):
-                problems.append(f"{s.key}: empty volume")
+
+    def volume_problems(s: Sample) -> None:
+        v = s.arrays["volume"]
+        if geom.shape is not None and tuple(v.shape) != tuple(geom.shape):
+            problems.append(f"{s.key}: shape {v.shape} != geometry {geom.shape}")
+        if not np.all(np.isfinite(v)):
+            problems.append(f"{s.key}: non-finite voxels")
+        if float(v.min()) < 0:
+            problems.append(f"{s.key}: negative voxels (min {float(v.min())})")
+        if not np.any(v > 0):
+            problems.append(f"{s.key}: empty volume")
+
+    problems: list[str] = []
+    # every shard and sample as a normal read checks them (SHA-256, index, JSON, members, payloads),
+    # each problem reported with its shard and key rather than stopping at the first
+    problems += ss.scan(arrays=read_volumes, on_sample=volume_problems if read_volumes else None)
     rejects = read_jsonl(path / "rejects.jsonl")
     for n, r in enumerate(rejects, 1):
         missing = [k for k in ("path", "subject", "step", "reason") if k not in r]
@@ -70,6 +75,9 @@ def check_set(path: str | Path, worklist: str | Path | None = None, read_volumes
         report["inputs"] = len(items) + len(ingest_rejects)
     report["problems"] = problems
     report["ok"] = not problems
+    if not metas:
+        report["note"] = ("the set holds no samples" + (f": all {len(rejects)} inputs were rejected (rejects.jsonl)"
+                                                        if rejects else ""))
     return report
 
 
@@ -90,6 +98,8 @@ def _main(args: argparse.Namespace) -> int:
     else:
         print(f"{args.shards}: {'OK' if rep['ok'] else 'FAILED'}: {rep.get('samples', 0)} samples, "
               f"{rep.get('rejects', 0)} rejects {rep.get('rejects_by_step', {})}")
+        if rep.get("note"):
+            print(f"  note: {rep['note']}")
         for pr in rep["problems"]:
             print(f"  problem: {pr}", file=sys.stderr)
     return 0 if rep["ok"] else 1

@@ -12,6 +12,8 @@ LPS origin/direction. :func:`to_sitk` and :func:`grid_affine` convert between th
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import locale
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from g3n_shards import atomic_path
 from g3n_shards import file_sha256 as sha256_file  # noqa: F401 - the sample's source_sha256
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -58,20 +61,44 @@ def _checked_affine(path: str | Path, affine: np.ndarray) -> tuple[np.ndarray, n
     return direction, spacing, origin
 
 
-def load_volume(path: str | Path) -> tuple[sitk.Image, dict]:
+SOURCE_CHANGED = "source changed since ingest"
+
+
+def _nifti_from_bytes(data: bytes) -> nib.spatialimages.SpatialImage:
+    """A NIfTI-1 or NIfTI-2 image (``.nii`` or gzipped) parsed from bytes already in memory."""
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    try:
+        return nib.Nifti1Image.from_bytes(raw)
+    except Exception:  # noqa: BLE001 - not NIfTI-1: try NIfTI-2, whose error is the one reported
+        return nib.Nifti2Image.from_bytes(raw)
+
+
+def load_volume(path: str | Path, expected_sha256: str | None = None) -> tuple[sitk.Image, dict]:
     """Read a NIfTI volume as float32 SimpleITK image after every check a batch needs.
 
-    Raises :class:`InputError` with a short reason for: unreadable/corrupt file, 2D or 4D image,
-    broken affine, NaN/Inf voxels, empty (constant) image. Trailing singleton dimensions are
-    squeezed (the SRI24 atlas is stored 240x240x155x1: that is not a 4D series).
+    The file is read once; with ``expected_sha256`` (the work list's ``source_sha256``) the bytes
+    read are hashed and must match, so an input changed since ingest is refused rather than
+    processed under the old file's provenance (the hash is of exactly the bytes used).
+    Raises :class:`InputError` with a short reason for: unreadable/corrupt file, a changed source,
+    2D or 4D image, broken affine, NaN/Inf voxels, empty (constant) image. Trailing singleton
+    dimensions are squeezed (the SRI24 atlas is stored 240x240x155x1: that is not a 4D series).
     Returns the image and a small dict of figures (shape, spacing) for provenance.
     """
     p = Path(path)
     try:
-        img = nib.load(str(p))
+        raw = p.read_bytes()
+    except OSError as e:
+        raise InputError(p, "unreadable or corrupt file", f"{type(e).__name__}: {e}") from None
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(raw).hexdigest()
+        if actual != expected_sha256:
+            raise InputError(p, SOURCE_CHANGED, f"sha256 {actual}, the work list records {expected_sha256}")
+    try:
+        img = _nifti_from_bytes(raw)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt files
         raise InputError(p, "unreadable or corrupt file", f"{type(e).__name__}: {e}") from None
+    del raw
     shape = data.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -120,21 +147,11 @@ def from_array(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def save_nifti(arr: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
     """Write an (x, y, z) array with its RAS affine (qform and sform both set) atomically."""
-    import os
-    import tempfile
-
-    p = Path(path)
     img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.set_qform(affine, code=2)
     img.set_sform(affine, code=2)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".nii.gz" if str(p).endswith(".gz") else ".nii")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, keep_suffix=True) as tmp:  # nibabel picks gzip by the name
+        nib.save(img, str(tmp))
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ def _interp(cfg: PreprocessConfig) -> int:
 
 def _load(item: WorkItem, cfg: PreprocessConfig) -> tuple[sitk.Image, dict]:
     try:
-        img, info = load_volume(item.path)
+        img, info = load_volume(item.path, expected_sha256=item.meta.get("source_sha256"))
     except InputError as e:
         raise StepError("load", e.reason, detail=e.detail) from None
     if cfg.n4.enabled:

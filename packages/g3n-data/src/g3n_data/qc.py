@@ -8,10 +8,10 @@ the figures, so a reviewer sees why.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+from g3n_shards import atomic_path
 
 
 def atlas_correlation(volume: np.ndarray, atlas_brain: np.ndarray, mask: np.ndarray) -> float:
@@ -61,8 +61,6 @@ def write_montage(path: str | os.PathLike[str], volume: np.ndarray, mask: np.nda
     from PIL import Image
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp.png")
-    Image.fromarray(montage(volume, mask)).save(tmp, format="PNG")
-    os.replace(tmp, p)
+    with atomic_path(p) as tmp:
+        Image.fromarray(montage(volume, mask)).save(tmp, format="PNG")
     return p

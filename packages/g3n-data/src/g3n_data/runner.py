@@ -2,7 +2,10 @@
 
 Design: each subject (all its sessions) is one unit of work. A finished subject is written to a
 per-subject cache folder atomically (staged, then renamed), so a killed run resumes by skipping
-subjects whose cache entry exists and matches the inputs and the config. The final ``volumes``
+subjects whose cache entry exists and matches the inputs and the config. Every input is hashed
+again before its subject is taken from the cache or processed: a file that changed since ingest
+is rejected ("source changed since ingest", both hashes in the record), the batch goes on, and
+the check is repeated on the bytes the worker actually reads. The final ``volumes``
 shard set is written from the cache in sorted key order by the contract's deterministic writer,
 so a resumed run gives byte-identical shards to an uninterrupted one, and ``--part i/N`` parts
 merge (``merge_parts``) into the same samples as a single run.
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from g3n_shards import Geometry, Producer, ShardSet, ShardWriter, merge_shard_sets, sanitize_key
+from g3n_shards import Geometry, Producer, ShardSet, ShardWriter, file_sha256, merge_shard_sets, sanitize_key
 from tqdm import tqdm
 
 from .atlas import Atlas, load_atlas
@@ -83,8 +86,31 @@ def _slug(group: tuple[str, str]) -> str:
     return f"{sanitize_key('-'.join(p for p in group if p))[:80]}-{h}"
 
 
-def _digest(items: list[WorkItem], cfg_digest: str) -> str:
-    payload = json.dumps([cfg_digest] + [i.model_dump(mode="json") for i in items], sort_keys=True)
+def changed_sources(items: list[WorkItem]) -> dict[str, str]:
+    """Inputs whose file no longer has the SHA-256 the work list recorded at ingest: path -> what
+    is there now (its SHA-256, or why it cannot be read). Items without a recorded hash are skipped."""
+    out = {}
+    for it in items:
+        want = it.meta.get("source_sha256")
+        if not want:
+            continue
+        try:
+            have = file_sha256(it.path)
+        except OSError as e:
+            have = f"unreadable ({e.strerror or e})"
+        if have != want:
+            out[it.path] = have
+    return out
+
+
+def _digest(items: list[WorkItem], cfg_digest: str, changed: dict[str, str] | None = None) -> str:
+    """Cache key of one subject: the config, its work items (with the recorded source hashes) and,
+    where a source changed since ingest, what is there now: a result made while a file differed
+    (its reject) is never served once the file is back, nor a result of the old file while it differs."""
+    parts: list = [cfg_digest] + [i.model_dump(mode="json") for i in items]
+    if changed:
+        parts.append({"changed_sources": changed})
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -169,7 +195,7 @@ def run_preprocess(
     i, n = part
     groups = group_items(items)[i - 1 :: n]
     cfg_digest = cfg.digest()
-    digests = {g: _digest(its, cfg_digest) for g, its in groups}
+    digests = {g: _digest(its, cfg_digest, changed_sources(its)) for g, its in groups}  # re-hashes every input
     todo = [(g, its) for g, its in groups if not _cached(cache, g, digests[g])]
     summary = RunSummary(out, processed=len(todo), reused=len(groups) - len(todo))
     crashed: dict[tuple[str, str], str] = {}

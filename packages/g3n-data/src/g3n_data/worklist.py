@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from g3n_shards import SampleMeta
+from g3n_shards import SampleMeta, atomic_write_text  # noqa: F401 - the one atomic writer, re-exported
 from pydantic import BaseModel, ConfigDict
 
 WORKLIST_NAME = "worklist.jsonl"
@@ -51,18 +50,6 @@ class WorkItem(BaseModel):
     def group(self) -> tuple[str, str]:
         """Processing unit: a subject within its cohort (subject IDs repeat across cohorts)."""
         return (self.meta.get("cohort") or "", self.meta["subject"])
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file so a reader sees the old or the new version, never a partial one."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
 
 
 def reject_line(path: str | None, subject: str | None, step: str, reason: str, **details: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from g3n_shards import file_sha256
+from g3n_shards import atomic_path, file_sha256
 from safetensors.torch import load_file, save_file
 
 from .conditions import Condition
@@ -155,7 +155,8 @@ def save_checkpoint(
         for name, sd in (("model.safetensors", model_sd), ("ema.safetensors", ema_sd)):
             tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             tensors.update(normd)
-            save_file(tensors, str(tmp / name), metadata={"format": FORMAT, "step": str(step)})
+            with atomic_path(tmp / name) as t:  # safetensors creates its files 0600: give them the umask's mode
+                save_file(tensors, str(t), metadata={"format": FORMAT, "step": str(step)})
         train_tensors: dict[str, torch.Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
         groups: list[dict[str, Any]] = []
         if optimizer is not None:
@@ -166,7 +167,8 @@ def save_checkpoint(
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 train_tensors[f"rng.cuda.{i}"] = s
-        save_file(train_tensors, str(tmp / "train.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+        with atomic_path(tmp / "train.safetensors") as t:
+            save_file(train_tensors, str(t), metadata={"format": FORMAT, "step": str(step)})
         for name in ("model.safetensors", "ema.safetensors", "train.safetensors"):
             files[name] = file_sha256(tmp / name)
         doc = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_param_groups": groups, "files": files, **state}

@@ -26,7 +26,7 @@ import json
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from g3n_shards import atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
+from g3n_shards import atomic_path, atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
 
 from . import __version__
 from .config import ModelConfig, config_to_json, model_config_from_json
@@ -57,16 +57,8 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # created by safetensors itself: the umask's mode, not mkstemp's 0600
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -263,7 +255,8 @@ def save_checkpoint(
     for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a killed save (one writer per run)
         shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"  # not mkdtemp: its mode 0700 would stay
+    tmp.mkdir()
     try:
         digest = save_weights(tmp / "model.safetensors", model_sd, model_cfg, {"step": str(step)})
         atomic_save_safetensors(optim_tensors, tmp / "optimizer.safetensors", {"format": "g3n-mae-optimizer"})
@@ -349,7 +342,7 @@ def model_card(state: dict[str, Any], weights_name: str, digest: str) -> str:
         "## Weights", "",
         f"- file: `{weights_name}` (plain safetensors; the model config is embedded in its metadata)",
         f"- sha256: `{digest}`",
-        f"- load: `g3n_mae.checkpoint.load_model(path)`; strict; pos-embeds interpolate to other geometries", "",
+        "- load: `g3n_mae.checkpoint.load_model(path)`; strict; pos-embeds interpolate to other geometries", "",
         "## Geometry and architecture", "",
         f"- volume {tuple(m['img_size'])}, patches {tuple(m['patch_size'])}, tokens {_prod(m['img_size'], m['patch_size'])}",
         f"- encoder: {m['depth']} layers, hidden {m['embed_dim']}, {m['num_heads']} heads, MLP {m['mlp_dim']}",

@@ -33,12 +33,12 @@ from .merge import merge_shard_sets, subset_shard_set
 from .meta import CDR_VALUES, DIAGNOSES, MODALITIES, SampleMeta, sample_key, sanitize_key
 from .reader import Sample, ShardSet
 from .rejects import RejectLog
-from .writer import VOCAB_FIELDS, ShardWriter, atomic_write_bytes, atomic_write_text, file_sha256
+from .writer import VOCAB_FIELDS, ShardWriter, atomic_path, atomic_write_bytes, atomic_write_text, file_sha256
 
 __all__ = [
     "ArrayInfo", "CDR_VALUES", "ChecksumError", "DIAGNOSES", "FORMAT", "FileInfo", "Geometry", "INDEX_NAME",
     "KINDS", "KindSpec", "MANIFEST_NAME", "MODALITIES", "Manifest", "MetadataError", "ModelRef", "ParentRef",
     "Producer", "REJECTS_NAME", "RejectLog", "Sample", "SampleMeta", "ShardError", "ShardFormatError", "atomic_write_text",
-    "ShardInfo", "ShardSet", "ShardWriter", "VOCAB_FIELDS", "atomic_write_bytes", "config_digest",
+    "ShardInfo", "ShardSet", "ShardWriter", "VOCAB_FIELDS", "atomic_path", "atomic_write_bytes", "config_digest",
     "file_sha256", "merge_shard_sets", "sample_key", "sanitize_key", "subset_shard_set",
 ]  # fmt: skip

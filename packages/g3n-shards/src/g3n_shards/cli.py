@@ -85,7 +85,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except ShardError as e:
         print(f"FAILED {e}", file=sys.stderr)
         return 1
-    print(f"OK {ss.location}: {len(names)} shards, {len(ss)} samples, SHA-256 and counts match ({ss.digest})")
+    print(f"OK {ss.location}: {len(names)} shards, {len(ss)} samples: SHA-256, counts, index and every sample "
+          f"check out ({ss.digest})")
     return 0
 
 
@@ -137,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="shard set folder (or URL prefix)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("verify", help="check every shard's SHA-256 and sample count",
-                       description="Re-hash every shard; exit 1 naming each shard that differs from the manifest.")
+    p = sub.add_parser("verify", help="check every shard and sample as a normal read does, reporting every problem",
+                       description="Re-hash every shard, cross-check its samples with the index (keys, metadata) and "
+                                   "decode every sample with all of a reader's checks; exit 1 listing each problem "
+                                   "(shard, sample key, reason).")
     p.add_argument("path")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)

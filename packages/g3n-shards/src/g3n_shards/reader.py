@@ -1,8 +1,13 @@
 """ShardSet: open, iterate, look up, select and verify a shard set, defensively and without torch.
 
 Every shard is read whole (shards are size-capped, 256 MiB by default) and checked against the
-manifest's byte count before any sample is decoded: a truncated or padded shard is an error
-naming the shard, never a silent short read. ``verify=True`` adds the SHA-256 check.
+manifest before any sample is decoded: its byte count, and by default its SHA-256, computed on the
+bytes as they are read (one pass over memory that is already in cache; ``verify=False`` opts
+out, for a caller that checked the set already). A truncated, padded or edited shard is an error
+naming the shard, never a silent short read. Each sample is then checked against the index: its
+key must be listed there, in this shard, with the same metadata as its own JSON (an edit of one
+of the two, even with the manifest re-signed, is refused), its declared arrays must fit the kind
+and the set's geometry before anything is decompressed.
 Distributed reading splits *shards* across (rank, worker) readers, so every sample is seen
 exactly once per epoch; the shuffle is a pure function of (seed, epoch, rank, worker) and each
 sample carries a cursor from which a resumed job continues exactly.
@@ -10,6 +15,7 @@ sample carries a cursor from which a resumed job continues exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -29,6 +35,8 @@ from .tario import group_samples, iter_members
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_JSON_BYTES = 1 << 20
+#: Shards are read (and hashed) in blocks of this size: each block is hashed while in cache.
+READ_BLOCK = 1 << 20
 #: ShardSet.get keeps the raw samples of its most recently read shards up to this many bytes (at
 #: least one shard), so that looking up many keys of one shard reads and parses it once
 RECENT_SHARD_BYTES = 512 << 20
@@ -58,6 +66,40 @@ def read_limited(location: str, limit: int, where: str) -> bytes:
         raise ShardError(f"{where}: cannot read {location} ({e})") from None
 
 
+def read_hashed(location: str, size: int, where: str, digest: Any = None) -> memoryview:
+    """Read at most ``size + 1`` bytes from a path or URL into one buffer, feeding each block to
+    ``digest`` (a hashlib object) as it arrives; returns a view of what was read (no copy)."""
+    buf = bytearray(size + 1)
+    view = memoryview(buf)
+    n = 0
+    try:
+        if is_url(location):
+            from webdataset.gopen import gopen
+
+            f = gopen(location, "rb")
+        else:
+            f = open(location, "rb", buffering=0)
+        with f:
+            readinto = getattr(f, "readinto", None)
+            while n < len(buf):
+                if readinto is not None:
+                    k = readinto(view[n : n + READ_BLOCK])
+                else:
+                    block = f.read(min(READ_BLOCK, len(buf) - n))
+                    k = len(block)
+                    view[n : n + k] = block
+                if not k:
+                    break
+                if digest is not None:
+                    digest.update(view[n : n + k])
+                n += k
+    except FileNotFoundError:
+        raise ShardError(f"{where}: missing file {location}") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read {location} ({e})") from None
+    return view[:n]
+
+
 @dataclass
 class Sample:
     """One decoded sample: key, validated metadata, arrays (float32 / uint8), its shard, a cursor."""
@@ -72,9 +114,12 @@ class Sample:
 class ShardSet:
     """A read-only view of one shard set. Open with ``ShardSet.open(path_or_url)``."""
 
-    def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]], stored_dtype: bool = False) -> None:
+    def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]], stored_dtype: bool = False,
+                 verify: bool = True) -> None:
         self.location = location
         self.stored_dtype = stored_dtype
+        #: check each shard's SHA-256 while reading it (the default); a call's ``verify`` overrides it
+        self.verify_sha256 = verify
         self.manifest = manifest
         self._index = index
         self._by_key = {row["key"]: row for row in index}
@@ -94,10 +139,13 @@ class ShardSet:
 
     # ---- opening ---------------------------------------------------------------------
     @classmethod
-    def open(cls, location: str | os.PathLike[str], kind: str | None = None, stored_dtype: bool = False) -> "ShardSet":
+    def open(cls, location: str | os.PathLike[str], kind: str | None = None, stored_dtype: bool = False,
+             verify: bool = True) -> "ShardSet":
         """Open a set. ``stored_dtype=True`` hands arrays out as stored (e.g. float16 volumes) instead
         of converting to float32: numpy's float16 conversion costs more than decompression, so a torch
-        loader that converts on the device (or in torch) should ask for the stored dtype."""
+        loader that converts on the device (or in torch) should ask for the stored dtype.
+        ``verify=False`` skips the SHA-256 of each shard on every read of this set (sizes, the
+        index cross-check and every decoding check stay): only for a set verified already."""
         loc = str(location)
         if not is_url(loc) and not (Path(loc) / MANIFEST_NAME).is_file():
             if Path(loc).is_dir():
@@ -117,7 +165,7 @@ class ShardSet:
         for s in manifest.shards:
             if counts.get(s.name, 0) != s.samples:
                 raise ShardFormatError(f"{loc}/{INDEX_NAME}: lists {counts.get(s.name, 0)} samples for {s.name}, manifest says {s.samples}")
-        return cls(loc, manifest, index, stored_dtype)
+        return cls(loc, manifest, index, stored_dtype, verify)
 
     # ---- index-only queries ------------------------------------------------------------
     @property
@@ -179,15 +227,20 @@ class ShardSet:
                 return s
         raise ShardError(f"{self.location}: no shard named {name!r} in the manifest")
 
-    def _load_shard(self, info: ShardInfo, verify: bool) -> bytes:
+    def _verify(self, verify: bool | None) -> bool:
+        return self.verify_sha256 if verify is None else bool(verify)
+
+    def _load_shard(self, info: ShardInfo, verify: bool) -> memoryview:
         where = self.shard_location(info)
-        data = read_limited(where, info.bytes, where)
+        digest = hashlib.sha256() if verify else None
+        data = read_hashed(where, info.bytes, where, digest)
         if len(data) < info.bytes:
             raise ChecksumError(f"{where}: truncated: {len(data)} bytes, the manifest records {info.bytes}")
         if len(data) > info.bytes:
             raise ChecksumError(f"{where}: larger than the {info.bytes} bytes the manifest records")
-        if verify and sha256_hex(data) != info.sha256:
-            raise ChecksumError(f"{where}: SHA-256 mismatch: the shard was modified or corrupted")
+        if digest is not None and digest.hexdigest() != info.sha256:
+            raise ChecksumError(f"{where}: SHA-256 mismatch: the shard was modified or corrupted after it was written "
+                                f"(recorded {info.sha256[:16]}..., read {digest.hexdigest()[:16]}...)")
         return data
 
     def _raw_samples(self, info: ShardInfo, verify: bool) -> list[tuple[str, dict[str, memoryview]]]:
@@ -195,10 +248,44 @@ class ShardSet:
         samples = list(group_samples(iter_members(self._load_shard(info, verify), where), where))
         if len(samples) != info.samples:
             raise ShardError(f"{where}: holds {len(samples)} samples, the manifest records {info.samples}")
+        for key, _ in samples:
+            row = self._by_key.get(key)
+            if row is None:
+                raise ShardError(f"{where}:{key}: sample {key!r} is in the shard but not in {INDEX_NAME}")
+            if row["shard"] != info.name:
+                raise ShardError(f"{where}:{key}: sample {key!r} is in this shard but {INDEX_NAME} lists it in {row['shard']}")
         return samples
 
-    def decode(self, key: str, parts: dict[str, memoryview], shard: str) -> Sample:
-        """Turn one sample's raw members into a Sample, checking everything against the kind."""
+    def _check_index_meta(self, key: str, doc_meta: Any, meta: SampleMeta, where: str) -> None:
+        """The sample's own JSON and the index must say the same thing about it."""
+        row = self._by_key.get(key)
+        if row is None:
+            raise ShardError(f"{where}: sample {key!r} is not in {INDEX_NAME}")
+        if doc_meta == row["meta"]:
+            return
+        listed = self.metadata()[key]
+        if listed == meta:  # spelled differently, same values
+            return
+        a, b = listed.model_dump(mode="json"), meta.model_dump(mode="json")
+        diffs = [f"{f}: index {a[f]!r}, sample JSON {b[f]!r}" for f in a if a[f] != b.get(f)]
+        raise ShardError(f"{where}: the sample JSON's metadata differs from {INDEX_NAME} ({'; '.join(diffs)}): "
+                         f"edited or corrupt")
+
+    def _check_geometry(self, name: str, shape: list[Any], where: str) -> None:
+        """A declared shape the set's geometry does not allow is refused before decompressing."""
+        g = self.manifest.geometry
+        if self.kind == "volumes" and g.shape is not None and list(shape) != list(g.shape):
+            raise ShardError(f"{where}: array {name!r} declared with shape {shape}, the set's geometry is {list(g.shape)}")
+        if self.kind == "tokens":
+            if name == "tokens" and g.num_tokens is not None and shape[0] != g.num_tokens:
+                raise ShardError(f"{where}: array 'tokens' declares {shape[0]} tokens, the set's grid has {g.num_tokens}")
+            if g.channels is not None and shape[-1] != g.channels:
+                raise ShardError(f"{where}: array {name!r} declared width {shape[-1]}, geometry.channels is {g.channels}")
+
+    def decode(self, key: str, parts: dict[str, memoryview], shard: str, arrays: bool = True) -> Sample:
+        """Turn one sample's raw members into a Sample, checking everything against the kind, the
+        geometry and the index. ``arrays=False`` checks the declarations but decompresses nothing
+        (the Sample then has no arrays)."""
         where = f"{self.shard_location(shard)}:{key}"
         parts = dict(parts)
         doc_raw = parts.pop("json", None)
@@ -216,31 +303,35 @@ class ShardSet:
             raise ShardError(str(e)) from None
         except (ValueError, KeyError, TypeError) as e:
             raise ShardError(f"{where}: malformed sample JSON ({e})") from None
+        self._check_index_meta(key, doc["meta"], meta, where)
         spec = kind_spec(self.kind)
         expected = {f"{name}.zst" for name in desc}
         if set(parts) != expected:
             raise ShardError(f"{where}: members {sorted(parts)} do not match the declared arrays {sorted(expected)}")
-        arrays = {}
         for name, d in desc.items():
             a = spec.arrays.get(name)
             if a is None:
                 raise ShardError(f"{where}: kind {self.kind!r} has no array {name!r}")
             if not isinstance(d, dict) or d.get("dtype") not in a.stored or not isinstance(d.get("shape"), list) or len(d["shape"]) not in a.ndim:
                 raise ShardError(f"{where}: array {name!r} declared as {d!r}, not allowed for kind {self.kind!r}")
+            self._check_geometry(name, d["shape"], where)
+        out = {}
+        for name, d in desc.items() if arrays else ():
+            a = spec.arrays[name]
             arr = decode_array(parts[f"{name}.zst"], d["dtype"], d["shape"], f"{where}.{name}")
-            arrays[name] = arr if self.stored_dtype else arr.astype(a.returned, copy=arr.dtype != np.dtype(a.returned))
-        return Sample(key=key, meta=meta, arrays=arrays, shard=shard)
+            out[name] = arr if self.stored_dtype else arr.astype(a.returned, copy=arr.dtype != np.dtype(a.returned))
+        return Sample(key=key, meta=meta, arrays=out, shard=shard)
 
     # ---- iteration ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
         return self.iter_split(shuffle=False)
 
-    def get(self, key: str, verify: bool = False) -> Sample:
+    def get(self, key: str, verify: bool | None = None) -> Sample:
         row = self._by_key.get(key)
         if row is None:
             raise KeyError(f"{self.location}: no sample with key {key!r}")
         info = self._shard_info(row["shard"])
-        parts = self._shard_samples(info, verify).get(key)
+        parts = self._shard_samples(info, self._verify(verify)).get(key)
         if parts is None:
             raise ShardError(f"{self.shard_location(info)}: sample {key!r} listed in the index but not in the shard")
         return self.decode(key, parts, info.name)
@@ -249,7 +340,7 @@ class ShardSet:
         """One shard's raw samples by key, through a small cache of the shards read last
         (:data:`RECENT_SHARD_BYTES`): a merge of a set written out of key order looks up every key
         of a shard in turn, and re-reading the whole shard for each made it quadratic (23 s for
-        the demo's 284 synthetic volumes in one 108 MB shard). A shard read without ``verify`` is
+        the demo's 284 synthetic volumes in one 108 MB shard). A shard read with ``verify=False`` is
         read again, checked, when a lookup asks for it."""
         with self._recent_lock:
             hit = self._recent.get(info.name)
@@ -265,8 +356,10 @@ class ShardSet:
         return samples
 
     def readers_check(self, world_size: int, num_workers: int) -> None:
+        """Each (rank, worker) reader needs a shard of its own. An empty set (0 samples: e.g. a cohort
+        whose every input was rejected) has no shards, and every reader simply gets nothing."""
         readers = world_size * num_workers
-        if len(self.manifest.shards) < readers:
+        if 0 < len(self.manifest.shards) < readers:
             raise ShardError(
                 f"{self.location}: {len(self.manifest.shards)} shards for {world_size} ranks x {num_workers} workers = "
                 f"{readers} readers; each reader needs at least one shard. Write the set with smaller shards "
@@ -279,6 +372,8 @@ class ShardSet:
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
             raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
         self.readers_check(world_size, num_workers)
+        if not self.manifest.shards:
+            return []
         order = np.arange(len(self.manifest.shards))
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(order)
@@ -287,8 +382,10 @@ class ShardSet:
 
     def iter_split(self, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
                    seed: int = 0, epoch: int = 0, shuffle: bool = True, cursor: dict[str, Any] | None = None,
-                   verify: bool = False) -> Iterator[Sample]:
-        """This reader's samples for one epoch; resume mid-epoch by passing a sample's ``cursor``."""
+                   verify: bool | None = None) -> Iterator[Sample]:
+        """This reader's samples for one epoch; resume mid-epoch by passing a sample's ``cursor``.
+        ``verify`` (default: the set's, True) checks each shard's SHA-256 as it is read."""
+        verify = self._verify(verify)
         mine = self.assigned_shards(rank, world_size, worker, num_workers, seed, epoch, shuffle)
         start_pos, start_sample = 0, 0
         ident = {"set": self.digest, "epoch": epoch, "rank": rank, "world_size": world_size,
@@ -310,10 +407,12 @@ class ShardSet:
                 sample.cursor = {**ident, "shard": info.name, "shard_pos": pos, "sample": j + 1}
                 yield sample
 
-    def webdataset(self, shuffle: bool = True, seed: int = 0, epoch: int = 0, verify: bool = False) -> Any:
+    def webdataset(self, shuffle: bool = True, seed: int = 0, epoch: int = 0, verify: bool | None = None) -> Any:
         """A WebDataset pipeline over this set's shard URLs (split by node and worker by WebDataset)
         that yields decoded Samples. For streaming from object storage into a torch DataLoader."""
         import webdataset as wds
+
+        verify = self._verify(verify)
 
         infos = {self.shard_location(s): s for s in self.manifest.shards}
         urls = list(infos)
@@ -329,10 +428,15 @@ class ShardSet:
         return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, expand)
 
     # ---- integrity ---------------------------------------------------------------------
-    def verify(self, progress: bool = False) -> list[str]:
-        """Check every shard's size, SHA-256 and sample count. Raises ChecksumError listing each bad shard."""
+    def scan(self, arrays: bool = True, progress: bool = False,
+             on_sample: Callable[[Sample], None] | None = None) -> list[str]:
+        """Read the whole set as a normal read does (size and SHA-256 of each shard, tar structure,
+        index cross-check, each sample's JSON, members and declarations, and with ``arrays`` every
+        payload decoded) and return every problem found, one line each naming the shard, the
+        sample key where there is one, and the reason, instead of stopping at the first. Whatever
+        a normal read refuses is reported here. ``on_sample`` sees each sample that passed."""
         problems: list[str] = []
-        shards = self.manifest.shards
+        shards: Any = self.manifest.shards
         if progress:
             try:  # a progress bar where tqdm is installed; the contract itself does not need it
                 from tqdm import tqdm
@@ -342,9 +446,25 @@ class ShardSet:
                 pass
         for info in shards:
             try:
-                self._raw_samples(info, verify=True)
+                raw = self._raw_samples(info, verify=True)
             except ShardError as e:
                 problems.append(str(e))
+                continue
+            for key, parts in raw:
+                try:
+                    sample = self.decode(key, parts, info.name, arrays=arrays)
+                except ShardError as e:
+                    problems.append(str(e))
+                    continue
+                if on_sample is not None:
+                    on_sample(sample)
+        return problems
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check every shard (size, SHA-256, sample count, keys against the index) and every sample
+        (JSON against the index, members, declarations, payloads) as :meth:`scan` does. Raises
+        ChecksumError listing each problem; returns the shard names when there is none."""
+        problems = self.scan(progress=progress)
         if problems:
-            raise ChecksumError(f"{self.location}: {len(problems)} bad shard(s):\n  " + "\n  ".join(problems))
+            raise ChecksumError(f"{self.location}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
         return [s.name for s in self.manifest.shards]

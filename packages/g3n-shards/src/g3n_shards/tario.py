@@ -38,18 +38,41 @@ def check_member_name(name: str, where: str) -> tuple[str, str]:
     return key, suffix
 
 
-def iter_members(data: bytes, where: str) -> Iterator[tuple[str, str, memoryview]]:
+class _BufferFile:
+    """A read-only, seekable file over an in-memory buffer that does not copy it (``io.BytesIO``
+    copies anything but ``bytes``): tarfile reads only the 512-byte headers through it."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        out = self._view[self._pos : end].tobytes()
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def iter_members(data: bytes | bytearray | memoryview, where: str) -> Iterator[tuple[str, str, memoryview]]:
     """Yield (key, suffix, bytes) for each member of an in-memory tar, refusing anything odd.
     Payloads are zero-copy views into ``data`` (tarfile only parses the headers)."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with tarfile.open(fileobj=_BufferFile(view), mode="r:") as tar:  # type: ignore[call-overload]
             for info in tar:
                 if not info.isreg():
                     raise ShardError(f"{where}: refused non-regular member {info.name!r} (type {info.type!r})")
                 key, suffix = check_member_name(info.name, where)
                 end = info.offset_data + info.size
-                if info.size < 0 or end > len(data):
+                if info.size < 0 or end > len(view):
                     raise ShardError(f"{where}: truncated member {info.name!r} ({info.size} bytes claimed)")
                 yield key, suffix, view[info.offset_data : end]
     except ShardError:

@@ -2,20 +2,24 @@
 
 Atomicity: shards are written into a private staging folder and renamed to their final names
 only when the set is closed; ``index.jsonl`` follows and ``manifest.json`` comes last. A writer
-killed at any point leaves no folder that a reader accepts as a set.
+killed at any point leaves no folder that a reader accepts as a set. The staging folder is named
+by host and process id; the next writer into the folder removes it once that process is gone, and
+never touches a live (concurrent) writer's folder.
 Determinism: tar members carry fixed mtime/owner/mode and the manifest carries no clock time,
 so the same samples written in the same order give byte-identical shards and the same digest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import re
 import shutil
 import tarfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,27 +71,103 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a
-    part: a temp file beside it (parents created), fsync, then rename. The temp file is removed
-    if anything fails."""
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel tells it (Linux's
+    /proc/self/status); elsewhere by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], keep_suffix: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that needs a file name (safetensors, nibabel,
+    PIL...); when the block ends without an error the file gets the mode the user's umask gives
+    (0644 under umask 022, 0664 under 002: never the 0600 of ``mkstemp``, or of safetensors'
+    ``save_file``, which creates its files 0600 itself), is fsynced and renamed onto ``path``;
+    otherwise it is removed. Parents are created. The name ends in ``.tmp``; ``keep_suffix=True``
+    appends the target's extension(s) after it, for writers that choose the format by the name
+    (nibabel, SimpleITK: ``.nii.gz``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    suffix = ("".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix) if keep_suffix else ""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"{tmp}: nothing was written for {path}")
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a
+    part: a temp file beside it (parents created), fsync, then rename (see :func:`atomic_path`;
+    the file gets the umask's mode). The temp file is removed if anything fails. The one atomic
+    writer of the project: stages call this (or :func:`atomic_path`), never ``mkstemp`` + rename."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """:func:`atomic_write_bytes` for text, always UTF-8 (never the locale's encoding)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+
+
+def staging_name() -> str:
+    """``.staging-<host>-<pid>-<random>``: whose staging folder this is, so that another writer can
+    tell a live writer's folder from one left by a killed writer."""
+    return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to another user
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging folders in ``out_dir`` whose writer is provably gone: named by this
+    host and a process id that no longer exists. A live writer's folder (this process included:
+    two writers may share it), another host's (its process ids mean nothing here) and one in any
+    other format (no owner recorded) are left alone. A reused pid keeps a dead writer's folder
+    until that process ends too: the safe direction. Returns the folders removed."""
+    removed = []
+    host = _host()
+    for d in Path(out_dir).glob(STAGING_PREFIX + "*"):
+        parts = d.name[len(STAGING_PREFIX):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or not d.is_dir():
+            continue
+        if not _pid_alive(int(parts[1])):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def _parent_ref(p: Any) -> ParentRef:
@@ -137,9 +217,8 @@ class ShardWriter:
         self.max_shard_samples = max_shard_samples
         self.overwrite = overwrite
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(".staging-*"):  # left by a killed writer
-            shutil.rmtree(stale, ignore_errors=True)
-        self.staging = self.out_dir / f".staging-{uuid.uuid4().hex}"
+        remove_stale_staging(self.out_dir)
+        self.staging = self.out_dir / staging_name()
         self.staging.mkdir()
         self.keys: set[str] = set()
         self.index_lines: list[bytes] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,9 +84,8 @@ def write_cohort(cfg: SynthConfig, out_dir: str | os.PathLike[str], workers: int
     out.mkdir(parents=True, exist_ok=True)
     plans = plan_cohort(cfg)
     producer = gs.Producer(package="g3n-data", config={"synth": cfg.model_dump(mode="json")})
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".ground_truth.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as gt, gs.ShardWriter(
+    with gs.atomic_path(out / GROUND_TRUTH) as tmp:  # renamed into place after the set is written
+        with open(tmp, "w", encoding="utf-8") as gt, gs.ShardWriter(
             out, kind="volumes", producer=producer, geometry=geometry_of(cfg), overwrite=overwrite,
             extra={"synthetic_cohort": {"generator": "g3n_data.synth", "seed": cfg.seed, "subjects": cfg.subjects,
                                         "ground_truth": GROUND_TRUTH, "config_digest": cfg.digest()}},
@@ -95,12 +93,6 @@ def write_cohort(cfg: SynthConfig, out_dir: str | os.PathLike[str], workers: int
             for v in iter_cohort(cfg, workers=workers, progress=progress, plans=plans):
                 w.write(v.key, v.meta, {"volume": v.volume})
                 gt.write(json.dumps(v.truth, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / GROUND_TRUTH)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     assert w.manifest is not None
     return w.manifest
 
