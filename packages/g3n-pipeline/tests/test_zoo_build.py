@@ -87,6 +87,17 @@ def test_the_demo_starts_from_the_zoo_and_its_fingerprint_follows_the_weights(bu
         if stage != "longitudinal":  # (its forecast command needs the run's latents)
             argv = stages[stage].commands(cfg.run_dir)[0]
             assert argv[argv.index("--init") + 1] == str(g3n_zoo.get(model).path), stage
+    # the shipped Table 5 (both tokenizers on the held-out split) goes into the report and the headline
+    table5 = g3n_zoo.get("autoencoderkl").folder / "table5.json"
+    assert list(stages["eval"].external) == [table5]
+    from g3n_pipeline.demo import tokenizer_lines
+
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "demo-config.json").write_text(cfg.model_dump_json())
+    lines = tokenizer_lines(cfg.run_dir)
+    assert len(lines) == 2 and "MAE-CNN c=32 38,400 values/volume" in lines[0] and "AutoencoderKL 76,800" in lines[1]
+    (cfg.run_dir / "demo-config.json").write_text(cfg.model_copy(update={"from_scratch": True}).model_dump_json())
+    assert tokenizer_lines(cfg.run_dir) == []  # a run that trains its own tokenizer: not its figures
     scratch = [st for st in build_stages(DemoConfig(run_dir=tmp_path / "demo", from_scratch=True))
                if st.name in ("mae", "tokenizer", "dit")]
     assert all(not st.external and "--init" not in st.commands(cfg.run_dir)[0] for st in scratch)

@@ -1,4 +1,4 @@
-"""Tokenizers side by side, as the method's Table 5 compares them (method.md §3).
+"""Tokenizers side by side, as the method's Table 5 compares them (docs/method.md §3).
 
 For each tokenizer: the values a volume is reduced to, its reconstruction of the held-out volumes
 (MSE, PSNR, SSIM: :func:`g3n_eval.recon.run_recon`, one ``recon.json`` per tokenizer), and how much

@@ -36,7 +36,7 @@ from g3n_mae.config import preset as mae_preset
 from .runner import Stage, StageFailed, config_data, run_stages
 
 #: The samples the demo asks the generator for: one request per class of each condition, so that
-#: the evaluation can compare what was requested with what a probe sees (method.md Table 2a).
+#: the evaluation can compare what was requested with what a probe sees (docs/method.md Table 2a).
 #: They are sampled paired (sample j of every request from the same noise), so the evaluation can
 #: also compare requests that differ in one condition only, noise for noise.
 SAMPLE_REQUESTS: list[dict] = [
@@ -50,7 +50,7 @@ SAMPLE_REQUESTS: list[dict] = [
 ]
 
 
-#: the probe rows the headline prints: the labels method.md's signal must show on (age, sex,
+#: the probe rows the headline prints: the labels docs/method.md's signal must show on (age, sex,
 #: diagnosis, modality, IDH1); the probe stage runs its permutation test on these slices. IDH1 on
 #: three slices: T1c is the paper's row, yet on the synthetic cohort FLAIR (oedema, the T2-FLAIR
 #: mismatch) and the patient-pooled slice carry it more steadily (configs/signal/README.md)
@@ -171,6 +171,18 @@ def shipped(name: str) -> Path:
         raise StageFailed(f"{e}\n  run `g3n-demo --from-scratch`, or rebuild the models with `g3n-zoo-build --pack`") from None
 
 
+def shipped_table5() -> Path | None:
+    """The shipped tokenizers' Table 5 in kind (the MAE-CNN beside the AutoencoderKL baseline, on this
+    cohort's held-out split, measured when the zoo was built), if the zoo holds it."""
+    import g3n_zoo
+
+    try:
+        path = g3n_zoo.get("autoencoderkl").folder / "table5.json"
+    except g3n_zoo.ZooError:
+        return None
+    return path if path.is_file() else None
+
+
 def _ext(init: dict[str, Path], name: str) -> list[Path]:
     return [init[name]] if name in init else []
 
@@ -185,6 +197,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
     width = mae_preset("tiny").model.embed_dim  # the raw-voxel baseline is reduced to the encoder's width
     # the shipped models each training stage starts from (checked against the zoo's manifest)
     init = {} if cfg.from_scratch else {name: shipped(name) for name in ("mae", "mae-cnn", "dit", "bridge")}
+    table5 = None if cfg.from_scratch else shipped_table5()
     stages = [
         Stage("synth", "synthetic labelled cohort (g3n-data synth)", ["volumes-synth"], lambda r: [
             ["g3n_data.cli", "synth", "--out", s(r / "volumes-synth"), "--subjects", str(cfg.subjects),
@@ -263,7 +276,8 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_dit.cli", "counterfactual", "--checkpoint", s(r / "dit"), "--latents", s(r / "latents-test"),
              "--keys", *first_visit_keys(r / "latents-test", modality="T1", n=4, diagnosis="HC"),
              "--set", "disease=AD", "--set", "age=+10", "--out", s(r / "counterfactuals"), "--overwrite"]]),
-        Stage("eval", "evaluation and the HTML report (g3n-eval)", ["eval/report/index.html"], lambda r: [
+        Stage("eval", "evaluation and the HTML report (g3n-eval)", ["eval/report/index.html"],
+              external=[table5] if table5 else [], commands=lambda r: [
             *([
                 # real latents decoded once (decoding is the evaluation's costly part): those the anatomy
                 # effects are measured in, and the held-out volumes the reconstruction metrics score
@@ -299,7 +313,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             ["g3n_eval.cli", "report", s(r / "eval" / "recon"), s(r / "eval" / "controllability"),
              s(r / "eval" / "controllability-latent"), s(r / "eval" / "anatomy"),
              s(r / "eval" / "memorisation"), s(r / "eval" / "fidelity"), s(r / "eval" / "forecast"),
-             "--probe-run", s(r / "probe"), "--probe-run", s(r / "baselines" / "probe-raw"),
+             *([s(table5)] if table5 else []), "--probe-run", s(r / "probe"), "--probe-run", s(r / "baselines" / "probe-raw"),
              "--probe-run", s(r / "baselines" / "probe-random"), "--volumes", f"real={r / 'volumes-test'}",
              "--volumes", f"generated={r / 'samples-decoded'}", "--volumes", f"counterfactual={r / 'counterfactuals'}",
              "--title", "BrainG3N demo", "--out", s(r / "eval" / "report")]]),
@@ -354,6 +368,7 @@ def headline(run: Path) -> list[str]:
                 lines.append(f"probe {row['task']} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}{chance}")
 
     lines += baseline_lines(run)
+    lines += tokenizer_lines(run)
 
     def load(name: str, folder: str | None = None) -> dict:
         f = run / "eval" / (folder or name) / f"{name}.json"
@@ -443,6 +458,21 @@ def baseline_lines(run: Path) -> list[str]:
             best = better(scores, key=lambda n: scores[n][row])
             lines.append(f"encoder vs baselines, {row[0]} ({row[1]}) {row[2]}: "
                          + ", ".join(f"{n} {scores[n][row]:.3f}" for n in scores) + f"; best: {best}")
+    return lines
+
+
+def tokenizer_lines(run: Path) -> list[str]:
+    """The shipped tokenizers side by side (Table 5 in kind), for a run that starts from them."""
+    cfg = run / "demo-config.json"
+    table5 = shipped_table5() if cfg.is_file() and not json.loads(cfg.read_text()).get("from_scratch") else None
+    if table5 is None:
+        return []
+    lines = []
+    for r in json.loads(table5.read_text())["results"]["rows"]:
+        aucs = ", ".join(f"{t} AUC {'n/a' if a is None else format(a, '.3f')}" for t, a in r["auc"].items())
+        lines.append(f"shipped tokenizers on the {r['n_heldout']} held-out volumes (Table 5 in kind, at zoo build): "
+                     f"{r['tokenizer']} {r['values_per_volume']:,} values/volume, MSE {r['mse']:.3f}, PSNR "
+                     f"{r['psnr']:.1f} dB, SSIM {r['ssim']:.3f}; probes on its latents: {aucs}")
     return lines
 
 

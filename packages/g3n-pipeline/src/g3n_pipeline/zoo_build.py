@@ -98,11 +98,13 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
             ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / "tokenizer" / "tokenizer.safetensors"),
              "--arm", "AutoencoderKL", "autoencoderkl", s(r / "tokenizer-akl" / "tokenizer.safetensors"),
              "--volumes", s(r / "volumes"), "--heldout", s(r / "volumes-test"), "--out", s(r / "tokenizers")]]),
-        Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train)", ["dit"], lambda r: [
+        # g3n-dit train continues from its last checkpoint by itself: a killed stage keeps it (resumable)
+        Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train)", ["dit"], resumable=True,
+              commands=lambda r: [
             ["g3n_dit.cli", "train", "--latents", s(r / "latents-train"), "--out", s(r / "dit"),
              "--preset", cfg.dit_preset, "--max-steps", str(cfg.dit_steps), "--seed", seed, "--precision", "auto"]]),
         Stage("bridge", f"longitudinal bridge, {cfg.bridge_preset} preset (g3n-dit train-longitudinal)", ["dit-long"],
-              lambda r: [
+              resumable=True, commands=lambda r: [
             ["g3n_dit.cli", "train-longitudinal", "--latents", s(r / "latents-train"), "--out", s(r / "dit-long"),
              "--preset", cfg.bridge_preset, "--max-steps", str(cfg.bridge_steps), "--seed", seed]]),
     ]
