@@ -126,11 +126,12 @@ def _tiny_run(run: Path) -> dict[str, Path]:
 
     (run / ".stages").mkdir(parents=True)
     real = run / "volumes-test"
-    write_volume_set(real, n=2, shape=(16, 20, 16))
+    write_volume_set(real, n=2, shape=(16, 20, 16), extra={"intensity": "scanner"})
     gen = run / "samples-decoded"
     rng = np.random.default_rng(0)
     with gs.ShardWriter(gen, kind="volumes", producer=gs.Producer(package="g3n-eval-tests"),
-                        geometry=gs.Geometry(shape=(16, 20, 16), spacing=(2.0, 2.0, 2.0), patch_size=(4, 4, 4))) as w:
+                        geometry=gs.Geometry(shape=(16, 20, 16), spacing=(2.0, 2.0, 2.0), patch_size=(4, 4, 4)),
+                        extra={"intensity": "scanner"}) as w:
         for i in range(2):
             meta = gs.SampleMeta(subject=f"syn-0123abcd-{i}-{1000 + i}", cohort="synthetic", modality="T1",
                                  synthetic=True, request={"stage": "sample", "conditions": LONG_CONDITIONS, "seed": i})

@@ -58,7 +58,9 @@ class ClassTask:
         field, _, rest = spec.partition(":")
         classes = tuple(c.strip() for c in rest.split(",") if c.strip())
         if not field or len(classes) < 2 or len(set(classes)) != len(classes):
-            raise ValueError(f"task {spec!r}: expected FIELD:CLASS1,CLASS2[,...] with at least two distinct classes")
+            from .data import InputError
+
+            raise InputError(f"task {spec!r}: expected FIELD:CLASS1,CLASS2[,...] with at least two distinct classes")
         return cls(field.strip(), classes)
 
 
@@ -442,11 +444,13 @@ def evaluate(real: Any, generated: Any, tasks: Sequence[ClassTask], sweeps: Sequ
     from g3n_probe import assign_folds, fit_classifier, fit_regressor, protocol_preset
     from g3n_probe.permutation import slice_seed
 
+    from .data import InputError
+
     if permutations < 0:
-        raise ValueError(f"permutations must be >= 0, got {permutations}")
+        raise InputError(f"permutations must be >= 0, got {permutations}")
     protocol = protocol or protocol_preset("paper")
     if real.dim != generated.dim:
-        raise ValueError(f"real features are {real.dim}-d, generated {generated.dim}-d: not the same encoder")
+        raise InputError(f"real features are {real.dim}-d, generated {generated.dim}-d: not the same encoder")
     out: dict[str, Any] = {"tasks": {}, "sweeps": {}, "skipped": {}}
     for task in tasks:
         y_all = _labels(real.records, task.field)
@@ -571,15 +575,17 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
     from .records import input_ref, write_metrics
     from .sources import features_of, request_settings
 
+    from .data import InputError
+
     if space not in SPACES:
-        raise ValueError(f"space {space!r}: expected one of {', '.join(SPACES)}")
+        raise InputError(f"space {space!r}: expected one of {', '.join(SPACES)}")
     out = Path(out)
     protocol = protocol or protocol_preset("paper")
     gen_vols = None
     recon_fs = None
     if space == "latent":
         if recon is not None:
-            raise ValueError("--recon measures decoded volumes: it needs --space volume")
+            raise InputError("--recon measures decoded volumes: it needs --space volume")
         real_fs, gen_fs = latent_features(real, generated, limit)
     else:
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
@@ -587,8 +593,6 @@ def run_controllability(real: Any, generated: Any, out: Any, tasks: Sequence[str
         if recon is not None:
             recon_fs, _ = features_of(recon, encoder, tokenizers, None, progress)
             if not set(map(str, recon_fs.keys)) & set(map(str, real_fs.keys)):
-                from .data import InputError
-
                 raise InputError(f"{recon}: none of its keys is a key of {real}: not reconstructions of these real volumes")
     parsed = [ClassTask.parse(t) for t in tasks]
     res = evaluate(real_fs, gen_fs, parsed, sweeps, protocol, n_splits, match, permutations, permutation_max_subjects,
