@@ -184,7 +184,7 @@ def test_report_root_option_and_the_root_it_finds(tmp_path, monkeypatch):
     from g3n_eval.report import PathView, find_root
 
     run = tmp_path / "runs" / "demo"
-    sets = _tiny_run(run)
+    _tiny_run(run)
     assert find_root(run / "eval" / "report") == run  # the .stages folder marks the run
     plain = tmp_path / "plain" / "x" / "eval" / "report"
     assert find_root(plain) == tmp_path / "plain" / "x"  # no marker: RUN of RUN/eval/report
