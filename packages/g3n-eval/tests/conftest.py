@@ -40,7 +40,7 @@ def volumes_set(work) -> Path:
     out = work / "volumes"
     with gs.ShardWriter(out, kind="volumes", producer=gs.Producer(package="g3n-eval-tests"),
                         geometry=gs.Geometry(shape=SHAPE, spacing=(2.0, 2.0, 2.0), patch_size=(8, 8, 8)),
-                        max_shard_samples=6) as w:
+                        max_shard_samples=6, extra={"intensity": "scanner"}) as w:
         for i in range(N_REAL):
             m = make_meta(i, age=20.0 + 4 * i)
             v = brain_like(rng, SHAPE) * (1.0 - 0.01 * i)

@@ -26,7 +26,7 @@ def test_block_mean_crops_to_whole_blocks():
 
 def test_raw_features_are_the_encoders_z_scored_voxels_and_probe_ready(tmp_path):
     src = tmp_path / "vols"
-    write_volume_set(src, n=6, shape=(16, 20, 16))
+    write_volume_set(src, n=6, shape=(16, 20, 16), extra={"intensity": "scanner"})
     assert main(["raw-features", "--volumes", str(src), "--out", str(tmp_path / "raw"), "--factor", "4",
                  "--no-progress"]) == 0
     fs = load_features(tmp_path / "raw")
@@ -41,10 +41,11 @@ def test_raw_features_are_the_encoders_z_scored_voxels_and_probe_ready(tmp_path)
 
 def test_a_volume_without_brain_is_a_reject_not_a_row(tmp_path):
     src = tmp_path / "vols"
-    write_volume_set(src, n=3, shape=(8, 8, 8), patch_size=(4, 4, 4))
+    write_volume_set(src, n=3, shape=(8, 8, 8), patch_size=(4, 4, 4), extra={"intensity": "scanner"})
     ss = gs.ShardSet.open(src)
     bad = tmp_path / "with-empty"
-    with gs.ShardWriter(bad, kind="volumes", producer=gs.Producer(package="test"), geometry=ss.manifest.geometry) as w:
+    with gs.ShardWriter(bad, kind="volumes", producer=gs.Producer(package="test"), geometry=ss.manifest.geometry,
+                        extra={"intensity": "scanner"}) as w:
         for s in ss:
             w.write(s.key, s.meta, s.arrays)
         meta = s.meta.model_copy(update={"subject": "empty"})

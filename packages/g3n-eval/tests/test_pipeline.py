@@ -166,7 +166,7 @@ def test_recon_set_out_of_order_with_missing_keys(work, volumes_set):
     samples = sorted(ss, key=lambda s: s.key, reverse=True)[:10]  # 10 of 16, reversed
     rec = work / "recon-partial"
     with gs.ShardWriter(rec, kind="volumes", producer=gs.Producer(package="t"), geometry=ss.manifest.geometry,
-                        max_shard_samples=3) as w:
+                        max_shard_samples=3, extra={"intensity": "scanner"}) as w:
         for s in samples:
             w.write(s.key, s.meta, {"volume": s.arrays["volume"] * 1.01})  # scanner units, 1 % brighter
     out = work / "runs" / "recon-partial"

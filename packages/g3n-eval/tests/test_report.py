@@ -126,11 +126,12 @@ def _tiny_run(run: Path) -> dict[str, Path]:
 
     (run / ".stages").mkdir(parents=True)
     real = run / "volumes-test"
-    write_volume_set(real, n=2, shape=(16, 20, 16))
+    write_volume_set(real, n=2, shape=(16, 20, 16), extra={"intensity": "scanner"})
     gen = run / "samples-decoded"
     rng = np.random.default_rng(0)
     with gs.ShardWriter(gen, kind="volumes", producer=gs.Producer(package="g3n-eval-tests"),
-                        geometry=gs.Geometry(shape=(16, 20, 16), spacing=(2.0, 2.0, 2.0), patch_size=(4, 4, 4))) as w:
+                        geometry=gs.Geometry(shape=(16, 20, 16), spacing=(2.0, 2.0, 2.0), patch_size=(4, 4, 4)),
+                        extra={"intensity": "scanner"}) as w:
         for i in range(2):
             meta = gs.SampleMeta(subject=f"syn-0123abcd-{i}-{1000 + i}", cohort="synthetic", modality="T1",
                                  synthetic=True, request={"stage": "sample", "conditions": LONG_CONDITIONS, "seed": i})
@@ -183,7 +184,7 @@ def test_report_root_option_and_the_root_it_finds(tmp_path, monkeypatch):
     from g3n_eval.report import PathView, find_root
 
     run = tmp_path / "runs" / "demo"
-    sets = _tiny_run(run)
+    _tiny_run(run)
     assert find_root(run / "eval" / "report") == run  # the .stages folder marks the run
     plain = tmp_path / "plain" / "x" / "eval" / "report"
     assert find_root(plain) == tmp_path / "plain" / "x"  # no marker: RUN of RUN/eval/report

@@ -3,7 +3,8 @@
 Each subcommand is a thin layer over a ``run_*`` function and writes one metrics JSON file
 (with ``protocol_version``, ``settings`` and the inputs' manifest digests) plus its PNGs into
 ``--out``; ``g3n-eval report`` gathers them into one HTML page.
-Exit codes: 0 ok, 1 memorisation found with ``--gate``, 2 bad input (message on stderr).
+Exit codes: 0 ok, 1 memorisation found with ``--gate`` (or an internal error, with its traceback),
+2 bad input: one line on stderr naming the input and the reason.
 """
 
 from __future__ import annotations
@@ -171,19 +172,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         return _dispatch(args, progress)
-    except Exception as e:  # noqa: BLE001 - one clear line, not a traceback, for bad input
-        from .data import InputError
-        from .frechet import FrechetError
-        from .inception import WeightsError
-        from .records import MetricsFileError
+    except input_errors() as e:
+        print(f"g3n-eval {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
 
-        known = (InputError, WeightsError, FrechetError, MetricsFileError, ValueError, FileNotFoundError, KeyError)
-        import g3n_shards as gs
 
-        if isinstance(e, (*known, gs.ShardError, gs.MetadataError)):
-            print(f"g3n-eval {args.cmd}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+def input_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the *user's input* cannot be used (exit 2, one line, no traceback).
+
+    Each is raised only where an input (a set, a file, an option) is at fault and names it:
+    g3n-eval's own :class:`~g3n_eval.data.InputError` and the input errors of the packages it
+    reads through (shard sets, metadata, feature tables, probe files, tokenizer checkpoints and
+    latents). Anything else, ``ValueError`` and ``KeyError`` included, is a bug and keeps its traceback.
+    """
+    import g3n_shards as gs
+    from g3n_probe import FeatureSourceError, ProbeFileError
+    from g3n_tokenizer.errors import TokenizerError
+
+    from .data import InputError
+    from .frechet import FrechetError
+    from .inception import WeightsError
+    from .records import MetricsFileError
+
+    return (InputError, WeightsError, FrechetError, MetricsFileError, gs.ShardError, gs.MetadataError,
+            FeatureSourceError, ProbeFileError, TokenizerError)
 
 
 def _pct(v: float | None) -> str:
@@ -208,6 +220,8 @@ def _encoder(args: argparse.Namespace):
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     import json
 
+    from .data import InputError
+
     if args.cmd == "recon":
         from .models import TokenizerHandle
         from .recon import run_recon
@@ -215,7 +229,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         tok = None
         if args.recon is None:
             if not args.tokenizer or not args.tokenizer_checkpoint:
-                raise ValueError("give --recon SET, or --tokenizer NAME and --tokenizer-checkpoint FILE")
+                raise InputError("give --recon SET, or --tokenizer NAME and --tokenizer-checkpoint FILE")
             tok = TokenizerHandle(args.tokenizer, args.tokenizer_checkpoint, args.device)
         doc = run_recon(args.volumes, args.out, tok, args.recon, args.limit, args.data_range, args.save_recon, progress=progress)
         print(json.dumps({k: v["mean"] for k, v in doc["results"]["summary"].items()}, indent=1))
@@ -273,6 +287,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.cmd == "forecast":
         from .forecast import run_forecast
 
+        if args.age_probe is None and args.real is None:
+            raise InputError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
         doc = run_forecast(args.forecasts, args.baselines, args.out, _encoder(args), _tokenizers(args), args.real,
                            args.age_probe, None, args.limit, progress=progress, anatomy=args.anatomy)
         a = doc["results"]["age"]

@@ -55,6 +55,17 @@ def open_set(path: str | Path, kind: str | None = None) -> Any:
         raise InputError(str(e)) from None
 
 
+def volume_space(manifest: Any, location: str | Path) -> str:
+    """The intensity space a volumes set records (:func:`g3n_shards.intensity.intensity_of`);
+    :class:`InputError` naming the set when it records none, or one no encoder takes."""
+    from g3n_shards.intensity import IntensityError, intensity_of
+
+    try:
+        return intensity_of(manifest, str(location))
+    except IntensityError as e:
+        raise InputError(str(e)) from None
+
+
 def iter_set(path: str | Path, kind: str | None = None, limit: int | None = None) -> Iterator[tuple[str, dict, np.ndarray]]:
     """(key, metadata dict, main array) per sample, streamed in the set's (deterministic) shard
     order; ``limit`` keeps the first N keys in sorted order, so it names the same samples however

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import InputError
 from .figures import volume_montage
 from .frechet import frechet_between
 from .inception import VIEWS, load_inception, slice_features
@@ -44,19 +45,19 @@ def run_fidelity(real: str | Path, out: str | Path, generated: str | Path | None
     if not skip_fid:  # fail before any expensive decoding when the weights are absent
         model, digest = load_inception(inception_weights, inception_variant, device)
     if skip_fid and encoder is None:
-        raise ValueError("nothing to measure: FID skipped and no --encoder given for the encoder Frechet distance")
+        raise InputError("nothing to measure: FID skipped and no --encoder given for the encoder Frechet distance")
     if generated is None and recon is None:
-        raise ValueError("give --generated and/or --recon to compare with --real")
+        raise InputError("give --generated and/or --recon to compare with --real")
     auto_tok = None
     if recon is not None and str(recon) == "auto":
         # the paper's protocol: the same real volumes through the tokenizer that made the generated latents
         from .data import open_set
 
         if tokenizers is None or generated is None:
-            raise ValueError("--recon auto needs --generated (a latents set naming its tokenizer) and a tokenizer checkpoint")
+            raise InputError("--recon auto needs --generated (a latents set naming its tokenizer) and a tokenizer checkpoint")
         gen_set = open_set(generated)
         if gen_set.kind != "latents" and not tokenizers.name:
-            raise ValueError("--recon auto: --generated is not a latents set; name the tokenizer with --tokenizer")
+            raise InputError("--recon auto: --generated is not a latents set; name the tokenizer with --tokenizer")
         auto_tok = tokenizers.for_set(gen_set)
     accs: dict[str, _Acc] = {name: _Acc() for name in ("real", "generated", "recon")
                              if name == "real" or (name == "generated" and generated is not None) or

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import InputError
+
 VIEWS = ("sagittal", "coronal", "axial")  # planes normal to x, y, z of an (x, y, z) volume
 FEATURE_DIM = 2048
 
@@ -264,7 +266,7 @@ def central_slices(volume: np.ndarray, views: Sequence[str] = VIEWS, offsets: Se
     """The central plane of each view (plus planes at ``offsets`` voxels from it), scaled to [0, 1]."""
     v = robust_unit_scale(volume)
     if v.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {v.shape}")
+        raise InputError(f"expected a 3D volume, got shape {v.shape}")
     out: dict[str, list[np.ndarray]] = {}
     for view in views:
         axis = VIEWS.index(view)
@@ -273,7 +275,7 @@ def central_slices(volume: np.ndarray, views: Sequence[str] = VIEWS, offsets: Se
         for off in offsets:
             i = n // 2 + int(off)
             if not 0 <= i < n:
-                raise ValueError(f"slice offset {off} is outside the {view} axis of length {n}")
+                raise InputError(f"slice offset {off} is outside the {view} axis of length {n}")
             planes.append(np.take(v, i, axis=axis))
         out[view] = planes
     return out

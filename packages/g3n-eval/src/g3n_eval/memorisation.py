@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .data import InputError
+
 
 class MemorisationConfig(BaseModel):
     """Thresholds of the audit and its gate (all recorded in the metrics file)."""
@@ -67,10 +69,10 @@ class MemorisationResult:
 def flatten(latents: np.ndarray, name: str) -> np.ndarray:
     a = np.asarray(latents)
     if a.ndim < 2 or a.shape[0] == 0:
-        raise ValueError(f"{name}: expected (n, ...) with n >= 1, got shape {a.shape}")
+        raise InputError(f"{name}: expected (n, ...) with n >= 1, got shape {a.shape}")
     a = a.reshape(a.shape[0], -1).astype(np.float64, copy=False)
     if not np.isfinite(a).all():
-        raise ValueError(f"{name}: latents contain NaN or Inf")
+        raise InputError(f"{name}: latents contain NaN or Inf")
     return a
 
 
@@ -78,7 +80,7 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, chunk: int = 1
     """L2 distance from each query row to its nearest reference row, and that row's index."""
     q, r = np.asarray(queries, np.float64), np.asarray(reference, np.float64)
     if q.shape[1] != r.shape[1]:
-        raise ValueError(f"dimension mismatch: {q.shape[1]} vs {r.shape[1]}")
+        raise InputError(f"dimension mismatch: {q.shape[1]} vs {r.shape[1]}")
     r2 = (r * r).sum(1)
     dist = np.empty(q.shape[0])
     idx = np.empty(q.shape[0], dtype=np.int64)
@@ -104,9 +106,9 @@ def audit(synthetic: np.ndarray, train: np.ndarray, heldout: np.ndarray,
     cfg = config or MemorisationConfig()
     S, T, H = flatten(synthetic, "synthetic"), flatten(train, "train"), flatten(heldout, "heldout")
     if not (S.shape[1] == T.shape[1] == H.shape[1]):
-        raise ValueError(f"latent sizes differ: synthetic {S.shape[1]}, train {T.shape[1]}, heldout {H.shape[1]}")
+        raise InputError(f"latent sizes differ: synthetic {S.shape[1]}, train {T.shape[1]}, heldout {H.shape[1]}")
     if H.shape[0] < 2:
-        raise ValueError("heldout: need at least 2 held-out real samples for a reference distribution")
+        raise InputError("heldout: need at least 2 held-out real samples for a reference distribution")
     ds, js = nearest_distances(S, T, cfg.chunk)
     dh, _ = nearest_distances(H, T, cfg.chunk)
     threshold = float(np.percentile(dh, cfg.percentile))
@@ -187,7 +189,7 @@ def run_memorisation(synthetic, train, heldout, out, config: MemorisationConfig 
     H, hkeys, _ = load_matrix(heldout, "heldout")
     overlap = sorted(set(tkeys) & set(hkeys)) if Path(train).is_dir() and Path(heldout).is_dir() else []
     if overlap:
-        raise ValueError(f"{heldout}: {len(overlap)} held-out sample(s) are also in the training set, e.g. {overlap[:3]}")
+        raise InputError(f"{heldout}: {len(overlap)} held-out sample(s) are also in the training set, e.g. {overlap[:3]}")
     r = audit(S, T, H, cfg)
     histogram_png(np.asarray(r.syn_distances), np.asarray(r.heldout_distances), r.threshold, out / "memorisation_hist.png")
     res = r.as_dict()

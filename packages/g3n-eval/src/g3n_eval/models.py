@@ -7,9 +7,10 @@
   features are the mean over tokens, exactly as ``g3n-mae encode`` stores them for the probes.
 
 Intensity spaces. Tokenizers and the encoder work in *brain z-space* (brain voxels z-scored,
-background 0). Real volumes on disk are in scanner units, never negative after preprocessing;
-z-space volumes always have negative brain voxels. :func:`to_zspace` uses that to bring any
-volume into z-space exactly once.
+background 0). What a volumes set holds is read from its manifest
+(:func:`g3n_shards.intensity.intensity_of`, via :func:`g3n_eval.data.volume_space`), never guessed
+from the values, and :func:`g3n_shards.intensity.to_zspace` brings it into z-space exactly once
+(:mod:`g3n_eval.sources`); the classes here take z-space volumes.
 """
 
 from __future__ import annotations
@@ -21,24 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from g3n_shards.intensity import zscore_brain as _zscore_brain
 
-def zscore_brain(volume: np.ndarray) -> np.ndarray:
-    """Brain z-score as the loaders do it (voxels > 0; background stays 0)."""
-    v = np.asarray(volume, dtype=np.float32)
-    brain = v > 0
-    if not brain.any():
-        raise ValueError("volume has no brain voxel (> 0) to z-score")
-    vals = v[brain].astype(np.float64)
-    sd = float(vals.std()) or 1.0
-    out = np.zeros_like(v)
-    out[brain] = (v[brain] - vals.mean()) / sd
-    return out
+from .data import InputError
 
 
-def to_zspace(volume: np.ndarray) -> np.ndarray:
-    """A scanner-unit volume (no negative voxel) is z-scored; a z-space one is returned as is."""
-    v = np.asarray(volume, dtype=np.float32)
-    return zscore_brain(v) if float(v.min()) >= 0 else v
+def zscore_brain(volume: np.ndarray, key: str = "?") -> np.ndarray:
+    """Brain z-score as the loaders do it (:func:`g3n_shards.intensity.zscore_brain`; voxels > 0,
+    background 0); raises a ValueError naming ``key`` for NaN/Inf or no brain voxel."""
+    return _zscore_brain(volume, key)[0]
 
 
 class TokenizerHandle:
@@ -99,10 +91,13 @@ class MAEFeatures:
     """Mean-over-tokens features of the frozen MAE encoder (the probes' feature space)."""
 
     def __init__(self, weights: str | Path, device: str = "cpu", img_size: tuple[int, int, int] | None = None) -> None:
-        from g3n_mae.checkpoint import load_model
+        from g3n_mae.checkpoint import CheckpointError, load_model
 
         self.weights = str(weights)
-        self.model, self.cfg, sha = load_model(weights, img_size=img_size, encoder_only=True)
+        try:
+            self.model, self.cfg, sha = load_model(weights, img_size=img_size, encoder_only=True)
+        except CheckpointError as e:  # missing, unreadable or mismatched weights: the --encoder input
+            raise InputError(str(e)) from None
         self.model.to(device).eval()
         self.device = device
         self.digest = sha if str(sha).startswith("sha256:") else f"sha256:{sha}"
@@ -117,12 +112,12 @@ class MAEFeatures:
 
     @torch.no_grad()
     def __call__(self, volumes: Sequence[np.ndarray], batch_size: int = 4) -> np.ndarray:
-        """Volumes (scanner units or z-space) -> (n, hidden) features."""
+        """Brain z-space volumes (the loaders' z-score, as :mod:`g3n_eval.sources` gives them) -> (n, hidden) features."""
         feats = []
         for s in range(0, len(volumes), batch_size):
-            batch = np.stack([to_zspace(v) for v in volumes[s : s + batch_size]])
+            batch = np.stack([np.asarray(v, dtype=np.float32) for v in volumes[s : s + batch_size]])
             if tuple(batch.shape[1:]) != self.img_size:
-                raise ValueError(f"volumes of shape {batch.shape[1:]} do not fit the encoder's {self.img_size}")
+                raise InputError(f"volumes of shape {batch.shape[1:]} do not fit the encoder's {self.img_size}")
             x = torch.as_tensor(batch[:, None], dtype=torch.float32, device=self.device)
             feats.append(self.model.encode(x).float().mean(dim=1).cpu().numpy())
         return np.concatenate(feats) if feats else np.zeros((0, self.dim), np.float32)

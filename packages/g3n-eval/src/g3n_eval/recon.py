@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from g3n_shards.intensity import NEEDS_ZSCORE, ZSCORED_BRAIN, ZScoreError, to_zspace
+
 from . import metrics as M
-from .data import iter_set, open_set
+from .data import InputError, iter_set, open_set, volume_space
 from .figures import volume_montage
-from .models import TokenizerHandle, zscore_brain
+from .models import TokenizerHandle
 from .records import atomic_write_text, input_ref, write_metrics
 from .rejects import Rejects
 
@@ -31,12 +33,20 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
               recon: str | Path | None = None, limit: int | None = None, data_range: float | None = None,
               save_recon: bool = False, montage_n: int = 4, progress: bool = True) -> dict[str, Any]:
     if (tokenizer is None) == (recon is None):
-        raise ValueError("give exactly one of a tokenizer (--tokenizer/--checkpoint) or a reconstruction set (--recon)")
+        raise InputError("give exactly one of a tokenizer (--tokenizer/--checkpoint) or a reconstruction set (--recon)")
     out = Path(out)
     rejects = Rejects(out)
     real_set = open_set(volumes, kind="volumes")
+    real_space = volume_space(real_set.manifest, volumes)
+    rec_space = None
     if recon is not None:
-        open_set(recon, kind="volumes")
+        rec_space = volume_space(open_set(recon, kind="volumes").manifest, recon)
+        if rec_space in NEEDS_ZSCORE and real_space not in NEEDS_ZSCORE:
+            raise InputError(f"{recon}: reconstructions in {rec_space} units are mapped with the real volumes' brain "
+                             f"statistics, but {volumes} is already {real_space}: give reconstructions in z-space")
+
+    def brain_of(v: np.ndarray) -> np.ndarray:  # background is 0; scanner units have no negative brain voxel
+        return v > 0 if real_space in NEEDS_ZSCORE else v != 0
     writer = None
     if save_recon:
         import g3n_shards as gs
@@ -46,7 +56,8 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
         writer = gs.ShardWriter(out / "recon-volumes", kind="volumes",
                                 producer=gs.Producer(package="g3n-eval", version=__version__,
                                                      config={"stage": "recon", "tokenizer": tokenizer.ref if tokenizer else None}),
-                                geometry=real_set.manifest.geometry, parents=[real_set], overwrite=True)
+                                geometry=real_set.manifest.geometry, parents=[real_set], overwrite=True,
+                                extra={"intensity": ZSCORED_BRAIN})
     rows: list[dict[str, Any]] = []
     montage: list[tuple[str, np.ndarray, np.ndarray]] = []
     batch: list[tuple[str, dict, np.ndarray, np.ndarray | None]] = []
@@ -54,14 +65,21 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
     def flush() -> None:
         if not batch:
             return
-        zs = [zscore_brain(v) for _, _, v, _ in batch]
-        outs = tokenizer.reconstruct(zs) if tokenizer is not None else [r for *_, r in batch]
-        for j, (k, m, v, _) in enumerate(batch):
+        ok, zs = [], []
+        for item in batch:
+            try:
+                zs.append(to_zspace(item[2], real_space, item[0]))
+                ok.append(item)
+            except ZScoreError as e:
+                rejects.add(item[0], f"{type(e).__name__}: {e}")
+        outs = tokenizer.reconstruct(zs) if tokenizer is not None else [r for *_, r in ok]
+        for j, (k, m, v, _) in enumerate(ok):
             try:
                 r = outs[j]
-                # a scanner-unit reconstruction is mapped with the *real* volume's statistics
-                ref, test = (M.zscore_pair(v, r, v > 0) if tokenizer is None and float(r.min()) >= 0 else (zs[j], r))
-                s = M.score_volume(ref, test, mask=v > 0, data_range=data_range)
+                brain = brain_of(v)
+                # reconstructions in scanner units are mapped with the *real* volume's statistics
+                ref, test = M.zscore_pair(v, r, brain) if rec_space in NEEDS_ZSCORE else (zs[j], r)
+                s = M.score_volume(ref, test, mask=brain, data_range=data_range)
             except ValueError as e:
                 rejects.add(k, f"{type(e).__name__}: {e}")
                 continue
@@ -90,8 +108,8 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
                 if r is None:
                     rejects.add(k, f"no reconstruction with this key in {recon}")
                     continue
-            if not (v > 0).any():
-                rejects.add(k, "empty volume: no brain voxel (> 0)")
+            if not brain_of(v).any():
+                rejects.add(k, "empty volume: no brain voxel")
                 continue
             batch.append((k, m, v, r))
             if len(batch) >= 4:
@@ -104,7 +122,7 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
     if writer is not None:
         writer.close()
     if not rows:
-        raise ValueError(f"{volumes}: no volume could be scored (see {rejects.path})")
+        raise InputError(f"{volumes}: no volume could be scored (see {rejects.path})")
 
     summary = {f: M.summarise([r[f] for r in rows]) for f in FIELDS}
     by_modality: dict[str, Any] = {}
@@ -129,7 +147,8 @@ def run_recon(volumes: str | Path, out: str | Path, tokenizer: TokenizerHandle |
         inputs.append(input_ref(recon, "reconstructions"))
     settings = {
         "space": "brain z-score of the real volume (voxels > 0); background 0",
-        "mask": "real volume > 0",
+        "intensity": {"real": real_space, "recon": rec_space},
+        "mask": "real volume > 0" if real_space in NEEDS_ZSCORE else "real volume != 0",
         "data_range": data_range if data_range is not None else "per volume: max - min of the real z-scored volume",
         "ssim": {"window": "gaussian", "sigma": M.SSIM_SIGMA, "taps": M.SSIM_TAPS, "k1": M.K1, "k2": M.K2,
                  "region": "valid (no padding)"},

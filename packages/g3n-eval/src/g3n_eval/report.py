@@ -27,6 +27,7 @@ from typing import Any
 
 from . import __version__
 from .controllability import BLIND_AUC, BLIND_P, is_blind
+from .data import InputError
 from .records import FORMAT, MetricsFileError, atomic_write_text, input_ref, read_metrics
 
 CSS = """
@@ -503,7 +504,7 @@ def build_report(runs: Sequence[str | Path], out: str | Path, probe_runs: Sequen
     for spec in volumes:
         label, _, path = spec.partition("=")
         if not path:
-            raise ValueError(f"--volumes {spec!r}: expected LABEL=PATH")
+            raise InputError(f"--volumes {spec!r}: expected LABEL=PATH")
         from .sources import volumes_of
 
         v = volumes_of(path, tokenizers, montage_n)

@@ -1,6 +1,8 @@
 """Inputs as the measurements need them: z-space volumes and encoder features, from any set.
 
-* A ``volumes`` set is read and brought to brain z-space (:func:`models.to_zspace`).
+* A ``volumes`` set is read and brought to brain z-space from the intensity space its manifest
+  records (:func:`g3n_eval.data.volume_space`, :func:`g3n_shards.intensity.to_zspace`); a set that
+  records none is refused.
 * A ``latents`` set (real or generated) is decoded by the tokenizer its manifest names, through
   the registry, to z-space volumes.
 * Features: a ``tokens`` set or a feature table is read by g3n-probe as is; anything with
@@ -18,8 +20,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import InputError, Loaded, load_set
-from .models import MAEFeatures, TokenizerHandle, to_zspace
+from g3n_shards.intensity import ZScoreError, to_zspace
+from g3n_tokenizer.errors import TokenizerError
+
+from .data import InputError, Loaded, load_set, volume_space
+from .models import MAEFeatures, TokenizerHandle
 
 
 def set_kind(path: str | Path) -> str:
@@ -51,7 +56,7 @@ class TokenizerCache:
         if key not in self._cache:
             try:
                 self._cache[key] = TokenizerHandle(target, self.checkpoint, self.device)
-            except Exception as e:  # registry / checkpoint errors carry their own clear message
+            except TokenizerError as e:  # registry / checkpoint errors carry their own clear message
                 where = getattr(loaded, "path", getattr(loaded, "location", "?"))
                 raise InputError(f"{where}: cannot load its tokenizer: {e}") from e
         return self._cache[key]
@@ -67,13 +72,14 @@ def volumes_of(path: str | Path, tokenizers: TokenizerCache | None, limit: int |
     ``only``: keep just these keys (before decoding, which is the costly part); keys absent
     from the set are simply not there, for the caller to report."""
     loaded = load_set(path, limit=limit)
+    space = volume_space(loaded.manifest, path) if loaded.kind == "volumes" else None
     if only is not None:
         keep = [i for i, k in enumerate(loaded.keys) if k in only]
         loaded.keys = [loaded.keys[i] for i in keep]
         loaded.arrays = [loaded.arrays[i] for i in keep]
         loaded.metas = [loaded.metas[i] for i in keep]
     if loaded.kind == "volumes":
-        loaded.arrays = [to_zspace(a) for a in loaded.arrays]
+        loaded.arrays = [_zspace(a, space, path, k) for k, a in zip(loaded.keys, loaded.arrays)]
     elif loaded.kind == "latents":
         if tokenizers is None:
             raise InputError(f"{path}: a latents set needs a tokenizer to decode it (--tokenizer-checkpoint)")
@@ -88,6 +94,13 @@ def volumes_of(path: str | Path, tokenizers: TokenizerCache | None, limit: int |
     return loaded
 
 
+def _zspace(volume: np.ndarray, space: str | None, path: str | Path, key: str) -> np.ndarray:
+    try:
+        return to_zspace(volume, str(space), key)
+    except ZScoreError as e:  # no brain voxel, NaN/Inf: the set's sample, not this program, is at fault
+        raise InputError(f"{path}: {e}") from None
+
+
 def volume_batches(path: str | Path, tokenizers: TokenizerCache | None, limit: int | None = None,
                    batch_size: int = 4, progress: bool = False) -> Iterator[tuple[list[str], list[dict], list[np.ndarray]]]:
     """Stream (keys, metas, z-space volumes) in batches: a volumes set z-scored, a latents set decoded.
@@ -97,7 +110,9 @@ def volume_batches(path: str | Path, tokenizers: TokenizerCache | None, limit: i
     ss = open_set(path)
     if ss.kind not in ("volumes", "latents"):
         raise InputError(f"{path}: a {ss.kind} set has no volumes; give a volumes or latents set")
-    tok = None
+    tok = space = None
+    if ss.kind == "volumes":
+        space = volume_space(ss.manifest, path)
     if ss.kind == "latents":
         if tokenizers is None:
             raise InputError(f"{path}: a latents set needs a tokenizer to decode it (--tokenizer-checkpoint)")
@@ -108,7 +123,7 @@ def volume_batches(path: str | Path, tokenizers: TokenizerCache | None, limit: i
 
     def emit() -> tuple[list[str], list[dict], list[np.ndarray]]:
         keys, metas, arrs = [b[0] for b in buf], [b[1] for b in buf], [b[2] for b in buf]
-        vols = tok.decode(arrs) if tok is not None else [to_zspace(a) for a in arrs]
+        vols = tok.decode(arrs) if tok is not None else [_zspace(a, space, path, k) for k, a in zip(keys, arrs)]
         bar.update(len(buf))
         buf.clear()
         return keys, metas, vols

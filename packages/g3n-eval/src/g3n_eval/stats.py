@@ -1,4 +1,4 @@
-"""Small statistics shared by the measurements: rank AUC, line fits, Pearson r."""
+"""Small statistics shared by the measurements: ROC AUC (g3n-probe's), line fits, Pearson r, sign test."""
 
 from __future__ import annotations
 
@@ -6,29 +6,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binomtest, rankdata
+from g3n_probe.metrics import binary_auc, ovr_auc
+from scipy.stats import binomtest
 
 
-def auc_binary(positive: Sequence[bool] | np.ndarray, score: Sequence[float] | np.ndarray) -> float:
-    """ROC AUC by the Mann-Whitney rank statistic (ties count 1/2); NaN if a class is absent."""
-    y = np.asarray(positive, dtype=bool)
-    s = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    r = rankdata(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def auc_ovr(labels: Sequence[str], proba: np.ndarray, classes: Sequence[str]) -> float:
-    """Macro one-vs-rest AUC over the classes present in ``labels``; binary = the plain AUC."""
-    lab = np.asarray([str(v) for v in labels], dtype=object)
-    P = np.asarray(proba, dtype=np.float64)
-    if len(classes) == 2:
-        return auc_binary(lab == classes[1], P[:, 1])
-    vals = [auc_binary(lab == c, P[:, j]) for j, c in enumerate(classes)]
-    vals = [v for v in vals if not math.isnan(v)]
-    return float(np.mean(vals)) if vals else math.nan
+#: ROC AUC: g3n-probe's (the one implementation), under the names the measurements use:
+#: ``auc_binary(positive, score)`` and ``auc_ovr(labels, proba, classes)`` (macro one-vs-rest over
+#: the classes present; binary = the plain AUC of ``classes[1]``).
+auc_binary = binary_auc
+auc_ovr = ovr_auc
 
 
 def line_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:

@@ -3,30 +3,37 @@
 AUC for several classes is the macro mean of one-vs-rest AUCs over the classes that have
 both positives and negatives in the test fold (a class absent from a fold cannot be scored);
 with all classes present this equals scikit-learn's ``roc_auc_score(multi_class="ovr")``.
+:func:`ovr_auc` and :func:`binary_auc` are the project's one ROC AUC (g3n-eval's controllability
+scores with them too).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 
-def ovr_auc(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> float:
-    """Binary AUC (positive = classes[1]) or macro one-vs-rest AUC; NaN if nothing is scorable."""
-    y_true = np.asarray(y_true).astype(str)
+def binary_auc(positive: Sequence[bool] | np.ndarray, score: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC of ``score`` for the ``positive`` samples (ties count 1/2); NaN if a class is absent."""
+    pos = np.asarray(positive, dtype=bool)
+    if pos.all() or (~pos).all():
+        return math.nan
+    return float(roc_auc_score(pos, np.asarray(score, dtype=np.float64)))
+
+
+def ovr_auc(y_true: Sequence[object] | np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> float:
+    """Binary AUC (positive = classes[1]) or macro one-vs-rest AUC over the classes present with
+    both positives and negatives; NaN if nothing is scorable. Labels compare as strings."""
+    y_true = np.asarray([str(v) for v in y_true], dtype=object) if not isinstance(y_true, np.ndarray) else y_true.astype(str)
+    P = np.asarray(proba, dtype=np.float64)
     if len(classes) == 2:
-        pos = y_true == classes[1]
-        if pos.all() or (~pos).all():
-            return math.nan
-        return float(roc_auc_score(pos, proba[:, 1]))
-    aucs = []
-    for j, c in enumerate(classes):
-        pos = y_true == c
-        if pos.any() and not pos.all():
-            aucs.append(roc_auc_score(pos, proba[:, j]))
+        return binary_auc(y_true == str(classes[1]), P[:, 1])
+    aucs = [binary_auc(y_true == str(c), P[:, j]) for j, c in enumerate(classes)]
+    aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else math.nan
 
 

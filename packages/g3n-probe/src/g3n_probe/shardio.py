@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import g3n_shards as gs
 
-from .features import FeatureSet, FeatureSourceError, screen_rows
+from .featureset import FeatureSet, FeatureSourceError, screen_rows
 from .rejects import STEP_FEATURES, Reject
 
 TOKEN_ARRAYS = ("auto", "mean", "tokens")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import g3n_shards as gs
+from g3n_shards.intensity import zscore_brain as _zscore_brain
 
 from .errors import LatentError
 
@@ -106,21 +107,11 @@ def check_volumes(volumes: torch.Tensor, shape: tuple[int, int, int], where: str
 def zscore_brain(volume: np.ndarray, key: str = "?") -> tuple[np.ndarray, float, float]:
     """Z-score over brain voxels (> 0), background stays 0; returns (z, mean, std).
 
-    Same rule as g3n-mae's training loader (the encoder must see what it was trained on); the
-    mean and std are returned so the shard-level encode can record them for the way back.
+    :func:`g3n_shards.intensity.zscore_brain`, the rule of g3n-mae's training loader (the encoder
+    must see what it was trained on); the mean and std are returned so the shard-level encode can
+    record them for the way back. Raises a ValueError naming ``key`` for NaN/Inf or no brain voxel.
     """
-    v = np.asarray(volume, dtype=np.float32)
-    if not np.isfinite(v).all():
-        raise ValueError(f"sample {key}: volume contains NaN or Inf")
-    brain = v > 0
-    if not brain.any():
-        raise ValueError(f"sample {key}: no brain voxel (> 0) to z-score")
-    vals = v[brain].astype(np.float64)
-    mean, std = float(vals.mean()), float(vals.std())
-    std = std if std > 0 else 1.0
-    out = np.zeros_like(v)
-    out[brain] = (v[brain] - mean) / std
-    return out, mean, std
+    return _zscore_brain(volume, key)
 
 
 def unzscore(z: np.ndarray, mean: float, std: float, mask: np.ndarray | None = None) -> np.ndarray:
