@@ -192,19 +192,19 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
         else:
             pairs.append((i, base_by_key[src], float(dt)))
     if len(pairs) < 2:
-        raise ValueError(f"{forecasts}: {len(pairs)} forecast(s) could be paired with a baseline; need 2 (see {rejects.path})")
+        raise InputError(f"{forecasts}: {len(pairs)} forecast(s) could be paired with a baseline; need 2 (see {rejects.path})")
     if age_probe is not None:
         probe = LinearProbe.load(age_probe)
         if probe.kind != "regression":
-            raise ValueError(f"{age_probe}: is a {probe.kind} probe; forecasts need a brain-age regression probe")
+            raise InputError(f"{age_probe}: is a {probe.kind} probe; forecasts need a brain-age regression probe")
         probe_src = {"probe": str(age_probe)}
     else:
         if real is None:
-            raise ValueError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
+            raise InputError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
         real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
         keep = [i for i, r in enumerate(real_fs.records) if r.get("age") is not None]
         if len(keep) < 3:
-            raise ValueError(f"{real}: only {len(keep)} samples with an age to fit the brain-age probe")
+            raise InputError(f"{real}: only {len(keep)} samples with an age to fit the brain-age probe")
         groups = np.asarray([str(real_fs.records[i].get("subject") or real_fs.keys[i]) for i in keep])
         probe, _ = fit_regressor(real_fs.X[keep], np.asarray([real_fs.records[i]["age"] for i in keep], float),
                                  protocol or protocol_preset("paper"), groups)
