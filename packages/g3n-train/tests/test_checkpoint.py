@@ -56,7 +56,7 @@ def test_a_modified_file_is_refused(tmp_path):
 def test_files_get_the_umask_mode(tmp_path, umask):
     old = os.umask(umask)
     try:
-        save_tensors(tmp_path / "w.safetensors", {"a": torch.ones(1)})
+        save_tensors({"a": torch.ones(1)}, tmp_path / "w.safetensors")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~umask

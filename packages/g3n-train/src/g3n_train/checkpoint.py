@@ -40,8 +40,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match; the message names the path."""
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Atomically write a safetensors file; returns its SHA-256 (hex)."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file (arguments as ``safetensors.torch.save_file``); returns its SHA-256 (hex)."""
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
     return file_sha256(path)
@@ -125,7 +125,7 @@ class CheckpointStore:
         tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            digests = {name: save_tensors(tmp / name, tensors, meta) for name, (tensors, meta) in files.items()}
+            digests = {name: save_tensors(tensors, tmp / name, meta) for name, (tensors, meta) in files.items()}
             doc = {"format": fmt, "format_version": version, "step": step, "files": digests,
                    "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state}
             atomic_write_text(tmp / STATE_NAME, json.dumps(doc, indent=1, sort_keys=True))
