@@ -13,6 +13,7 @@ run is executed and logged may change (each stage lists them). :func:`resolve_re
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,24 +51,28 @@ def resolve_resume_config(
     log: Callable[[str], None] = print,
     where: str = "the checkpoint",
     ignore: Iterable[str] = (),
+    acceptable: bool = True,
 ) -> dict[str, Any]:
     """The config a resume runs with (JSON dicts in, JSON dict out; see the module doc).
 
     ``mutable``: dotted field paths (or prefixes) a resume may change. ``ignore``: paths not
     compared at all (e.g. a preset's name, when its values are compared field by field). The result
-    is the checkpoint's config with the allowed requested changes applied.
+    is the checkpoint's config with the allowed requested changes applied. ``acceptable=False``:
+    differences cannot be resolved by keeping the checkpoint's values (the caller has already built
+    something from the requested ones), so they are always refused.
     """
     mutable, ignore = list(mutable), list(ignore)
+    saved, requested = json.loads(json.dumps(saved)), json.loads(json.dumps(requested))  # tuples -> lists
     old, new = flatten(saved), flatten(requested)
     differing = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _allowed(k, ignore)]
     applied = [k for k in differing if _allowed(k, mutable)]
     refused = [k for k in differing if not _allowed(k, mutable)]
-    if refused and not accept_checkpoint:
+    if refused and not (accept_checkpoint and acceptable):
         fields = "; ".join(f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} requested" for k in refused)
+        accept_hint = ", or pass --accept-checkpoint-config to continue with the checkpoint's values" if acceptable else ""
         raise ResumeConfigError(
             f"resume from {where}: the requested config differs in fields a resume cannot change: {fields}. "
-            "Resume with the run's own settings, start a new run (another run folder, or without resume), or "
-            "pass --accept-checkpoint-config to continue with the checkpoint's values"
+            f"Resume with the run's own settings or start a new run (another run folder, or without resume){accept_hint}"
         )
     out = _deepcopy(saved)
     for k in refused:
