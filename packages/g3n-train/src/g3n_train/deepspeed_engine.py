@@ -47,7 +47,8 @@ FRAGMENT_HELPERS = ("safe_get_full_fp32_param", "safe_set_full_fp32_param", "saf
 
 def deepspeed_config(spec: EngineSpec, num_params: int) -> dict[str, Any]:
     """Our spec -> a DeepSpeed config dict (no separate JSON file to keep in sync)."""
-    bucket = spec.zero_bucket_size or int(min(DEFAULT_ZERO_BUCKET, max(1, num_params)))
+    # capped at the model's size, rounded up to even (ZeRO-1/2 want a multiple of their alignment, 2)
+    bucket = spec.zero_bucket_size or int(min(DEFAULT_ZERO_BUCKET, max(2, num_params + num_params % 2)))
     return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -168,8 +169,10 @@ class DeepSpeedEngine:
                     optim[f"{key}/{name}"] = s.detach().float().cpu()
             if f"exp_avg/{name}" in optim:
                 optim[f"step/{name}"] = torch.tensor(step, dtype=torch.float32)
+        persistent = set(self.module.state_dict())  # non-persistent buffers are not state
         for name, b in self.module.named_buffers():
-            model_sd[name] = b.detach().cpu().float() if b.is_floating_point() else b.detach().cpu()
+            if name in persistent:
+                model_sd[name] = b.detach().cpu().float() if b.is_floating_point() else b.detach().cpu()
         return model_sd, optim
 
     def load_state(self, model_sd: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
@@ -185,7 +188,8 @@ class DeepSpeedEngine:
         step = None
         with torch.no_grad():
             for name, b in self.module.named_buffers():
-                b.copy_(model_sd[name].to(b.dtype))
+                if name in model_sd:  # non-persistent buffers are not saved
+                    b.copy_(model_sd[name].to(b.dtype))
             for name, p in self.module.named_parameters():
                 value = model_sd[name].to(p.device)
                 if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
