@@ -22,7 +22,7 @@ from g3n_dit.conditions import encode, resolve_conditions
 from g3n_dit.config import DiTConfig, MODEL_PRESETS, TRAIN_PRESETS, default_generation_conditions
 from g3n_dit.flow import autocast_for, flow_matching_loss, initial_noise, resolve_precision, resolve_scales, sample
 from g3n_dit.model import DiT, count_parameters
-from g3n_dit.train import param_groups
+from g3n_train import param_groups
 
 VOCAB = {
     "disease": ["AD", "ADHD", "ASD", "GBM", "HC", "MCI", "PD", "SCZ"],

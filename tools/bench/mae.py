@@ -7,7 +7,7 @@
 What is measured, per preset and batch size:
 * train: volumes/s of full optimizer steps (forward, masked-patch loss, backward, clip, AdamW) through
   the same ``TorchEngine`` the trainer uses (bf16 autocast on CUDA), after warm-up steps;
-* MFU: model FLOPs (``g3n_mae.model.train_flops_per_volume``: matmuls of patch embedding, encoder
+* MFU: model FLOPs (``g3n_mae.flops.train_flops_per_volume``: matmuls of patch embedding, encoder
   on visible tokens, decoder on all tokens, head; x3 for forward+backward) x volumes/s / the card's
   dense bf16 peak (H100 SXM 989 TFLOP/s, override with --peak-tflops);
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak RSS
@@ -29,8 +29,10 @@ import torch
 from g3n_mae.config import preset
 from g3n_mae.data import brain_like_volumes, zscore_brain_torch
 from g3n_mae.masking import sample_noise
-from g3n_mae.model import MAE3D, encode_flops_per_volume, train_flops_per_volume
-from g3n_mae.train import Dist, TorchEngine, lr_at
+from g3n_mae.flops import encode_flops_per_volume, train_flops_per_volume
+from g3n_mae.model import MAE3D
+from g3n_mae.train import engine_spec, lr_at
+from g3n_train import Dist, TorchEngine
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -72,13 +74,14 @@ def bench_train(cfg, batch_size: int, device: torch.device, warmup: int, steps: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    engine = TorchEngine(MAE3D(cfg.model), cfg, Dist(device=device))
+    engine = TorchEngine(MAE3D(cfg.model), engine_spec(cfg, "torch", device), Dist(device=device))
     x, noise = make_batch(cfg, batch_size, device)
     engine.module.train()
 
     def step(i: int) -> float:
         engine.set_lr(lr_at(i, cfg))
-        loss = engine.forward(zscore_brain_torch(x), noise)  # the loop z-scores on the device
+        with engine.autocast():
+            loss, _, _ = engine.model(zscore_brain_torch(x), noise=noise)  # the loop z-scores on the device
         engine.backward(loss)
         engine.step()
         return loss

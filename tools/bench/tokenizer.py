@@ -34,7 +34,8 @@ from g3n_tokenizer.config import preset  # noqa: E402
 from g3n_tokenizer.decoder import count_parameters  # noqa: E402
 from g3n_tokenizer.interface import values_per_volume, zscore_brain  # noqa: E402
 from g3n_tokenizer.mae_cnn import MaeCnnTokenizer  # noqa: E402
-from g3n_tokenizer.train import TorchEngine  # noqa: E402
+from g3n_tokenizer.train import build_engine, train_step  # noqa: E402
+from g3n_train import Dist  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -59,9 +60,9 @@ def bench_tokenizer(tok, x: torch.Tensor, cfg, reps: int, fit_steps: int, dev: t
     z = tok.encode(x)
     enc = timed(lambda: tok.encode(x), dev, reps)
     dec = timed(lambda: tok.decode(z), dev, reps)
-    engine = TorchEngine(tok.train_module, cfg.train, dev)
+    engine = build_engine(tok.train_module, cfg.train.model_copy(update={"engine": "torch"}), Dist(device=dev))
     tok.bf16 = engine.bf16
-    step = timed(lambda: engine.step(tok.train_inputs(x), x), dev, reps)
+    step = timed(lambda: train_step(engine, tok, x), dev, reps)
     out = {"latent_shape": list(tok.latent_shape), "values_per_volume": values_per_volume(tok),
            "encode_vol_per_s": b / enc, "decode_vol_per_s": b / dec, "train_step_vol_per_s": b / step,
            "bf16": engine.bf16}
@@ -70,7 +71,7 @@ def bench_tokenizer(tok, x: torch.Tensor, cfg, reps: int, fit_steps: int, dev: t
     if fit_steps:
         before = float(torch.mean((tok.decode(tok.encode(x)) - x) ** 2))
         for _ in range(fit_steps):
-            engine.step(tok.train_inputs(x), x)
+            train_step(engine, tok, x)
         after = float(torch.mean((tok.decode(tok.encode(x)) - x) ** 2))
         out.update(fit_steps=fit_steps + reps + 1, mse_before=before, mse_after=after)
     return out

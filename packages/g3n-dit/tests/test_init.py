@@ -18,10 +18,11 @@ def _spy_start(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
     """The raw weights when the engine is built and the EMA weights before their first update (step 0)."""
     seen: dict[str, dict[str, torch.Tensor]] = {}
 
-    class SpyEngine(T.TorchEngine):
-        def __init__(self, model, cfg, device):
-            seen["raw"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            super().__init__(model, cfg, device)
+    real_build = T.build_engine
+
+    def spy_build(kind, model, spec, d):
+        seen["raw"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return real_build(kind, model, spec, d)
 
     real_update = T.ema_update
 
@@ -29,7 +30,7 @@ def _spy_start(monkeypatch) -> dict[str, dict[str, torch.Tensor]]:
         seen.setdefault("ema", {k: v.detach().clone() for k, v in ema.state_dict().items()})
         real_update(ema, model, decay)
 
-    monkeypatch.setattr(T, "TorchEngine", SpyEngine)
+    monkeypatch.setattr(T, "build_engine", spy_build)
     monkeypatch.setattr(T, "ema_update", spy_update)
     return seen
 
@@ -50,7 +51,7 @@ def test_init_loads_raw_and_ema_keeps_statistics_and_resume_wins(tmp_path, monke
     ck = load_checkpoint(tmp_path / "run")
     assert torch.equal(ck.norm_mean, init.norm_mean) and torch.equal(ck.norm_std, init.norm_std)
     assert not torch.allclose(new.latents.reshape(-1, 4).mean(0), init.norm_mean)
-    assert float(ck.train["optim.0.step"]) == 1.0  # fresh AdamW: one update
+    assert float(ck.train["step/x_embed.weight"]) == 1.0  # fresh AdamW: one update
     assert ck.state["init"]["path"] == str(init.path.resolve()) and ck.state["init"]["ema_sha256"] == init.digest("ema")
     assert "latent statistics" in capsys.readouterr().out
 
@@ -58,7 +59,7 @@ def test_init_loads_raw_and_ema_keeps_statistics_and_resume_wins(tmp_path, monke
     T.train(tiny_cfg(seed=9), new, tmp_path / "run", max_steps=2, progress=False, init=init.path)  # resume: config from the run
     assert "not applied" in capsys.readouterr().out
     ck = load_checkpoint(tmp_path / "run")
-    assert ck.step == 2 and float(ck.train["optim.0.step"]) == 2.0 and ck.state["init"]["step"] == 3
+    assert ck.step == 2 and float(ck.train["step/x_embed.weight"]) == 2.0 and ck.state["init"]["step"] == 3
     assert not _equal(seen["raw"], init.model)  # the resumed run's own weights, not the init's
 
 

@@ -7,9 +7,9 @@ import torch
 
 from g3n_mae.config import ConfigError, ModelConfig, preset
 from g3n_mae.masking import random_masking, sample_noise
+from g3n_mae.flops import train_flops_per_volume
 from g3n_mae.model import (
-    MAE3D, count_parameters, interpolate_pos_embed, param_count_formula, patchify, sincos_pos_embed_3d,
-    train_flops_per_volume, unpatchify,
+    MAE3D, count_parameters, interpolate_pos_embed, param_count_formula, patchify, sincos_pos_embed_3d, unpatchify,
 )
 
 

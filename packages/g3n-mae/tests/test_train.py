@@ -218,7 +218,9 @@ def test_data_parallel_matches_doubled_batch_and_resumes_on_one_process(tmp_path
     assert state2["samples_seen"] == single.steps * 4
 
     # a checkpoint saved by 2 processes resumes on 1: weights + optimizer carried over, step continues
-    c1_more = _cfg(total_steps=6, ckpt_every=6, batch_size=4, deterministic=False)
+    # the run's own warm-up (preset() would shorten the preset's 5 to the first run's 4 steps only
+    # there): a resume may lengthen the run, not change its schedule
+    c1_more = _cfg(total_steps=6, warmup_steps=c1.train.warmup_steps, ckpt_every=6, batch_size=4, deterministic=False)
     res = train(c1_more, spec.open(c1.model.img_size), tmp_path / "ddp2", resume=True, log=QUIET)
     assert [s for s, _ in res.losses] == [5, 6]
     _, optim, state = load_checkpoint(tmp_path / "ddp2/checkpoints/step_00000006")

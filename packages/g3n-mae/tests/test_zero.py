@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
     spec = SourceSpec(synthetic=8, synthetic_seed=1)
 
     def cfg(stage, engine="deepspeed", total=4):
-        return preset("test", train=dict(engine=engine, zero_stage=stage, precision="fp32", total_steps=total,
+        # warm-up 4 for both lengths: a resume may lengthen the run, not change its schedule
+        return preset("test", train=dict(engine=engine, zero_stage=stage, precision="fp32", total_steps=total, warmup_steps=4,
                                          ckpt_every=2, keep_last=5, log_every=1, deterministic=False, batch_size=2))
 
     def losses(run):

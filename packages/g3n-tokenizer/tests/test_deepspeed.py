@@ -51,12 +51,13 @@ SCRIPT = textwrap.dedent(
     mae, vols, out = sys.argv[1], sys.argv[2], sys.argv[3]
     ss = gs.ShardSet.open(vols)
     steps = []
-    plain_step = T.DeepSpeedEngine.step
-    def recording_step(self, inputs, target):
-        loss = plain_step(self, inputs, target)
+    plain_step = T.train_step
+    def recording_step(engine, tok, x):
+        loss = plain_step(engine, tok, x)
+        assert engine.name == "deepspeed"
         steps.append(loss)
         return loss
-    T.DeepSpeedEngine.step = recording_step
+    T.train_step = recording_step
 
     def run(stage, epochs, run_dir, resume=False):
         steps.clear()

@@ -78,14 +78,15 @@ def test_autoencoderkl_resume_continues_exactly(tmp_path, volumes_set, monkeypat
 
     ss = gs.ShardSet.open(volumes_set)
     steps: list[float] = []
-    plain_step = T.TorchEngine.step
+    plain_step = T.train_step
 
-    def recording_step(self, inputs, target):
-        loss = plain_step(self, inputs, target)
+    def recording_step(engine, tok, x):
+        loss = plain_step(engine, tok, x)
+        assert engine.name == "torch"
         steps.append(loss)
         return loss
 
-    monkeypatch.setattr(T.TorchEngine, "step", recording_step)
+    monkeypatch.setattr(T, "train_step", recording_step)
 
     def run(epochs, run_dir, resume=False):
         steps.clear()
@@ -128,3 +129,27 @@ def test_autoencoderkl_trains_and_shapes(tmp_path, volumes_set):
 def test_kl_zero_at_prior():
     assert float(kl_divergence(torch.zeros(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3))) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_divergence(torch.ones(2, 4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3))) == pytest.approx(0.5 * 108, rel=1e-5)
+
+
+def test_resume_refuses_changed_settings_or_keeps_the_runs(tmp_path, mae_checkpoint, volumes_set, capsys):
+    """A resume with another seed or learning rate is refused naming each field (issue 22.3); more
+    epochs apply with a log line; --accept-checkpoint-config keeps the run's values, saying so."""
+    from g3n_tokenizer.cli import main
+
+    args = ["train", "--volumes", str(volumes_set), "--out", str(tmp_path / "run"), "--preset", "test",
+            "--steps-per-epoch", "1", "--device", "cpu", "--mae-checkpoint", str(mae_checkpoint)]
+    assert main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--resume", "--seed", "4", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "train.seed: 0 in the checkpoint, 4 requested" in err and "train.lr: 0.0005 in the checkpoint, 0.01" in err
+    assert "max_epochs" not in err
+    assert main([*args, "--epochs", "2", "--resume", "--seed", "4", "--accept-checkpoint-config"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping the checkpoint's train.seed = 0 (requested 4" in out and "max_epochs changes from 1 to 2" in out
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["epoch"] == 2 and state["config"]["seed"] == 0 and state["config"]["max_epochs"] == 2
+    # the tokenizer itself cannot change on resume: another projection width is refused, without the accept hint
+    assert main([*args, "--epochs", "3", "--resume", "--c", "4", "--accept-checkpoint-config"]) == 2
+    err = capsys.readouterr().err
+    assert "model.tokenizer.c: 8 in the checkpoint, 4 requested" in err and "--accept-checkpoint-config" not in err

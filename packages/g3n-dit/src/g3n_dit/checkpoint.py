@@ -1,95 +1,44 @@
 """Checkpoints without pickle: safetensors for every tensor, JSON for everything else.
 
-A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX/`` holding
+A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX/`` (written, rotated and found by
+``g3n_train.CheckpointStore``: atomic, the newest ``keep_last`` kept) holding
 
 - ``model.safetensors``: the raw weights, plus ``norm.mean`` / ``norm.std`` (latent statistics);
 - ``ema.safetensors``: the EMA weights, plus the same statistics (sampling needs only this file);
-- ``train.safetensors``: the optimizer state as tensors (``optim.<param>.<name>``, torch's
-  numbering; consolidated when ZeRO partitioned it across ranks) and RNG states;
-- ``state.json``: run config, resolved conditions (vocabularies), step, data cursor, optimizer
-  hyper-parameters, the training set's provenance and each weight file's SHA-256.
+- ``train.safetensors``: the AdamW state in g3n-train's one key format (``exp_avg/<param>``,
+  ``exp_avg_sq/<param>``, ``step/<param>``; consolidated when ZeRO partitioned it across ranks);
+- ``state.json``: run config, resolved conditions (vocabularies), step, data cursor, every rank's
+  RNG state, the training set's provenance and each tensor file's SHA-256.
 
-It is written into a temporary folder and renamed into place (atomic); only the last
-``keep_last`` are kept. Loading is strict: a missing or unexpected weight is an error.
+Format version 1 (written before g3n-train) numbered the optimizer state the way torch's
+``state_dict`` does (``optim.<i>.<key>``) and kept the torch RNG state in ``train.safetensors``;
+such checkpoints still load and resume (:meth:`Checkpoint.optimizer_state`, :meth:`Checkpoint.restore_rng`).
+Loading is strict: a missing or unexpected weight is an error.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from g3n_shards import atomic_path, file_sha256
-from safetensors.torch import load_file, save_file
+from g3n_train import CheckpointError, CheckpointStore, read_files, read_state, set_rng_state
+from g3n_train.optim_state import is_numbered, named_from_numbered, names_in_group_order
 
 from .conditions import Condition
 from .config import ConditionSpec, RunConfig
 
+__all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+
 FORMAT = "g3n-dit-checkpoint"
-VERSION = 1
-STEP_RE = re.compile(r"^step-(\d{8})$")
+VERSION = 2  # 2: named optimizer state, RNG states in state.json; 1: numbered optimizer state
+PREFIX = "step-"
 NORM_KEYS = ("norm.mean", "norm.std")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match what is asked of it."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Split an optimizer state_dict into tensors and JSON-able param-group hyper-parameters."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for pid, st in sd["state"].items():
-        for name, val in st.items():
-            t = val if torch.is_tensor(val) else torch.tensor(val)
-            tensors[f"optim.{pid}.{name}"] = t.detach().cpu().contiguous()
-    groups = []
-    for g in sd["param_groups"]:
-        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
-    return tensors, groups
-
-
-#: AdamW settings that choose how the update is computed, not what it is: the optimizer that
-#: resumes keeps its own (a run trained with the fused kernel resumes on a machine without it)
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
-
-
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if not key.startswith("optim."):
-            continue
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = t
-    if len(groups) != len(opt.param_groups):
-        raise CheckpointError(f"optimizer state has {len(groups)} parameter groups; this optimizer has {len(opt.param_groups)}")
-    fixed = []
-    for g, own in zip(groups, opt.param_groups):
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        g.update({k: own[k] for k in IMPLEMENTATION_KEYS if k in own})
-        fixed.append(g)
-    opt.load_state_dict({"state": state, "param_groups": fixed})
+def _store(run_dir: str | Path) -> CheckpointStore:
+    return CheckpointStore(Path(run_dir) / "checkpoints", prefix=PREFIX)
 
 
 @dataclass
@@ -109,6 +58,10 @@ class Checkpoint:
         return int(self.state["step"])
 
     @property
+    def version(self) -> int:
+        return int(self.state.get("format_version", self.state.get("version", -1)))
+
+    @property
     def run_config(self) -> RunConfig:
         return RunConfig.model_validate(self.state["run_config"])
 
@@ -123,79 +76,57 @@ class Checkpoint:
     def digest(self, which: str = "ema") -> str:
         return "sha256:" + self.state["files"]["ema.safetensors" if which == "ema" else "model.safetensors"]
 
+    def optimizer_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The AdamW state by parameter name (a version-1 checkpoint's numbering is converted with
+        ``model``'s parameter order in the optimizer's groups)."""
+        assert self.train is not None, "loaded without the training state"
+        if is_numbered(self.train):
+            try:
+                return named_from_numbered(self.train, names_in_group_order(model))
+            except ValueError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
+        return {k: v for k, v in self.train.items() if not k.startswith("rng.")}
+
+    def restore_rng(self, rank: int, world_size: int) -> None:
+        """This rank's saved random streams (version 1: the torch CPU/CUDA states every rank shared)."""
+        rngs = self.state.get("rng")
+        if isinstance(rngs, list):
+            if len(rngs) == world_size:
+                set_rng_state(rngs[rank])
+            return
+        assert self.train is not None
+        torch.set_rng_state(self.train["rng.torch_cpu"])
+        cuda = [self.train[k] for k in sorted(k for k in self.train if k.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
     model_sd: dict[str, torch.Tensor],
     ema_sd: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer | None,
+    optim: dict[str, torch.Tensor],
     norm: tuple[torch.Tensor, torch.Tensor],
     state: dict[str, Any],
     keep_last: int = 3,
-    optimizer_state: tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and prune old ones. ``state`` must be JSON-able.
-
-    The optimizer state comes either from a plain torch ``optimizer`` or, already consolidated,
-    as ``optimizer_state`` = (tensors, param groups) in :func:`optimizer_to_tensors`'s format:
-    under ZeRO the state is partitioned across ranks and only the engine can gather it (a
-    collective every rank joins), while only rank 0 writes.
-    """
-    if optimizer is not None and optimizer_state is not None:
-        raise ValueError("save_checkpoint: pass optimizer or optimizer_state, not both")
-    ckdir = Path(run_dir) / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step-{step:08d}"
-    tmp = ckdir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        normd = {"norm.mean": norm[0].detach().cpu().float().contiguous(), "norm.std": norm[1].detach().cpu().float().contiguous()}
-        files: dict[str, str] = {}
-        for name, sd in (("model.safetensors", model_sd), ("ema.safetensors", ema_sd)):
-            tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-            tensors.update(normd)
-            with atomic_path(tmp / name) as t:  # safetensors creates its files 0600: give them the umask's mode
-                save_file(tensors, str(t), metadata={"format": FORMAT, "step": str(step)})
-        train_tensors: dict[str, torch.Tensor] = {"rng.torch_cpu": torch.get_rng_state()}
-        groups: list[dict[str, Any]] = []
-        if optimizer is not None:
-            optimizer_state = optimizer_to_tensors(optimizer)
-        if optimizer_state is not None:
-            opt_tensors, groups = optimizer_state
-            train_tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                train_tensors[f"rng.cuda.{i}"] = s
-        with atomic_path(tmp / "train.safetensors") as t:
-            save_file(train_tensors, str(t), metadata={"format": FORMAT, "step": str(step)})
-        for name in ("model.safetensors", "ema.safetensors", "train.safetensors"):
-            files[name] = file_sha256(tmp / name)
-        doc = {"format": FORMAT, "version": VERSION, "step": step, "optimizer_param_groups": groups, "files": files, **state}
-        with open(tmp / "state.json", "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Write one checkpoint atomically and prune old ones. ``optim``: AdamW state by parameter
+    name (an engine's ``state()``, consolidated under ZeRO); ``state`` must be JSON-able and holds
+    the RNG states (``rng``, one per rank)."""
+    normd = {"norm.mean": norm[0].detach().cpu().float(), "norm.std": norm[1].detach().cpu().float()}
+    meta = {"format": FORMAT, "step": str(step)}
+    files = {
+        "model.safetensors": ({**{k: v.detach().cpu() for k, v in model_sd.items()}, **normd}, meta),
+        "ema.safetensors": ({**{k: v.detach().cpu() for k, v in ema_sd.items()}, **normd}, meta),
+        "train.safetensors": ({k: v.detach().cpu() for k, v in optim.items()}, meta),
+    }
+    return _store(run_dir).save(step, files, state, keep_last, FORMAT, VERSION)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    ckdir = Path(run_dir) / "checkpoints"
-    if not ckdir.is_dir():
-        return []
-    out = [p for p in ckdir.iterdir() if STEP_RE.match(p.name) and (p / "state.json").is_file()]
-    return sorted(out, key=lambda p: int(STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+    return _store(run_dir).list()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -203,29 +134,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "state.json").is_file():
         return p
-    found = list_checkpoints(p)
-    if not found:
+    found = _store(p).latest()
+    if found is None:
         raise CheckpointError(f"{p}: no checkpoint here (expected a step folder with state.json or a run folder with checkpoints/)")
-    return found[-1]
+    return found
 
 
 def load_checkpoint(path: str | Path, with_train_state: bool = True, verify: bool = True) -> Checkpoint:
     p = resolve_checkpoint(path)
-    try:
-        state = json.loads((p / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}/state.json: unreadable ({e})") from None
-    if state.get("format") != FORMAT or int(state.get("version", -1)) != VERSION:
-        raise CheckpointError(f"{p}: not a {FORMAT} v{VERSION} checkpoint (format={state.get('format')}, version={state.get('version')})")
+    state = read_state(p)
+    version = int(state.get("format_version", state.get("version", -1)))
+    if state.get("format") != FORMAT or version not in (1, VERSION):
+        raise CheckpointError(f"{p}: not a {FORMAT} v1/v{VERSION} checkpoint (format={state.get('format')}, "
+                              f"version={version})")
     names = ["model.safetensors", "ema.safetensors"] + (["train.safetensors"] if with_train_state else [])
-    loaded: dict[str, dict[str, torch.Tensor]] = {}
-    for name in names:
-        f = p / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if verify and file_sha256(f) != state["files"][name]:
-            raise CheckpointError(f"{f}: SHA-256 differs from state.json: modified or corrupt")
-        loaded[name] = load_file(str(f))
+    loaded = read_files(p, state["files"], names, verify=verify)
     norm = {k: loaded["ema.safetensors"].pop(k) for k in NORM_KEYS}
     for k in NORM_KEYS:
         loaded["model.safetensors"].pop(k, None)
@@ -238,10 +161,3 @@ def load_checkpoint(path: str | Path, with_train_state: bool = True, verify: boo
         norm_mean=norm["norm.mean"],
         norm_std=norm["norm.std"],
     )
-
-
-def restore_rng(train: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(train["rng.torch_cpu"])
-    cuda = [train[k] for k in sorted(k for k in train if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])

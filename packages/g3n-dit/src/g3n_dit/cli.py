@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import g3n_shards as gs
+from g3n_train.launcher import strip_launcher_args  # noqa: F401 - re-exported (tests, tools)
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .conditions import ConditionError
@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace, task: str) -> int:
         cfg.model = cfg.model.model_copy(update={"channels": c, "context_channels": c if cfg.model.context_channels else 0})
     cfg = type(cfg).model_validate(cfg.model_dump())
     res = train(cfg, data, out, resume=not args.no_resume, max_steps=args.max_steps, device=args.device, progress=not args.quiet,
-                init=args.init)
+                init=args.init, accept_checkpoint_config=args.accept_checkpoint_config)
     print(json.dumps({"run": str(res.run_dir), "step": res.step, "checkpoint": str(res.checkpoint),
                       "last_loss": res.losses[-1] if res.losses else None,
                       "samples_per_s": round(res.samples_per_s, 2)}))  # fmt: skip
@@ -178,6 +178,9 @@ def _common_train(p: argparse.ArgumentParser) -> None:
                    help="training precision (default: the preset's); auto = bf16 on CUDA and on CPUs with AMX")
     p.add_argument("--device", default=None)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has checkpoints")
+    p.add_argument("--accept-checkpoint-config", action="store_true",
+                   help="when resuming, keep the checkpoint's values where the given settings differ in fields a resume "
+                        "cannot change (each is logged); without it such a difference is an error")
     p.add_argument("--init", metavar="CKPT", default=None,
                    help="warm start from a checkpoint of the same kind (run folder: latest; or a step folder): raw and "
                         "EMA weights and its latent statistics; optimizer and step fresh. A checkpoint in --out resumes "
@@ -228,20 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
     return ap
-
-
-def strip_launcher_args(argv: list[str]) -> list[str]:
-    """The ``deepspeed`` launcher puts ``--local_rank=N`` before the subcommand; record it in the
-    environment (where the engine reads it) and drop it from the arguments."""
-    out, it = [], iter(argv)
-    for a in it:
-        if a.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
-        elif a in ("--local_rank", "--local-rank"):
-            os.environ.setdefault("LOCAL_RANK", next(it, "0"))
-        else:
-            out.append(a)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

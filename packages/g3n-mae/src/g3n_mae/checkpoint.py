@@ -13,96 +13,36 @@ Why this shape:
 * Everything is consolidated (full tensors keyed by parameter name, independent of how ZeRO or
   DDP partitioned them), so a checkpoint written by N processes loads on M processes, and the
   weights load with nothing but ``safetensors`` + this package.
-* A checkpoint directory is assembled under a temporary name and renamed into place, and
-  ``latest.json`` is replaced last: a crash at any moment leaves the previous checkpoint intact
-  and discoverable. Only the last ``keep_last`` complete checkpoints are kept.
+* Step folders are written, rotated and found by ``g3n_train.CheckpointStore`` (atomic: a crash
+  at any moment leaves the previous checkpoint intact and discoverable; the newest ``keep_last``
+  are kept); ``state.json`` records each tensor file's SHA-256 (``files``; format version 1
+  recorded only the weights' as ``weights_sha256``, and still loads).
 * RNG states are stored as JSON (python, numpy) and base64 bytes (torch), never pickled.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import random
-import shutil
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from g3n_shards import atomic_path, atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
+from g3n_shards import atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
+from g3n_train import CheckpointError, CheckpointStore, read_files, read_state, rng_state, save_tensors, set_rng_state  # noqa: F401
+from g3n_train import read_tensors as read_safetensors  # noqa: F401 - the name this package's users know
 
 from . import __version__
 from .config import ModelConfig, config_to_json, model_config_from_json
 from .model import MAE3D, interpolate_pos_embed
 
 FORMAT = "g3n-mae-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: SHA-256 of every tensor file in state.json "files"; 1: "weights_sha256" only
 WEIGHTS_FORMAT = "g3n-mae-weights"
 STEP_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match; the message names the path."""
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic file helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    with atomic_path(path) as tmp:  # created by safetensors itself: the umask's mode, not mkstemp's 0600
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (CPU); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state <-> JSON
-# ---------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's python, numpy and torch (CPU and CUDA) RNG states as JSON-able values."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+#: one atomic safetensors writer for the project (g3n_train's, over g3n_shards.atomic_write_bytes)
+atomic_save_safetensors = save_tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +58,7 @@ def weights_metadata(model_cfg: ModelConfig, extra: dict[str, str] | None = None
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, extra: dict[str, str] | None = None) -> str:
     """Atomically write full fp32 weights with the config embedded; returns the file's SHA-256."""
-    atomic_save_safetensors({k: v.float() for k, v in state_dict.items()}, path, weights_metadata(model_cfg, extra))
-    return file_sha256(path)
+    return save_tensors({k: v.float() for k, v in state_dict.items()}, path, weights_metadata(model_cfg, extra))
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -217,32 +156,22 @@ def read_init_weights(path: str | Path, model_cfg: ModelConfig) -> tuple[dict[st
 # ---------------------------------------------------------------------------------------------
 
 
+def _store(ckpt_root: Path) -> CheckpointStore:
+    return CheckpointStore(Path(ckpt_root), prefix=STEP_PREFIX)
+
+
 def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
+    return _store(Path(".")).dir_for(step).name
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints (state.json present), oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    out = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()]
-    return sorted(out, key=lambda p: p.name)
+    return _store(ckpt_root).list()
 
 
 def find_latest(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint: ``latest.json`` if valid, else the highest step dir."""
-    root = Path(ckpt_root)
-    ptr = root / "latest.json"
-    if ptr.is_file():
-        try:
-            cand = root / json.loads(ptr.read_text())["dir"]
-            if (cand / "state.json").is_file():
-                return cand
-        except (ValueError, KeyError, OSError):
-            pass
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+    return _store(ckpt_root).latest()
 
 
 def save_checkpoint(
@@ -250,54 +179,26 @@ def save_checkpoint(
     optim_tensors: dict[str, torch.Tensor], state: dict[str, Any], keep_last: int,
 ) -> Path:
     """Write one checkpoint atomically, point ``latest.json`` at it, prune old ones."""
-    root = Path(ckpt_root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a killed save (one writer per run)
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"  # not mkdtemp: its mode 0700 would stay
-    tmp.mkdir()
-    try:
-        digest = save_weights(tmp / "model.safetensors", model_sd, model_cfg, {"step": str(step)})
-        atomic_save_safetensors(optim_tensors, tmp / "optimizer.safetensors", {"format": "g3n-mae-optimizer"})
-        full_state = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "g3n_mae_version": __version__, "step": step,
-            "weights_sha256": digest, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state,
-        }
-        atomic_write_text(tmp / "state.json", json.dumps(full_state, indent=1, sort_keys=True))
-        if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(root / "latest.json", json.dumps({"step": step, "dir": final.name}))
-    for old in list_checkpoints(root)[:-keep_last]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    files = {
+        "model.safetensors": ({k: v.float() for k, v in model_sd.items()}, weights_metadata(model_cfg, {"step": str(step)})),
+        "optimizer.safetensors": (optim_tensors, {"format": "g3n-mae-optimizer"}),
+    }
+    return _store(ckpt_root).save(step, files, {"g3n_mae_version": __version__, **state}, keep_last, FORMAT, FORMAT_VERSION)
 
 
 def load_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, optimizer tensors, state) of one checkpoint dir; checks the weights digest."""
+    """(model state dict, optimizer tensors, state) of one checkpoint dir; checks the files' digests."""
     d = Path(ckpt_dir)
-    spath = d / "state.json"
-    try:
-        state = json.loads(spath.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{spath}: cannot read checkpoint state: {e}") from e
+    state = read_state(d)
     if state.get("format") != FORMAT or int(state.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"{spath}: unsupported checkpoint format {state.get('format')!r} v{state.get('format_version')}")
-    wpath = d / "model.safetensors"
-    if file_sha256(wpath) != state.get("weights_sha256"):
-        raise CheckpointError(f"{wpath}: SHA-256 does not match state.json (corrupted checkpoint)")
-    model_sd, _ = read_safetensors(wpath)
-    optim, _ = read_safetensors(d / "optimizer.safetensors")
-    return model_sd, optim, state
+        raise CheckpointError(f"{d / 'state.json'}: unsupported checkpoint format {state.get('format')!r} "
+                              f"v{state.get('format_version')}")
+    if "files" in state:
+        files = read_files(d, state["files"], ["model.safetensors", "optimizer.safetensors"])
+    else:  # format version 1 recorded the weights' digest only
+        files = read_files(d, {"model.safetensors": state.get("weights_sha256")})
+        files["optimizer.safetensors"] = read_safetensors(d / "optimizer.safetensors")[0]
+    return files["model.safetensors"], files["optimizer.safetensors"], state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,21 +18,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from g3n_train.launcher import strip_launcher_args
 
 from .config import PRESETS, ConfigError, MAEConfig, load_config, preset
-
-
-def _strip_launcher_args(argv: list[str]) -> list[str]:
-    """The ``deepspeed`` launcher inserts ``--local_rank=N`` before our subcommand: take it out."""
-    out, it = [], iter(argv)
-    for a in it:
-        if a.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
-        elif a in ("--local_rank", "--local-rank"):
-            os.environ.setdefault("LOCAL_RANK", next(it, "0"))
-        else:
-            out.append(a)
-    return out
 
 
 def _config_from_args(args: argparse.Namespace) -> MAEConfig:
@@ -81,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 2
         spec = SourceSpec(shards=str(args.data) if args.data else None, synthetic=args.synthetic,
                           synthetic_seed=cfg.train.seed)
-        run_local(args.nproc, cfg, spec, args.run_dir, resume=args.resume, threads=args.threads, init=args.init)
+        run_local(args.nproc, cfg, spec, args.run_dir, resume=args.resume, threads=args.threads, init=args.init,
+                  accept_checkpoint_config=args.accept_checkpoint_config)
         return 0
     if args.synthetic:
         from .data import InMemoryVolumes, brain_like_volumes
@@ -97,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         res = train(cfg, source, args.run_dir, resume=args.resume, data_manifests=manifests, stop_at=args.stop_at,
-                    init=args.init)
+                    init=args.init, accept_checkpoint_config=args.accept_checkpoint_config)
     except NonFiniteLossError as e:
         print(f"g3n-mae train: {e}", file=sys.stderr)
         return 3
@@ -170,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--synthetic", type=int, default=0, metavar="N", help="train on N in-memory brain-like volumes (demo)")
     t.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
     t.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    t.add_argument("--accept-checkpoint-config", action="store_true",
+                   help="on --resume, keep the checkpoint's values where the given settings differ in fields a resume "
+                        "cannot change (each is logged); without it such a difference is an error")
     t.add_argument("--init", type=Path, metavar="WEIGHTS",
                    help="warm start: full MAE weights (weights file, export dir, checkpoint dir or run dir) of the same "
                         "architecture; optimizer and step start fresh. A checkpoint found by --resume wins")
@@ -232,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError  # here: importing torch is too slow for --help
 

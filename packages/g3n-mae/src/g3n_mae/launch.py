@@ -9,11 +9,11 @@ which is what the data-parallel equivalence test uses.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.multiprocessing as mp
+from g3n_train.dist import free_port  # re-exported: tests and tools import it from here
 
 from .config import MAEConfig
 
@@ -36,14 +36,10 @@ class SourceSpec:
         return InMemoryVolumes(brain_like_volumes(self.synthetic, img_size, seed=self.synthetic_seed))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSpec, run_dir: str, resume: bool, threads: int,
-            init: str | None = None) -> None:
+            init: str | None = None, accept_checkpoint_config: bool = False) -> None:
     import torch
 
     from .train import train
@@ -55,7 +51,7 @@ def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSp
     cfg = MAEConfig.model_validate_json(cfg_json)
     try:
         train(cfg, spec.open(cfg.model.img_size), run_dir, resume=resume, log=(print if rank == 0 else (lambda s: None)),
-              init=init)
+              init=init, accept_checkpoint_config=accept_checkpoint_config)
     finally:
         import torch.distributed as dist
 
@@ -65,7 +61,7 @@ def _worker(rank: int, world_size: int, port: int, cfg_json: str, spec: SourceSp
 
 def run_local(
     world_size: int, cfg: MAEConfig, spec: SourceSpec, run_dir: str | Path, resume: bool = False, threads: int = 1,
-    start_method: str = "spawn", init: str | Path | None = None,
+    start_method: str = "spawn", init: str | Path | None = None, accept_checkpoint_config: bool = False,
 ) -> None:
     """Train with ``world_size`` local processes; returns when all have finished.
 
@@ -74,6 +70,6 @@ def run_local(
     """
     mp.start_processes(
         _worker, args=(world_size, free_port(), cfg.model_dump_json(), spec, str(run_dir), resume, threads,
-                       None if init is None else str(init)),
+                       None if init is None else str(init), accept_checkpoint_config),
         nprocs=world_size, join=True, start_method=start_method,
     )

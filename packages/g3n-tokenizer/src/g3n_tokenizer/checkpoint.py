@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from g3n_train import save_tensors as atomic_save_safetensors  # one atomic safetensors writer for the project
 from safetensors import safe_open
-from g3n_mae.checkpoint import atomic_save_safetensors  # one atomic safetensors writer (the encoder's package)
 from g3n_shards import atomic_write_text, file_sha256  # noqa: F401 - re-exported: one writer, one file digest for the project
 
 from .errors import CheckpointError

@@ -71,7 +71,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 2
     tok, loss = new_tokenizer(a.tokenizer, cfg, volume_geometry_from(ss.manifest.geometry), a.mae_checkpoint,
                               ss.manifest.geometry.shape, _device(a.device))
-    res = train_tokenizer(tok, ss, cfg.train, a.out, loss_kind=loss, resume=a.resume, progress=not a.quiet, init=a.init)
+    res = train_tokenizer(tok, ss, cfg.train, a.out, loss_kind=loss, resume=a.resume, progress=not a.quiet, init=a.init,
+                          accept_checkpoint_config=a.accept_checkpoint_config)
     print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.digest, "best_val": res.best_val,
                       "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "stopped_early": res.stopped_early}, indent=1))
     return 0
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--c", type=_c_value, default=argparse.SUPPRESS, help="projected channels per token, or 'none' (default 32)")
     t.add_argument("--loss", choices=["mse", "l1"])
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.safetensors")
+    t.add_argument("--accept-checkpoint-config", action="store_true",
+                   help="on --resume, keep the run's own values where the given training settings differ in fields a "
+                        "resume cannot change (each is logged); without it such a difference is an error")
     t.add_argument("--init", metavar="TOKENIZER.safetensors",
                    help="warm start: the trainable part (mae-cnn: projection + decoder; autoencoderkl: all) from a "
                         "checkpoint of the same tokenizer and config; optimizer fresh. --resume with state present wins")
@@ -220,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from g3n_train.launcher import strip_launcher_args
+
+    args = build_parser().parse_args(strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
     import g3n_shards as gs
     from g3n_mae.checkpoint import CheckpointError as MaeCheckpointError
 
