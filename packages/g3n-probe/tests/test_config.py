@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from g3n_probe import PanelError, from_arrays, load_panel, load_protocol, protocol_preset, run_panel

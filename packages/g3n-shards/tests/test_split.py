@@ -1,13 +1,12 @@
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 import g3n_shards as gs
 
-from g3n_shards.testing import brain_like as brain, make_meta, write_volume_set as write_volumes
+from g3n_shards.testing import write_volume_set as write_volumes
 SHAPE = (16, 20, 16)
 
 
