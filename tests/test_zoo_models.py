@@ -49,6 +49,27 @@ def test_mae_cnn_tokenizer_loads_and_matches_its_config():
     assert torch.isfinite(y).all()
 
 
+def test_autoencoderkl_baseline_loads_matches_its_config_and_its_table():
+    from g3n_tokenizer.checkpoint import read_header
+    from g3n_tokenizer.registry import load_tokenizer
+
+    model = g3n_zoo.get("autoencoderkl")
+    cfg = config("autoencoderkl")
+    assert read_header(model.path)["config"] == cfg["model"] and cfg["tokenizer"] == "autoencoderkl"
+    tok = load_tokenizer("autoencoderkl", model.path)
+    x = torch.randn(1, 1, 80, 96, 80)
+    with torch.no_grad():
+        z = tok.encode(x)
+        y = tok.decode(z)
+    assert tuple(z.shape[-2:]) == (20 * 24 * 20, 8) and tuple(y.shape) == tuple(x.shape) and torch.isfinite(y).all()
+    # the shipped Table 5: both tokenizers on the held-out split (scored before the fp16 packing)
+    table = json.loads((model.folder / "table5.json").read_text())
+    rows = {r["tokenizer"]: r for r in table["results"]["rows"]}
+    assert set(rows) == {"MAE-CNN c=32", "AutoencoderKL"}
+    assert rows["AutoencoderKL"]["values_per_volume"] == 76_800 and rows["MAE-CNN c=32"]["values_per_volume"] == 38_400
+    assert all(0 < r["ssim"] <= 1 and r["n_heldout"] > 0 for r in rows.values())
+
+
 @pytest.mark.parametrize("name,task", [("dit", "generation"), ("bridge", "longitudinal")])
 def test_dit_and_bridge_load_and_match_their_config(name, task):
     from g3n_dit.checkpoint import load_checkpoint

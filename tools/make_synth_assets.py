@@ -18,7 +18,8 @@ the package ships, so its provenance is reproducible:
    inverse registration composed with the grid), so that region definitions written in MNI
    millimetres (hippocampus, ventricles, substantia nigra...) can be evaluated on the grid.
 
-Usage: ``uv run python tools/make_synth_assets.py [--shared ../shared] [--out packages/...npz]``
+Usage: ``uv run python tools/make_synth_assets.py --shared ../shared [--out packages/...npz]`` (the
+source folder is always given: nothing in the repository reads ``../shared`` by itself)
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def _affine_4x4(tx: sitk.AffineTransform) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shared", type=Path, default=ROOT / ".." / "shared")
+    p.add_argument("--shared", type=Path, required=True,
+                   help="folder holding data/real/mni152-2009a and data/real/sri24-atlas (e.g. ../shared)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     shared = args.shared.resolve()

@@ -1,7 +1,7 @@
 """Benchmark: preprocessing seconds per volume per core at the paper geometry (1 mm, 160x192x160).
 
-Runs the default g3n-data pipeline step by step on real T1 volumes (the 2 mm IXI T1s from
-../shared), one SimpleITK thread (= one core, as a worker process of `g3n-data preprocess` runs),
+Runs the default g3n-data pipeline step by step on real T1 volumes (the 2 mm IXI T1s the demo
+ships in g3n-pipeline), one SimpleITK thread (= one core, as a worker process of `g3n-data preprocess` runs),
 and reports the seconds of each step: load + checks, N4 (shrink 4), skull strip (ROBEX by
 default), affine registration to SRI24 (the notes.md settings), resampling into the output grid +
 masking + QC. Cores scale linearly with `--workers` because subjects are independent.
@@ -34,7 +34,8 @@ from g3n_data.qc import atlas_correlation  # noqa: E402
 from g3n_data.register import affine_to_atlas  # noqa: E402
 from g3n_data.skullstrip import mask_volume_ml, native_mask  # noqa: E402
 
-IXI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real" / "ixi10-t1" / "nifti"
+#: the ten IXI T1 volumes the demo ships (the repository's copy, never ../shared)
+IXI = Path(__file__).resolve().parents[2] / "packages" / "g3n-pipeline" / "src" / "g3n_pipeline" / "cohort" / "ixi10"
 
 
 def cpu() -> float:

@@ -1,7 +1,7 @@
 """Benchmark: shard read throughput and size vs. nibabel .nii.gz, one core.
 
 Writes N volumes of 160x192x160 float32 with realistic content (the SRI24 brain from
-../shared when present, else a synthetic brain-shaped object; each copy perturbed by a smooth
+g3n-data's shipped copy when present, else a synthetic brain-shaped object; each copy perturbed by a smooth
 intensity scale and scanner-like noise inside the head, zero background), then reads them back:
 - our format: a `volumes` shard set (float16 + zstd level 1), iterated with ShardSet;
 - the same volumes as .nii.gz (float32, nibabel's default compression), nib.load + get_fdata.
@@ -33,17 +33,20 @@ import g3n_shards as gs  # noqa: E402
 from g3n_shards.testing import brain_like  # noqa: E402
 
 SHAPE = (160, 192, 160)
-ATLAS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real" / "sri24-atlas"
+#: the SRI24 skull-stripped T1 at 1 mm that g3n-data ships (the repository's copy, never ../shared)
+ATLAS = Path(__file__).resolve().parents[2] / "packages" / "g3n-data" / "src" / "g3n_data" / "atlases" / "sri24"
 
 
 def base_volume() -> tuple[np.ndarray, str]:
     """The SRI24 skull-stripped T1 cropped/padded to 160x192x160 (notes.md's box), or a phantom."""
-    cands = sorted(ATLAS.glob("*skullstripped*.nii*")) if ATLAS.is_dir() else []
-    if cands:
-        v = np.asarray(nib.load(cands[0]).dataobj, dtype=np.float32).squeeze()
-        v = v[40:200, 30:222, :]
-        v = np.pad(v, ((0, 0), (0, 0), (3, 160 - v.shape[2] - 3)))[:, :, :160]
-        return np.clip(v, 0, None), f"SRI24 ({cands[0].name})"
+    path = ATLAS / "t1_brain_1mm.nii.gz"
+    if path.is_file():
+        v = np.asarray(nib.load(path).dataobj, dtype=np.float32).squeeze()
+        out = np.zeros(SHAPE, np.float32)  # centre crop / pad to the box
+        src = [slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m)) for n, m in zip(v.shape, SHAPE)]
+        dst = [slice(max(0, (m - n) // 2), max(0, (m - n) // 2) + min(n, m)) for n, m in zip(v.shape, SHAPE)]
+        out[tuple(dst)] = v[tuple(src)]
+        return np.clip(out, 0, None), f"SRI24 ({path.name}, shipped with g3n-data)"
     return brain_like(np.random.default_rng(0), SHAPE, scale=600.0), "synthetic brain-like object"
 
 

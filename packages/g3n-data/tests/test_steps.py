@@ -156,13 +156,12 @@ def test_hdbet_mask_matches_the_brain():
     assert dice(sitk.GetArrayFromImage(mask).astype(bool), lab) > 0.9
 
 
-@pytest.mark.slow
 def test_robex_mask_covers_the_brain():
     """ROBEX (the default stripper) against the subject's own brain labels (DLMUSE).
 
-    Marked slow (``--runslow``): ROBEX registers to its own template at its own resolution, so it
-    costs the same whatever the input's size: 43-45 s per volume on an idle 2-core box, 120-140 s
-    with a training job beside it (2 mm and 4 mm inputs alike), past the default suite's budget."""
+    In the default suite because it is the default: ROBEX registers to its own template at its own
+    resolution, so it costs the same whatever the input's size (43-45 s on an idle 2-core box,
+    120-140 s with a training job beside it), which the suite's budget affords once."""
     from g3n_data.skullstrip import robex_mask
 
     try:

@@ -74,7 +74,7 @@ def test_cli_uses_the_env_folder(tmp_path, monkeypatch, capsys):
     assert cli.main(["path", "nope"]) == 2 and "no shipped model" in capsys.readouterr().err
 
 
-SHIPPED = {"mae", "mae-cnn", "dit", "bridge"}
+SHIPPED = {"mae", "mae-cnn", "autoencoderkl", "dit", "bridge"}
 
 
 def absolute_paths(obj) -> list[str]:
