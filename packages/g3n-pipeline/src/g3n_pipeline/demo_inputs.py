@@ -1,0 +1,104 @@
+"""The demo's inputs and the keys its stages read: the shipped IXI cohort, the subject-level
+train/test subsets, the shipped models (g3n-zoo), and the latents a stage decodes or starts from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from g3n_shards import ShardSet, subset_shard_set
+
+from .runner import StageFailed
+
+
+def ixi_csv() -> Path:
+    return Path(str(resources.files("g3n_pipeline") / "cohort" / "ixi10" / "ixi10.csv"))
+
+
+#: the demo's held-out set: every subject outside the train split. The demo has no use for a
+#: separate validation split (the tokenizer holds out its own share of train subjects), and the
+#: larger test set holds enough real follow-up visits for the forecast check's sign test
+TEST_SPLITS = ("val", "test")
+
+
+def _split_subsets(run: Path, source: str, prefix: str) -> None:
+    """Write PREFIX-train / PREFIX-test subsets of SOURCE following splits.json (by subject)."""
+    from g3n_data.splits import load_splits
+
+    splits = load_splits(run / "splits.json")
+    src = ShardSet.open(run / source)
+    have = set(src.keys())
+    for name, parts in (("train", ("train",)), ("test", TEST_SPLITS)):
+        keys = [k for part in parts for k in splits.keys.get(part, []) if k in have]
+        out = run / f"{prefix}-{name}"
+        subset_shard_set(src, keys, out, overwrite=True)
+
+
+def _split_cohort(run: Path, check_zoo: bool) -> None:
+    _split_subsets(run, "volumes", "volumes")
+    if check_zoo:
+        _check_zoo_data(run)
+
+
+def _check_zoo_data(run: Path) -> None:
+    """The shipped models may only start a run on the cohort they were trained on: on another one
+    (other subjects, seed or scans) their training subjects could sit in this run's test split."""
+    import g3n_zoo
+
+    want = g3n_zoo.get("mae").card["data"]["digest"]
+    have = ShardSet.open(run / "volumes-train").digest
+    if have != want:
+        raise StageFailed(f"{run / 'volumes-train'} ({have[:19]}...) is not the train split the shipped models were "
+                          f"trained on ({want[:19]}...): another cohort (subjects, seed, scans) could put their "
+                          f"training subjects in this run's test split. Use --from-scratch for this cohort")
+
+
+def shipped(name: str) -> Path:
+    """The shipped model ``name`` (checked against the zoo's manifest), or a StageFailed saying what to do."""
+    import g3n_zoo
+
+    try:
+        return g3n_zoo.get(name).path
+    except g3n_zoo.ZooError as e:
+        raise StageFailed(f"{e}\n  run `g3n-demo --from-scratch`, or rebuild the models with `g3n-zoo-build --pack`") from None
+
+
+def shipped_table5() -> Path | None:
+    """The shipped tokenizers' Table 5 in kind (the MAE-CNN beside the AutoencoderKL baseline, on this
+    cohort's held-out split, measured when the zoo was built), if the zoo holds it."""
+    import g3n_zoo
+
+    try:
+        path = g3n_zoo.get("autoencoderkl").folder / "table5.json"
+    except g3n_zoo.ZooError:
+        return None
+    return path if path.is_file() else None
+
+
+def recon_keys(latents: Path, heldout: Path, modalities: Sequence[str], n_heldout: int) -> list[str]:
+    """Keys of the real latents worth decoding: every one of the given modalities (the anatomy
+    effects are measured in them, on as many subjects as there are) and the first ``n_heldout``
+    held-out volumes in key order (what ``g3n-eval recon --limit`` scores)."""
+    metas = ShardSet.open(latents).metadata()
+    keys = {k for k, m in metas.items() if m.modality in modalities}
+    keys |= set(sorted(ShardSet.open(heldout).keys())[:n_heldout])
+    missing = sorted(keys - set(metas))
+    if missing:
+        raise StageFailed(f"{latents}: held-out volume(s) {', '.join(missing[:3])} have no latent")
+    return sorted(keys)
+
+
+def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None = None) -> list[str]:
+    """Keys of the first session of up to ``n`` subjects (deterministic: sorted by key)."""
+    metas = ShardSet.open(latents).metadata()
+    first: dict[str, tuple[float, str]] = {}
+    for key, m in sorted(metas.items()):
+        if m.modality != modality or (diagnosis and m.diagnosis != diagnosis) or m.age is None:
+            continue
+        if m.subject not in first or m.age < first[m.subject][0]:
+            first[m.subject] = (m.age, key)
+    keys = sorted(k for _, k in first.values())[:n]
+    if not keys:
+        raise StageFailed(f"{latents}: no {modality} latents{f' with diagnosis {diagnosis}' if diagnosis else ''} to start from")
+    return keys
