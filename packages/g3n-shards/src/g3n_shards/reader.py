@@ -29,75 +29,18 @@ import numpy as np
 
 from .codec import decode_array
 from .errors import ChecksumError, MetadataError, ShardError, ShardFormatError
+from .integrity import ShardSetIntegrity
 from .manifest import INDEX_NAME, MANIFEST_NAME, Manifest, ShardInfo, kind_spec, parse_manifest, sha256_hex
 from .meta import SampleMeta
+from .rawio import READ_BLOCK as READ_BLOCK  # re-exported: these lived here
+from .rawio import _join, is_url, read_hashed, read_limited
 from .tario import group_samples, iter_members
 
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_JSON_BYTES = 1 << 20
-#: Shards are read (and hashed) in blocks of this size: each block is hashed while in cache.
-READ_BLOCK = 1 << 20
 #: ShardSet.get keeps the raw samples of its most recently read shards up to this many bytes (at
 #: least one shard), so that looking up many keys of one shard reads and parses it once
 RECENT_SHARD_BYTES = 512 << 20
-
-
-def is_url(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if is_url(base) else str(Path(base) / name)
-
-
-def read_limited(location: str, limit: int, where: str) -> bytes:
-    """Read at most ``limit`` bytes (one more to detect excess) from a path or a WebDataset URL."""
-    try:
-        if is_url(location):
-            from webdataset.gopen import gopen
-
-            with gopen(location, "rb") as f:
-                return f.read(limit + 1)
-        with open(location, "rb") as f:
-            return f.read(limit + 1)
-    except FileNotFoundError:
-        raise ShardError(f"{where}: missing file {location}") from None
-    except OSError as e:
-        raise ShardError(f"{where}: cannot read {location} ({e})") from None
-
-
-def read_hashed(location: str, size: int, where: str, digest: Any = None) -> memoryview:
-    """Read at most ``size + 1`` bytes from a path or URL into one buffer, feeding each block to
-    ``digest`` (a hashlib object) as it arrives; returns a view of what was read (no copy)."""
-    buf = bytearray(size + 1)
-    view = memoryview(buf)
-    n = 0
-    try:
-        if is_url(location):
-            from webdataset.gopen import gopen
-
-            f = gopen(location, "rb")
-        else:
-            f = open(location, "rb", buffering=0)
-        with f:
-            readinto = getattr(f, "readinto", None)
-            while n < len(buf):
-                if readinto is not None:
-                    k = readinto(view[n : n + READ_BLOCK])
-                else:
-                    block = f.read(min(READ_BLOCK, len(buf) - n))
-                    k = len(block)
-                    view[n : n + k] = block
-                if not k:
-                    break
-                if digest is not None:
-                    digest.update(view[n : n + k])
-                n += k
-    except FileNotFoundError:
-        raise ShardError(f"{where}: missing file {location}") from None
-    except OSError as e:
-        raise ShardError(f"{where}: cannot read {location} ({e})") from None
-    return view[:n]
 
 
 @dataclass
@@ -111,7 +54,7 @@ class Sample:
     cursor: dict[str, Any] | None = field(default=None, repr=False)
 
 
-class ShardSet:
+class ShardSet(ShardSetIntegrity):
     """A read-only view of one shard set. Open with ``ShardSet.open(path_or_url)``."""
 
     def __init__(self, location: str, manifest: Manifest, index: list[dict[str, Any]], stored_dtype: bool = False,
@@ -426,45 +369,3 @@ class ShardSet:
                     yield self.decode(key, parts, info.name)
 
         return wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, expand)
-
-    # ---- integrity ---------------------------------------------------------------------
-    def scan(self, arrays: bool = True, progress: bool = False,
-             on_sample: Callable[[Sample], None] | None = None) -> list[str]:
-        """Read the whole set as a normal read does (size and SHA-256 of each shard, tar structure,
-        index cross-check, each sample's JSON, members and declarations, and with ``arrays`` every
-        payload decoded) and return every problem found, one line each naming the shard, the
-        sample key where there is one, and the reason, instead of stopping at the first. Whatever
-        a normal read refuses is reported here. ``on_sample`` sees each sample that passed."""
-        problems: list[str] = []
-        shards: Any = self.manifest.shards
-        if progress:
-            try:  # a progress bar where tqdm is installed; the contract itself does not need it
-                from tqdm import tqdm
-
-                shards = tqdm(shards, desc="verify", unit="shard")
-            except ImportError:
-                pass
-        for info in shards:
-            try:
-                raw = self._raw_samples(info, verify=True)
-            except ShardError as e:
-                problems.append(str(e))
-                continue
-            for key, parts in raw:
-                try:
-                    sample = self.decode(key, parts, info.name, arrays=arrays)
-                except ShardError as e:
-                    problems.append(str(e))
-                    continue
-                if on_sample is not None:
-                    on_sample(sample)
-        return problems
-
-    def verify(self, progress: bool = False) -> list[str]:
-        """Check every shard (size, SHA-256, sample count, keys against the index) and every sample
-        (JSON against the index, members, declarations, payloads) as :meth:`scan` does. Raises
-        ChecksumError listing each problem; returns the shard names when there is none."""
-        problems = self.scan(progress=progress)
-        if problems:
-            raise ChecksumError(f"{self.location}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-        return [s.name for s in self.manifest.shards]
