@@ -98,8 +98,7 @@ def bench_train(cfg, batch_size: int, device: torch.device, warmup: int, steps: 
     out = {"mode": "train", "batch_size": batch_size, "volumes_per_s": vps, "step_s": dt / steps,
            "tflops_per_s": train_flops_per_volume(cfg.model) * vps / 1e12, "peak_mem_gib": peak_memory_gib(device),
            "loss": float(loss.detach())}
-    del engine, x, noise
-    return out
+    return out  # engine, x and noise (held by step's closure too) are freed with this frame
 
 
 @torch.no_grad()
