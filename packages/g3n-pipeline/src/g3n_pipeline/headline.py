@@ -25,6 +25,38 @@ BASELINE_ROWS: list[tuple[str, str, str]] = [("brain_age", "T1", "mae"), ("disea
 def headline(run: Path) -> list[str]:
     """The figures printed at the end: probe scores on the main tasks, controllability, the age
     sweep, the known anatomy, memorisation, fidelity and forecasts, read from the stages' own result files."""
+    lines = probe_lines(run) + baseline_lines(run) + tokenizer_lines(run)
+    rec = (_load(run, "recon").get("summary") or {})
+    if (rec.get("ssim") or {}).get("mean") is not None:
+        lines.append(f"tokenizer reconstruction of {rec['ssim']['n']} held-out volumes: SSIM {rec['ssim']['mean']:.3f}, "
+                     f"PSNR {rec['psnr']['mean']:.1f} dB, MSE {rec['mse']['mean']:.3f} (whole volume; "
+                     f"brain only: SSIM {rec['ssim_brain']['mean']:.3f}, PSNR {rec['psnr_brain']['mean']:.1f} dB)")
+    lines += controllability_lines(run)
+    for name, r in (_load(run, "anatomy").get("effects") or {}).items():
+        real = (r.get("real") or {}).get("difference")
+        if real is not None and (r.get("paired") or {}).get("n_groups"):
+            keeps = r.get("recon_keeps")
+            kept = f"; tokenizer reconstructions keep {100 * keeps:.0f} % of the real change" if keeps is not None else ""
+            lines.append(f"anatomy (no probe) {name} {r['signature']} (expected to {r['expect']}): real change "
+                         f"{real:+.2f}{_paired(r['paired'], 'change')}{kept}")
+    mem = _load(run, "memorisation")
+    if mem:
+        lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "
+                     f"(ratio of mean NN distances {mem.get('ratio_of_means', float('nan')):.2f})")
+    fd = (_load(run, "fidelity").get("encoder_fd") or {})
+    if fd:
+        lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
+    return lines + forecast_lines(run)
+
+
+def _load(run: Path, name: str, folder: str | None = None) -> dict:
+    """The ``results`` of ``eval/FOLDER/NAME.json`` (folder: the name), {} where the stage wrote none."""
+    f = run / "eval" / (folder or name) / f"{name}.json"
+    return json.loads(f.read_text()).get("results", {}) if f.is_file() else {}
+
+
+def probe_lines(run: Path) -> list[str]:
+    """The probe panel's scores on the headline rows, with chance and the permutation test."""
     lines = []
     results = run / "probe" / "results.csv"
     if results.is_file():
@@ -39,21 +71,14 @@ def headline(run: Path) -> list[str]:
                                f"labellings, {float(row['perm_null95']):.3f} to beat for p < 0.05")
                 chance = f" ({chance})" if chance else ""
                 lines.append(f"probe {row['task']} ({row['slice']}): {row['metric']} {float(row['mean']):.3f}{chance}")
+    return lines
 
-    lines += baseline_lines(run)
-    lines += tokenizer_lines(run)
 
-    def load(name: str, folder: str | None = None) -> dict:
-        f = run / "eval" / (folder or name) / f"{name}.json"
-        return json.loads(f.read_text()).get("results", {}) if f.is_file() else {}
-
-    rec = (load("recon").get("summary") or {})
-    if (rec.get("ssim") or {}).get("mean") is not None:
-        lines.append(f"tokenizer reconstruction of {rec['ssim']['n']} held-out volumes: SSIM {rec['ssim']['mean']:.3f}, "
-                     f"PSNR {rec['psnr']['mean']:.1f} dB, MSE {rec['mse']['mean']:.3f} (whole volume; "
-                     f"brain only: SSIM {rec['ssim_brain']['mean']:.3f}, PSNR {rec['psnr_brain']['mean']:.1f} dB)")
+def controllability_lines(run: Path) -> list[str]:
+    """Per task: does a probe see in the samples what was requested, in both spaces; and the age sweep."""
+    lines = []
     for folder, space in (("controllability", "decoded + re-encoded"), ("controllability-latent", "latent space")):
-        ctrl = load("controllability", folder)
+        ctrl = _load(run, "controllability", folder)
         for task, r in (ctrl.get("tasks") or {}).items():
             cond = r.get("cond") or {}
             if cond.get("agreement") is not None:
@@ -80,21 +105,13 @@ def headline(run: Path) -> list[str]:
                     f"{rs['recon']['slope']:.2f} (true vs predicted age)") if rs else ""
             lines.append(f"age sweep [{space}] (requested->predicted): {means}; slope {age['slope']:.2f}, "
                          f"r {age['pearson_r']:.2f}{_paired(age.get('paired'), 'slope')}{seen}")
-    for name, r in (load("anatomy").get("effects") or {}).items():
-        real = (r.get("real") or {}).get("difference")
-        if real is not None and (r.get("paired") or {}).get("n_groups"):
-            keeps = r.get("recon_keeps")
-            kept = f"; tokenizer reconstructions keep {100 * keeps:.0f} % of the real change" if keeps is not None else ""
-            lines.append(f"anatomy (no probe) {name} {r['signature']} (expected to {r['expect']}): real change "
-                         f"{real:+.2f}{_paired(r['paired'], 'change')}{kept}")
-    mem = load("memorisation")
-    if mem:
-        lines.append(f"memorisation: {'FOUND' if mem.get('memorisation') else 'none found'} "
-                     f"(ratio of mean NN distances {mem.get('ratio_of_means', float('nan')):.2f})")
-    fd = (load("fidelity").get("encoder_fd") or {})
-    if fd:
-        lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
-    fc = (load("forecast").get("age") or {})
+    return lines
+
+
+def forecast_lines(run: Path) -> list[str]:
+    """The forecasts' brain-age change against the requested interval, and their anatomy (no probe)."""
+    lines = []
+    fc = (_load(run, "forecast").get("age") or {})
     if fc:
         real = fc.get("real_followups") or {}
         seen = (f"; on {real['n']} decoded real follow-up pairs ({real['mean_interval']:.1f} y apart on average) the "
@@ -102,7 +119,7 @@ def headline(run: Path) -> list[str]:
                 + (": blind, cannot judge the forecasts" if real["blind"] else "")) if real.get("n") else ""
         lines.append(f"forecasts: brain-age change vs requested interval slope {fc['slope']:.2f}, r {fc['pearson_r']:.2f}"
                      f"{_paired(fc.get('paired'), 'slope')}{seen}")
-    for name, a in (load("forecast").get("anatomy") or {}).items():
+    for name, a in (_load(run, "forecast").get("anatomy") or {}).items():
         real = a.get("real_followups") or {}
         seen = (f"; real follow-ups {real['mean_change_per_year']:.3f}/y ({real['n_moved']}/{real['n_groups']} moved), "
                 f"forecasts {a.get('recovered', float('nan')):.2f} of that rate") if real.get("n_groups") else ""
