@@ -248,3 +248,19 @@ def test_the_evaluation_decodes_the_anatomy_modalities_and_the_held_out_volumes(
     other = write(tmp_path / "other", [("s9-t2", "T2")])
     with pytest.raises(StageFailed, match="s9-t2"):
         recon_keys(latents, other, ("T1",), 5)
+
+
+def test_forecast_lines_say_n_a_where_a_figure_is_nan(tmp_path):
+    """NaN is written to JSON as null: the headline prints n/a instead of failing at the end of a run."""
+    import json
+
+    from g3n_pipeline.headline import forecast_lines
+
+    paired = {"n_groups": 8, "n_moved": 2, "mean_slope": -0.002, "p": 0.96}
+    doc = {"results": {"anatomy": {"age:30->70 [T1]": {
+        "signature": "ventricle_signal", "expect": "decrease", "slope": -0.002, "recovered": None, "paired": paired,
+        "real_followups": {"n_groups": 11, "n_moved": 4, "mean_change_per_year": None, "p": 0.89}}}}}
+    (tmp_path / "eval" / "forecast").mkdir(parents=True)
+    (tmp_path / "eval" / "forecast" / "forecast.json").write_text(json.dumps(doc))
+    (line,) = forecast_lines(tmp_path)
+    assert "2/8 moved" in line and "n/a/y" in line and "forecasts n/a of that rate" in line

@@ -121,10 +121,12 @@ def forecast_lines(run: Path) -> list[str]:
                      f"{_paired(fc.get('paired'), 'slope')}{seen}")
     for name, a in (_load(run, "forecast").get("anatomy") or {}).items():
         real = a.get("real_followups") or {}
-        seen = (f"; real follow-ups {real['mean_change_per_year']:.3f}/y ({real['n_moved']}/{real['n_groups']} moved), "
-                f"forecasts {a.get('recovered', float('nan')):.2f} of that rate") if real.get("n_groups") else ""
-        lines.append(f"forecasts, anatomy (no probe) {name} {a['signature']} (expected to {a['expect']}): "
-                     f"{a['slope']:.3f}/y{_paired(a.get('paired'), 'slope')}{seen}")
+        # the real rate is signed like the forecasts' change: the expected direction is positive
+        seen = (f"; on {real['n_groups']} decoded real follow-up pairs {_num(real.get('mean_change_per_year'), '+.3f')}/y, "
+                f"{real['n_moved']}/{real['n_groups']} moved the expected way (p {_num(real.get('p'), '.2g')}); forecasts "
+                f"{_num(a.get('recovered'), '.2f')} of that rate") if real.get("n_groups") else ""
+        lines.append(f"forecasts, anatomy (no probe) {name} {a['signature']} (expected to {a['expect']}): change "
+                     f"{_num(a.get('slope'), '+.3f')}/y in the expected direction{_paired(a.get('paired'), 'slope')}{seen}")
     return lines
 
 
@@ -170,9 +172,10 @@ def _paired(pair: dict | None, what: str) -> str:
     """'; paired: 8/8 moved toward the request (shift +0.11, p 0.004)' for a summary line."""
     if not pair or not pair.get("n_groups"):
         return ""
-
-    def num(v: float | None, fmt: str) -> str:  # NaN is written to JSON as null
-        return "n/a" if v is None or v != v else format(v, fmt)
-
     return (f"; paired: {pair['n_moved']}/{pair['n_groups']} moved toward the request "
-            f"({what} {num(pair.get(f'mean_{what}'), '+.2f')}, p {num(pair.get('p'), '.3f')})")
+            f"({what} {_num(pair.get(f'mean_{what}'), '+.2f')}, p {_num(pair.get('p'), '.3f')})")
+
+
+def _num(v: float | None, fmt: str) -> str:
+    """A figure for a summary line; NaN (written to JSON as null) as n/a."""
+    return "n/a" if v is None or v != v else format(v, fmt)
