@@ -144,6 +144,73 @@ def difference_map(forecasts: Sequence[np.ndarray], baselines: Sequence[np.ndarr
     return {"mean": d.mean(0).astype(np.float32), "mean_abs": np.abs(d).mean(0).astype(np.float32)}
 
 
+def _pair_forecasts(fc: Any, base_by_key: dict[str, int], baselines: Any, rejects: Any) -> list[tuple[int, int, float]]:
+    """(forecast index, baseline index, interval) of every forecast whose request names a baseline
+    of the set; the others go to ``rejects``."""
+    pairs = []
+    for i, (k, m) in enumerate(zip(fc.keys, fc.metas)):
+        req = m.get("request") or {}
+        src = (req.get("source") or {}).get("key")
+        dt = req.get("interval")
+        if src is None or dt is None:
+            rejects.add(k, "request has no source.key / interval: not a forecast")
+        elif src not in base_by_key:
+            rejects.add(k, f"baseline {src!r} is not in {baselines}")
+        else:
+            pairs.append((i, base_by_key[src], float(dt)))
+    return pairs
+
+
+def _age_probe(age_probe: Any, real: Any, encoder: Any, tokenizers: Any, protocol: Any, progress: bool
+               ) -> tuple[Any, dict[str, Any]]:
+    """The brain-age probe and where it comes from: a saved g3n-probe regression probe, or a ridge
+    fitted here (through g3n-probe, subject-grouped) on the real features' ages."""
+    from g3n_probe import LinearProbe, fit_regressor, protocol_preset
+
+    from .sources import features_of
+
+    if age_probe is not None:
+        probe = LinearProbe.load(age_probe)
+        if probe.kind != "regression":
+            raise InputError(f"{age_probe}: is a {probe.kind} probe; forecasts need a brain-age regression probe")
+        return probe, {"probe": str(age_probe)}
+    if real is None:
+        raise InputError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
+    real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
+    keep = [i for i, r in enumerate(real_fs.records) if r.get("age") is not None]
+    if len(keep) < 3:
+        raise InputError(f"{real}: only {len(keep)} samples with an age to fit the brain-age probe")
+    groups = np.asarray([str(real_fs.records[i].get("subject") or real_fs.keys[i]) for i in keep])
+    probe, _ = fit_regressor(real_fs.X[keep], np.asarray([real_fs.records[i]["age"] for i in keep], float),
+                             protocol or protocol_preset("paper"), groups)
+    return probe, {"fitted_on": str(real), "n": len(keep)}
+
+
+def _maps_and_figures(fc: Any, base: Any, pairs: list[tuple[int, int, float]], out: Any, montage_n: int
+                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The mean difference maps (saved as ``forecast_difference.npz``) and the montages."""
+    import io
+
+    from .figures import diff_montage, volume_montage
+    from .records import atomic_write_bytes
+
+    maps = difference_map([fc.arrays[i] for i, _, _ in pairs], [base.arrays[b] for _, b, _ in pairs])
+    buf = io.BytesIO()
+    np.savez(buf, mean=maps["mean"], mean_abs=maps["mean_abs"])
+    atomic_write_bytes(out / "forecast_difference.npz", buf.getvalue())
+    diff_montage([maps["mean"]], ["mean forecast-baseline"], out / "forecast_difference.png")
+    n = min(montage_n, len(pairs))
+    vols, labels, diffs = [], [], []
+    for i, b, dt in pairs[:n]:
+        vols += [base.arrays[b], fc.arrays[i]]
+        labels += [f"baseline {base.keys[b][:10]}", f"+{dt:g}y forecast"]
+        diffs.append(fc.arrays[i] - base.arrays[b])
+    volume_montage(vols, labels, out / "forecast_montage.png")
+    diff_montage(diffs, [f"+{dt:g}y diff" for _, _, dt in pairs[:n]], out / "forecast_subject_differences.png")
+    return maps, {"forecast_difference": "forecast_difference.png", "forecast_montage": "forecast_montage.png",
+                  "forecast_subject_differences": "forecast_subject_differences.png"}
+
+
 def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokenizers: Any = None,
                  real: Any = None, age_probe: Any = None, protocol: Any = None, limit: int | None = None,
                  montage_n: int = 4, progress: bool = True, anatomy: Any = None) -> dict[str, Any]:
@@ -157,94 +224,44 @@ def run_forecast(forecasts: Any, baselines: Any, out: Any, encoder: Any, tokeniz
     """
     from pathlib import Path
 
-    from g3n_probe import LinearProbe, fit_regressor, protocol_preset
-
-    from .figures import diff_montage, volume_montage
-    from .records import atomic_write_bytes, input_ref, write_metrics
+    from .data import open_set
+    from .records import input_ref, write_metrics
     from .rejects import Rejects
-    from .sources import features_of, request_settings, volumes_of
+    from .sources import request_settings, volumes_of
 
     out = Path(out)
     rejects = Rejects(out)
     fc = volumes_of(forecasts, tokenizers, limit, progress)
-    # decode only the baselines some forecast starts from (a test split holds many more)
+    # decode only the baselines some forecast starts from (a test split holds many more), and the
+    # real follow-up sessions of their modalities in the same set: the real ageing the probe must
+    # see before its verdict on forecasts means anything
     sources = {((m.get("request") or {}).get("source") or {}).get("key") for m in fc.metas}
-    # real follow-up sessions of the baselines' modalities in the same set: the real ageing the
-    # probe must see before its verdict on forecasts means anything
-    from .data import open_set
-
-    bset = open_set(baselines)
-    bmetas = {str(k): m.model_dump() for k, m in bset.metadata().items()}
+    bmetas = {str(k): m.model_dump() for k, m in open_set(baselines).metadata().items()}
     mods = {bmetas[k].get("modality") for k in sources if k in bmetas}
     fpairs = followup_pairs(list(bmetas), list(bmetas.values()), mods)
     base = volumes_of(baselines, tokenizers, None, progress,
                       only={k for k in sources if k is not None} | {k for a, b, _ in fpairs for k in (a, b)})
     base_by_key = {k: i for i, k in enumerate(base.keys)}
-    pairs = []  # (forecast index, baseline index, interval)
-    for i, (k, m) in enumerate(zip(fc.keys, fc.metas)):
-        req = m.get("request") or {}
-        src = (req.get("source") or {}).get("key")
-        dt = req.get("interval")
-        if src is None or dt is None:
-            rejects.add(k, "request has no source.key / interval: not a forecast")
-        elif src not in base_by_key:
-            rejects.add(k, f"baseline {src!r} is not in {baselines}")
-        else:
-            pairs.append((i, base_by_key[src], float(dt)))
+    pairs = _pair_forecasts(fc, base_by_key, baselines, rejects)
     if len(pairs) < 2:
         raise InputError(f"{forecasts}: {len(pairs)} forecast(s) could be paired with a baseline; need 2 (see {rejects.path})")
-    if age_probe is not None:
-        probe = LinearProbe.load(age_probe)
-        if probe.kind != "regression":
-            raise InputError(f"{age_probe}: is a {probe.kind} probe; forecasts need a brain-age regression probe")
-        probe_src = {"probe": str(age_probe)}
-    else:
-        if real is None:
-            raise InputError("give --age-probe PROBE_DIR or --real FEATURES to fit the brain-age probe")
-        real_fs, _ = features_of(real, encoder, tokenizers, None, progress)
-        keep = [i for i, r in enumerate(real_fs.records) if r.get("age") is not None]
-        if len(keep) < 3:
-            raise InputError(f"{real}: only {len(keep)} samples with an age to fit the brain-age probe")
-        groups = np.asarray([str(real_fs.records[i].get("subject") or real_fs.keys[i]) for i in keep])
-        probe, _ = fit_regressor(real_fs.X[keep], np.asarray([real_fs.records[i]["age"] for i in keep], float),
-                                 protocol or protocol_preset("paper"), groups)
-        probe_src = {"fitted_on": str(real), "n": len(keep)}
+    probe, probe_src = _age_probe(age_probe, real, encoder, tokenizers, protocol, progress)
     fi, bi, dts = zip(*pairs)
-    f_feat = encoder([fc.arrays[i] for i in fi])
     # each decoded baseline-set volume encoded once: a baseline is forecast at several intervals,
     # and a follow-up pair's first session is often a forecast's baseline too
     base_age = probe.predict_scores(encoder(base.arrays))
-    rec = ageing_recovery(dts, base_age[list(bi)], probe.predict_scores(f_feat), [base.keys[b] for b in bi])
-    fpairs = [(a, b, dt) for a, b, dt in fpairs if a in base_by_key and b in base_by_key]
+    rec = ageing_recovery(dts, base_age[list(bi)], probe.predict_scores(encoder([fc.arrays[i] for i in fi])),
+                          [base.keys[b] for b in bi])
+    fpairs = [(base_by_key[a], base_by_key[b], dt) for a, b, dt in fpairs if a in base_by_key and b in base_by_key]
     if fpairs:
-        rec["real_followups"] = followup_ageing([dt for _, _, dt in fpairs], base_age[[base_by_key[a] for a, _, _ in fpairs]],
-                                                base_age[[base_by_key[b] for _, b, _ in fpairs]])
+        rec["real_followups"] = followup_ageing([dt for *_, dt in fpairs], base_age[[a for a, _, _ in fpairs]],
+                                                base_age[[b for _, b, _ in fpairs]])
     anat = None
     if anatomy is not None:
         from .anatomy import Anatomy
 
-        anat = anatomy_ageing(Anatomy.load(anatomy), fc.arrays, base.arrays, pairs, base.keys, base.metas,
-                              [(base_by_key[a], base_by_key[b], dt) for a, b, dt in fpairs])
-    maps = difference_map([fc.arrays[i] for i in fi], [base.arrays[i] for i in bi])
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, mean=maps["mean"], mean_abs=maps["mean_abs"])
-    atomic_write_bytes(out / "forecast_difference.npz", buf.getvalue())
-    figures = {}
-    diff_montage([maps["mean"]], ["mean forecast-baseline"], out / "forecast_difference.png")
-    figures["forecast_difference"] = "forecast_difference.png"
-    n = min(montage_n, len(pairs))
-    vols, labels, diffs = [], [], []
-    for j in range(n):
-        i, b, dt = pairs[j]
-        vols += [base.arrays[b], fc.arrays[i]]
-        labels += [f"baseline {base.keys[b][:10]}", f"+{dt:g}y forecast"]
-        diffs.append(fc.arrays[i] - base.arrays[b])
-    volume_montage(vols, labels, out / "forecast_montage.png")
-    diff_montage(diffs, [f"+{pairs[j][2]:g}y diff" for j in range(n)], out / "forecast_subject_differences.png")
-    figures["forecast_montage"] = "forecast_montage.png"
-    figures["forecast_subject_differences"] = "forecast_subject_differences.png"
+        anat = anatomy_ageing(Anatomy.load(anatomy), fc.arrays, base.arrays, pairs, base.keys, base.metas, fpairs)
+    maps, figures = _maps_and_figures(fc, base, pairs, out, montage_n)
     settings = {
         "age_probe": probe_src,
         "encoder": {"weights": encoder.weights, "digest": encoder.digest},
