@@ -20,7 +20,8 @@ def cohort(work):
     rng = np.random.default_rng(1)
     out = work / "cohort24"
     with gs.ShardWriter(out, kind="volumes", producer=gs.Producer(package="g3n-eval-tests"),
-                        geometry=gs.Geometry(shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0), patch_size=(8, 8, 8))) as w:
+                        geometry=gs.Geometry(shape=(32, 32, 32), spacing=(2.0, 2.0, 2.0), patch_size=(8, 8, 8)),
+                        extra={"intensity": "scanner"}) as w:
         for i in range(24):
             m = make_meta(i)
             w.write(gs.sample_key(m), m, {"volume": brain_like(rng, (32, 32, 32)) * (1.3 if m.sex == "F" else 1.0)})

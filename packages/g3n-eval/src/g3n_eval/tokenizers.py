@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .data import InputError, iter_set, open_set
-from .models import TokenizerHandle, zscore_brain
+from g3n_shards.intensity import ZScoreError, to_zspace
+
+from .data import InputError, iter_set, open_set, volume_space
+from .models import TokenizerHandle
 from .recon import run_recon
 from .records import input_ref, write_metrics
 
@@ -35,13 +37,17 @@ def latent_features(volumes: str | Path, tok: TokenizerHandle, progress: bool = 
             feats.append(tok.latent_means([v for *_, v in batch]))
             batch.clear()
 
-    n = len(open_set(volumes, kind="volumes"))
-    for k, m, v in tqdm(iter_set(volumes, "volumes"), total=n, desc="latent features", unit="vol", disable=not progress):
-        if not (v > 0).any():
-            raise InputError(f"{volumes}: {k}: empty volume (no voxel > 0)")
+    ss = open_set(volumes, kind="volumes")
+    space = volume_space(ss.manifest, volumes)  # what the set records, as g3n-eval recon reads it
+    for k, m, v in tqdm(iter_set(volumes, "volumes"), total=len(ss), desc="latent features", unit="vol",
+                        disable=not progress):
+        try:
+            z = to_zspace(v, space, k)
+        except ZScoreError as e:
+            raise InputError(f"{volumes}: {e}") from None
         keys.append(k)
         metas.append(m)
-        batch.append((k, zscore_brain(v)))
+        batch.append((k, z))
         if len(batch) == 4:
             flush()
     flush()
