@@ -129,6 +129,14 @@ def test_reconstructions_say_how_much_of_each_effect_the_decoder_draws(tmp_path,
                  "--recon", str(rp), "--out", str(tmp_path / "perfect"), "--no-progress"]) == 0
     perfect = json.loads((tmp_path / "perfect" / "anatomy.json").read_text())["results"]["effects"]
     assert perfect["diagnosis:HC->AD [T1]"]["recon_keeps"] == perfect["age:30->70 [T1]"]["recon_keeps"] == 1.0
+    # reconstructions of a subset (one visit per subject, say) are held against the real effect on
+    # that subset, not on the whole set: a perfect decoder of 10 of the 16 volumes still keeps 100 %
+    sub = write_set(tmp_path / "recon-sub", real[:10])
+    assert main(["anatomy", "--spec", str(tmp_path / "spec" / "anatomy.yaml"), "--real", str(rp), "--generated", str(gp),
+                 "--recon", str(sub), "--out", str(tmp_path / "subset"), "--no-progress"]) == 0
+    subset = json.loads((tmp_path / "subset" / "anatomy.json").read_text())["results"]["effects"]["diagnosis:HC->AD [T1]"]
+    assert subset["recon"]["n_from"] == subset["recon"]["n_to"] == 5 and subset["recon_keeps"] == 1.0
+    assert subset["recon"]["real_difference"] != pytest.approx(ad["real"]["difference"])
     page = build_report([out], tmp_path / "report").read_text()
     assert "recon keeps" in page and "the decoder draws" in page
     # without --recon, neither the fields nor the columns

@@ -219,8 +219,8 @@ def test_signal_config_is_a_demo_config_with_three_times_the_glioma_subjects(mon
 
 
 def test_the_evaluation_decodes_the_anatomy_modalities_and_the_held_out_volumes(tmp_path):
-    """recon_keys: every latent of the anatomy effects' modalities (which must be the synthetic
-    spec's), plus the first N held-out keys; a held-out key with no latent fails the stage."""
+    """recon_keys: the first visit of each subject in the anatomy effects' modalities (which must be
+    the synthetic spec's), plus the first N held-out keys; a held-out key with no latent fails the stage."""
     import numpy as np
     import pytest
 
@@ -236,11 +236,13 @@ def test_the_evaluation_decodes_the_anatomy_modalities_and_the_held_out_volumes(
     def write(path, items):
         with gs.ShardWriter(path, kind="volumes", producer=gs.Producer(package="test"),
                             geometry=gs.Geometry(shape=(4, 4, 4), spacing=(2.0, 2.0, 2.0))) as w:
-            for key, mod in items:
-                w.write(key, {"subject": key[:2], "modality": mod}, {"volume": np.ones((4, 4, 4), np.float32)})
+            for key, mod, *age in items:
+                w.write(key, {"subject": key[:2], "modality": mod, "age": (age or [None])[0]},
+                        {"volume": np.ones((4, 4, 4), np.float32)})
         return path
 
-    items = [("s1-t1", "T1"), ("s1-t2", "T2"), ("s2-fl", "FLAIR"), ("s2-t1c", "T1c"), ("s3-t2", "T2"), ("s3-t1", "T1")]
+    items = [("s1-t1", "T1", 70.0), ("s1-t1-later", "T1", 73.0), ("s1-t2", "T2"), ("s2-fl", "FLAIR"), ("s2-t1c", "T1c"),
+             ("s3-t2", "T2"), ("s3-t1-2", "T1", 61.5), ("s3-t1", "T1", 60.0)]
     latents = write(tmp_path / "all", items)
     heldout = write(tmp_path / "test", [("s2-fl", "FLAIR"), ("s3-t2", "T2"), ("s3-t1", "T1")])
     assert recon_keys(latents, heldout, ("T1", "T1c"), 1) == ["s1-t1", "s2-fl", "s2-t1c", "s3-t1"]

@@ -306,9 +306,22 @@ def evaluate(anatomy: Anatomy, real: Measured, generated: Measured, recon: Measu
         }
         if recon is not None:
             rc = real_effect(e, recon[0], [x[e.signature] for x in recon[1]], anatomy.spec.within)
-            rows[e.name]["recon"] = rc
-            rows[e.name]["recon_keeps"] = rc["difference"] / diff if math.isfinite(diff) and diff != 0 else math.nan
+            # against the real effect on the very volumes that were reconstructed (all of them, or
+            # e.g. one visit per subject): like with like, the ratio is the decoder's alone
+            same = _same_volumes(real, recon)
+            base = real_effect(e, same[0], [x[e.signature] for x in same[1]], anatomy.spec.within)["difference"]
+            rows[e.name]["recon"] = {**rc, "real_difference": base}
+            rows[e.name]["recon_keeps"] = rc["difference"] / base if math.isfinite(base) and base != 0 else math.nan
     return {"effects": rows}
+
+
+def _same_volumes(real: Measured, recon: Measured) -> Measured:
+    """The real volumes whose reconstructions were measured (by key; records without keys: all)."""
+    keys = {r.get("key") for r in recon[0]}
+    if None in keys:
+        return real
+    pick = [i for i, r in enumerate(real[0]) if r.get("key") in keys]
+    return [real[0][i] for i in pick], [real[1][i] for i in pick]
 
 
 def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bool, what: str,
@@ -326,7 +339,7 @@ def _measure(anatomy: Anatomy, path: str | Path, limit: int | None, progress: bo
             rejects.add(f"{what}:{key}", str(e))
             n_bad += 1
             continue
-        recs.append(meta)
+        recs.append({**meta, "key": key})
         sigs.append(anatomy.signatures(arr, key, z))
         each(meta, z)
     if not recs:

@@ -260,7 +260,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             print(f"{name} ({row['signature']}, expect {row['expect']}): real {num(row['real']['difference'])} "
                   f"({'confirms' if row['real_confirms'] else 'does not confirm'}); generated pairs moved "
                   f"{pair['n_moved']}/{pair['n_groups']}, mean change {num(pair['mean_change'])}"
-                  + (f"; reconstructions {num(row['recon']['difference'])}, keep {_pct(row['recon_keeps'])} of the real effect"
+                  + (f"; reconstructions {num(row['recon']['difference'])}, keep {_pct(row['recon_keeps'])} of the real effect on the same volumes"
                      if "recon" in row else ""))
         return 0
     if args.cmd == "fidelity":

@@ -166,8 +166,9 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
             "generated (mean paired change) below, on one colour scale (red brighter, blue darker): where a change "
             "lands, e.g. a scanner's bias pattern learned with a disease.")
     if with_recon:
-        head += (" <i>recon</i> is the same real effect measured on the tokenizer's reconstructions of the real "
-                 "volumes, and <i>recon keeps</i> its fraction of the real effect: decoded samples can only show what "
+        head += (" <i>recon</i> is the same real effect measured on the tokenizer's reconstructions of real "
+                 "volumes, and <i>recon keeps</i> its fraction of the real effect on those same volumes (a subset, "
+                 "e.g. one visit per subject, is held against itself): decoded samples can only show what "
                  "the decoder draws, so where the reconstructions keep little of an effect, its paired column says "
                  "nothing about the generator.")
     if spec.get("source"):

@@ -3,6 +3,7 @@ train/test subsets, the shipped models (g3n-zoo), and the latents a stage decode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -77,11 +78,17 @@ def shipped_table5() -> Path | None:
 
 
 def recon_keys(latents: Path, heldout: Path, modalities: Sequence[str], n_heldout: int) -> list[str]:
-    """Keys of the real latents worth decoding: every one of the given modalities (the anatomy
-    effects are measured in them, on as many subjects as there are) and the first ``n_heldout``
-    held-out volumes in key order (what ``g3n-eval recon --limit`` scores)."""
+    """Keys of the real latents worth decoding: the first visit of every subject in each of the given
+    modalities (the anatomy effects are measured in them, on as many subjects as there are; later
+    visits of a subject add little to a group difference and cost a decode each) and the first
+    ``n_heldout`` held-out volumes in key order (what ``g3n-eval recon --limit`` scores)."""
     metas = ShardSet.open(latents).metadata()
-    keys = {k for k, m in metas.items() if m.modality in modalities}
+    first: dict[tuple[str, str], tuple[float, str]] = {}
+    for k, m in sorted(metas.items()):
+        if m.modality in modalities:
+            visit = (m.age if m.age is not None else math.inf, k)
+            first[(m.subject, m.modality)] = min(first.get((m.subject, m.modality), visit), visit)
+    keys = {k for _, k in first.values()}
     keys |= set(sorted(ShardSet.open(heldout).keys())[:n_heldout])
     missing = sorted(keys - set(metas))
     if missing:

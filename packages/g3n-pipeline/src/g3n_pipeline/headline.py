@@ -36,7 +36,8 @@ def headline(run: Path) -> list[str]:
         real = (r.get("real") or {}).get("difference")
         if real is not None and (r.get("paired") or {}).get("n_groups"):
             keeps = r.get("recon_keeps")
-            kept = f"; tokenizer reconstructions keep {100 * keeps:.0f} % of the real change" if keeps is not None else ""
+            kept = (f"; tokenizer reconstructions keep {100 * keeps:.0f} % of the real change on the same volumes"
+                    if keeps is not None else "")
             lines.append(f"anatomy (no probe) {name} {r['signature']} (expected to {r['expect']}): real change "
                          f"{real:+.2f}{_paired(r['paired'], 'change')}{kept}")
     mem = _load(run, "memorisation")

@@ -92,6 +92,10 @@ class CnnDecoder3D(nn.Module):
         self.conv_out = nn.Conv3d(ch[-1], out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device.type == "cpu":
+            # oneDNN's 3D convolutions run about 30 % faster (forward and backward, AVX2 and AMX) on
+            # channels-last activations; the weights stay as they are (tools/bench/tokenizer.py)
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         h = self.mid(self.conv_in(z))
         for level in self.levels:
             h = level(h)

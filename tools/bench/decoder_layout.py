@@ -1,0 +1,86 @@
+"""Benchmark: the MAE-CNN decoder on CPU with channels-first vs channels-last activations.
+
+`CnnDecoder3D.forward` turns its input channels-last on CPU (oneDNN's 3D convolutions run faster
+on that layout); this times the same weights both ways: seconds per volume for a decode
+(inference) and for a training step (forward + backward), and the largest difference between
+the two outputs. Random weights, the ``tiny`` preset's decoder (80x96x80 output) unless
+``--preset`` says otherwise. Prints one JSON document. Measure it as on an AVX2-only CPU with
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
+
+    uv run python tools/bench/decoder_layout.py [--preset tiny] [--batch-size 2] [--reps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from g3n_mae.config import preset as mae_preset
+from g3n_tokenizer.config import preset
+from g3n_tokenizer.decoder import CnnDecoder3D
+
+
+def channels_first(dec: CnnDecoder3D, z: torch.Tensor) -> torch.Tensor:
+    """``CnnDecoder3D.forward`` without its layout change."""
+    h = dec.mid(dec.conv_in(z))
+    for level in dec.levels:
+        h = level(h)
+    return dec.conv_out(F.silu(dec.norm_out(h)))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def seconds(fn, reps: int) -> float:
+    fn()  # warm-up: oneDNN picks and caches its kernels
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=["test", "tiny"])
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=4)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = preset(a.preset).mae_cnn
+    dec = CnnDecoder3D(cfg.c, cfg.decoder)
+    m = mae_preset(a.preset).model  # the token grid the decoder upsamples: the encoder's
+    grid = tuple(s // p for s, p in zip(m.img_size, m.patch_size))
+    z = torch.randn(a.batch_size, cfg.c, *grid)
+    b = a.batch_size
+    report: dict = {"preset": a.preset, "batch_size": b, "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_name(),
+                    "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}
+    with torch.inference_mode():
+        dec.eval()
+        report["max_abs_difference"] = float((dec(z) - channels_first(dec, z)).abs().max())
+        report["decode_s_per_volume"] = {"channels_first": seconds(lambda: channels_first(dec, z), a.reps) / b,
+                                         "channels_last": seconds(lambda: dec(z), a.reps) / b}
+    dec.train()
+
+    def step(f) -> None:
+        dec.zero_grad(set_to_none=True)
+        f(dec, z).square().mean().backward()
+
+    report["train_step_s_per_volume"] = {"channels_first": seconds(lambda: step(channels_first), a.reps) / b,
+                                         "channels_last": seconds(lambda: step(CnnDecoder3D.forward), a.reps) / b}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
