@@ -1,7 +1,7 @@
 """Benchmark: the MAE-CNN decoder on CPU with channels-first vs channels-last activations.
 
-`CnnDecoder3D.forward` turns its input channels-last on CPU (oneDNN's 3D convolutions run faster
-on that layout); this times the same weights both ways: seconds per volume for a decode
+`CnnDecoder3D.forward` turns its input channels-last on CPU (``cpu_channels_last``; oneDNN's 3D
+convolutions run faster on that layout); this times the same weights both ways: seconds per volume for a decode
 (inference) and for a training step (forward + backward), and the largest difference between
 the two outputs. Random weights, the ``tiny`` preset's decoder (80x96x80 output) unless
 ``--preset`` says otherwise. Prints one JSON document. Measure it as on an AVX2-only CPU with
@@ -15,31 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from g3n_mae.config import preset as mae_preset
+from g3n_pipeline.zoo_build import machine_description
 from g3n_tokenizer.config import preset
 from g3n_tokenizer.decoder import CnnDecoder3D
-
-
-def channels_first(dec: CnnDecoder3D, z: torch.Tensor) -> torch.Tensor:
-    """``CnnDecoder3D.forward`` without its layout change."""
-    h = dec.mid(dec.conv_in(z))
-    for level in dec.levels:
-        h = level(h)
-    return dec.conv_out(F.silu(dec.norm_out(h)))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def seconds(fn, reps: int) -> float:
@@ -64,21 +47,24 @@ def main() -> None:
     z = torch.randn(a.batch_size, cfg.c, *grid)
     b = a.batch_size
     report: dict = {"preset": a.preset, "batch_size": b, "torch_threads": torch.get_num_threads(),
-                    "cpu": cpu_name(),
-                    "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}
+                    "cpu": machine_description(), "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}
+
+    def layout(channels_last: bool) -> CnnDecoder3D:
+        dec.cpu_channels_last = channels_last
+        return dec
+
+    def step(channels_last: bool) -> None:
+        dec.zero_grad(set_to_none=True)
+        layout(channels_last)(z).square().mean().backward()
+
     with torch.inference_mode():
         dec.eval()
-        report["max_abs_difference"] = float((dec(z) - channels_first(dec, z)).abs().max())
-        report["decode_s_per_volume"] = {"channels_first": seconds(lambda: channels_first(dec, z), a.reps) / b,
-                                         "channels_last": seconds(lambda: dec(z), a.reps) / b}
+        report["max_abs_difference"] = float((layout(True)(z) - layout(False)(z)).abs().max())
+        report["decode_s_per_volume"] = {name: seconds(lambda: layout(cl)(z), a.reps) / b
+                                         for name, cl in (("channels_first", False), ("channels_last", True))}
     dec.train()
-
-    def step(f) -> None:
-        dec.zero_grad(set_to_none=True)
-        f(dec, z).square().mean().backward()
-
-    report["train_step_s_per_volume"] = {"channels_first": seconds(lambda: step(channels_first), a.reps) / b,
-                                         "channels_last": seconds(lambda: step(CnnDecoder3D.forward), a.reps) / b}
+    report["train_step_s_per_volume"] = {name: seconds(lambda: step(cl), a.reps) / b
+                                         for name, cl in (("channels_first", False), ("channels_last", True))}
     print(json.dumps(report, indent=1))
 
 

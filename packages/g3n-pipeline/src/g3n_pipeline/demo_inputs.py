@@ -4,9 +4,10 @@ train/test subsets, the shipped models (g3n-zoo), and the latents a stage decode
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from g3n_shards import ShardSet, subset_shard_set
 
@@ -83,12 +84,7 @@ def recon_keys(latents: Path, heldout: Path, modalities: Sequence[str], n_heldou
     visits of a subject add little to a group difference and cost a decode each) and the first
     ``n_heldout`` held-out volumes in key order (what ``g3n-eval recon --limit`` scores)."""
     metas = ShardSet.open(latents).metadata()
-    first: dict[tuple[str, str], tuple[float, str]] = {}
-    for k, m in sorted(metas.items()):
-        if m.modality in modalities:
-            visit = (m.age if m.age is not None else math.inf, k)
-            first[(m.subject, m.modality)] = min(first.get((m.subject, m.modality), visit), visit)
-    keys = {k for _, k in first.values()}
+    keys = set(_first_visits(metas, lambda m: m.modality in modalities))
     keys |= set(sorted(ShardSet.open(heldout).keys())[:n_heldout])
     missing = sorted(keys - set(metas))
     if missing:
@@ -99,13 +95,19 @@ def recon_keys(latents: Path, heldout: Path, modalities: Sequence[str], n_heldou
 def first_visit_keys(latents: Path, modality: str, n: int, diagnosis: str | None = None) -> list[str]:
     """Keys of the first session of up to ``n`` subjects (deterministic: sorted by key)."""
     metas = ShardSet.open(latents).metadata()
-    first: dict[str, tuple[float, str]] = {}
-    for key, m in sorted(metas.items()):
-        if m.modality != modality or (diagnosis and m.diagnosis != diagnosis) or m.age is None:
-            continue
-        if m.subject not in first or m.age < first[m.subject][0]:
-            first[m.subject] = (m.age, key)
-    keys = sorted(k for _, k in first.values())[:n]
+    keys = sorted(_first_visits(metas, lambda m: m.modality == modality and m.age is not None
+                                and not (diagnosis and m.diagnosis != diagnosis)))[:n]
     if not keys:
         raise StageFailed(f"{latents}: no {modality} latents{f' with diagnosis {diagnosis}' if diagnosis else ''} to start from")
     return keys
+
+
+def _first_visits(metas: Mapping[str, Any], keep: Callable[[Any], bool]) -> list[str]:
+    """Of the samples ``keep`` accepts, the key of each subject's earliest visit in each modality
+    (by age, an unknown age last; ties by key)."""
+    first: dict[tuple[str, str | None], tuple[float, str]] = {}
+    for k, m in metas.items():
+        if keep(m):
+            visit = (m.age if m.age is not None else math.inf, k)
+            first[(m.subject, m.modality)] = min(first.get((m.subject, m.modality), visit), visit)
+    return [k for _, k in first.values()]

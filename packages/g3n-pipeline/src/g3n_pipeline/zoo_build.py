@@ -112,7 +112,7 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
 
 
 # ---- packing ----------------------------------------------------------------------------------
-def _machine() -> str:
+def machine_description() -> str:
     """'CPU model, N cores (widest vector ISA)': speed on CPU depends on AMX / AVX-512 more than on the model name."""
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -259,7 +259,7 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     run = cfg.run_dir.resolve()
     stages = {st.name: st for st in build_zoo_stages(cfg.model_copy(update={"run_dir": run}))}
     data = _data(run)
-    machine, built = _machine(), datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    machine, built = machine_description(), datetime.now(timezone.utc).strftime("%Y-%m-%d")
     staging = dest.with_name(f".{dest.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -91,10 +91,13 @@ class CnnDecoder3D(nn.Module):
         self.norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv3d(ch[-1], out_channels, 3, padding=1)
 
+    #: on CPU, run on channels-last activations (the weights stay as they are): oneDNN's 3D
+    #: convolutions are faster on them, about 40 % with AMX and 20-30 % for AVX2-only training steps
+    #: (tools/bench/decoder_layout.py, which turns this off to compare)
+    cpu_channels_last: bool = True
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.device.type == "cpu":
-            # oneDNN's 3D convolutions run about 30 % faster (forward and backward, AVX2 and AMX) on
-            # channels-last activations; the weights stay as they are (tools/bench/tokenizer.py)
+        if self.cpu_channels_last and z.device.type == "cpu":
             z = z.contiguous(memory_format=torch.channels_last_3d)
         h = self.mid(self.conv_in(z))
         for level in self.levels:
