@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 #: benchmark -> extra arguments for a quick run (what CI-sized machines finish in minutes)
-QUICK_ARGS: dict[str, list[str]] = {"shards": ["-n", "12"]}
+QUICK_ARGS: dict[str, list[str]] = {"shards": ["-n", "12"], "malloc_env": ["--volumes", "2", "--steps", "1", "--reps", "1"]}
 
 
 def discover() -> list[str]:

@@ -266,3 +266,26 @@ def test_forecast_lines_say_n_a_where_a_figure_is_nan(tmp_path):
     (tmp_path / "eval" / "forecast" / "forecast.json").write_text(json.dumps(doc))
     (line,) = forecast_lines(tmp_path)
     assert "2/8 moved" in line and "n/a/y" in line and "forecasts n/a of that rate" in line
+
+
+def test_commands_start_with_the_malloc_settings_unless_the_environment_sets_them(tmp_path, monkeypatch):
+    from g3n_pipeline.runner import MALLOC_ENV
+
+    (tmp_path / "envmod").mkdir()
+    (tmp_path / "envmod" / "g3n_test_env.py").write_text(
+        "import json, os, sys\nopen(sys.argv[1], 'w').write(json.dumps({k: os.environ.get(k) for k in sys.argv[2:]}))\n")
+    names = sorted(MALLOC_ENV)
+
+    def stage(out: str) -> Stage:
+        return Stage(out, "print the environment", [out], env={"PYTHONPATH": str(tmp_path / "envmod")},
+                     commands=lambda r: [["g3n_test_env", str(r / out), *names]])
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for k in names:
+        monkeypatch.delenv(k, raising=False)
+    run_stages(run, [stage("default")], say=None)
+    assert json.loads((run / "default").read_text()) == MALLOC_ENV
+    monkeypatch.setenv(names[0], "65536")  # a user's own setting wins
+    run_stages(run, [stage("own")], say=None)
+    assert json.loads((run / "own").read_text()) == {**MALLOC_ENV, names[0]: "65536"}

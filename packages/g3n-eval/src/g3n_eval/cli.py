@@ -13,8 +13,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
 
 def _tok_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tokenizer (reached through the g3n.tokenizers registry)")
@@ -168,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
+        import torch  # only here: the measurements that need no model (anatomy, report, ...) start without it
+
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
     try:
