@@ -5,7 +5,10 @@ effects a generator is asked for into regions on the output grid and signatures 
 direction, so generated volumes can be checked against the truth without a probe:
 
 * HC -> AD and HC -> MCI: the ventricles widen (``vent_ad_mm``/``vent_mci_mm`` x severity), so the
-  template's ventricle region holds more CSF and is darker on T1;
+  band just outside the template's ventricle walls (``VENTRICLE_RIM_MM``) turns from white matter
+  into CSF and is darker on T1. The band, not the ventricles themselves: those are CSF already,
+  so widening changes them only at the wall (on the zoo's cohort the band's within-subject change
+  per year is three times the ventricles');
 * age 30 -> 70: the same, through ``vent_age_mm``;
 * HC -> PD: T1 signal drops by ``pd_drop['T1']`` x severity in putamen and substantia nigra,
   measured as the putamen minus deep white matter (the nigra's 138 voxels on the demo grid are too
@@ -36,6 +39,8 @@ REGIONS_NAME = "anatomy-regions.npz"
 #: radius of the spheres around the nominal lesion centres (mm): the centres' jitter (6 mm sd) plus
 #: about the smallest lesion radius
 TUMOUR_SITE_MM = 16.0
+#: width of the band outside the template's ventricle walls where widening ventricles show (mm)
+VENTRICLE_RIM_MM = 4.0
 
 
 def _regions_on_asset(cfg: SynthConfig) -> tuple[dict[str, np.ndarray], float]:
@@ -52,9 +57,11 @@ def _regions_on_asset(cfg: SynthConfig) -> tuple[dict[str, np.ndarray], float]:
         w = [soft_ellipsoid(mni, np.asarray(c) * side, r) for c in centres for side in ((1, 1, 1), (-1, 1, 1))]
         return np.clip(np.maximum.reduce(w), 0, 1) * (brain > 0.5)
 
+    vent = t.ventricles > 0.5
+    grown = ndi.binary_dilation(vent, iterations=max(1, round(VENTRICLE_RIM_MM / ASSET_SPACING)))
     regions = {
         "brain": brain,
-        "ventricles": t.ventricles,
+        "ventricle_rim": (grown & ~vent & (brain > 0.5)).astype(np.float32),
         "putamen": putamen,
         "deep_white_matter": ((t.wm > 0.8) & (putamen < 0.5)).astype(np.float32),
         "tumour_sites_mutant": sites(cfg.glioma.centre_mutant),
@@ -89,8 +96,9 @@ def anatomy_spec(cfg: SynthConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
         # every cohort has its own scanners and contrast, and PD or glioma come from one cohort each
         "within": "cohort",
         "signatures": [
-            {"name": "ventricle_signal", "kind": "mean", "region": "ventricles",
-             "why": "mean z in the template's ventricles: lower when they widen (more CSF, dark on T1)"},
+            {"name": "ventricle_signal", "kind": "mean", "region": "ventricle_rim",
+             "why": f"mean z in the {VENTRICLE_RIM_MM:g} mm band outside the template's ventricle walls: lower when "
+                    "the ventricles widen into it (CSF, dark on T1, replaces white matter)"},
             {"name": "putamen_vs_white_matter", "kind": "contrast", "region": "putamen",
              "reference": "deep_white_matter",
              "why": "putamen minus deep white matter: lower when the putamen darkens"},
@@ -110,7 +118,8 @@ def anatomy_spec(cfg: SynthConfig) -> tuple[dict[str, Any], dict[str, np.ndarray
              "expect": "increase", "why": f"IDH1-mutant lesions are centred at MNI {_centres(g.centre_mutant)} mm, "
                                           f"wildtype ones at {_centres(g.centre_wildtype)} mm"},
             {"field": "age", "from": 30, "to": 70, "modality": "T1", "signature": "ventricle_signal",
-             "expect": "decrease", "why": f"the ventricles widen with age ({a.vent_age_mm:g} mm at 90)"},
+             "expect": "decrease", "why": f"the ventricles widen with age ({a.vent_age_mm:g} mm at 90, "
+                                                  f"as ((age - 20) / 70)^{a.vent_age_power:g})"},
         ],
     }
     return spec, regions

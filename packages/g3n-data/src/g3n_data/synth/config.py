@@ -125,10 +125,13 @@ class AnatomyEffects(_Strict):
     warp_spacing_mm: float = 32.0
     #: ventricle enlargement (mm of outward wall displacement): base N(0, vent_sd) + age term + disease term
     vent_sd_mm: float = 0.4
-    vent_age_mm: float = 4.0  # at age 90, quadratic in (age-20)/70
+    #: the age term: vent_age_mm * ((age-20)/70)**vent_age_power, so 9 mm at 90; cubic, so that a subject
+    #: of 70-80 widens 0.2-0.3 mm a year, enough to see between visits a few years apart on the 2 mm grid
+    vent_age_mm: float = 9.0
+    vent_age_power: float = Field(3.0, gt=0)
     vent_mci_mm: float = 1.0  # times severity
     vent_ad_mm: float = 1.8  # times severity
-    vent_clip_mm: tuple[float, float] = (-0.8, 6.0)
+    vent_clip_mm: tuple[float, float] = (-0.8, 12.0)
     vent_sigma_mm: float = 6.0  # smoothness of the radial field around the ventricles
     #: cortical thinning: GM loss fraction L = cortex_base + cortex_age*(age-20)/70 + N(0, cortex_sd)
     cortex_base: float = 0.02
@@ -245,7 +248,7 @@ def _default_cohorts() -> list[CohortSpec]:
             age={"HC": AgeDist(mean=73, sd=6, lo=55, hi=90), "MCI": AgeDist(mean=73, sd=7, lo=55, hi=90),
                  "AD": AgeDist(mean=75, sd=7, lo=55, hi=90)},
             male={"HC": 0.45, "MCI": 0.60, "AD": 0.52}, sites=["SYN-S3", "SYN-S4"],
-            longitudinal=0.6, visits=(2, 4), interval_years=(1.0, 2.5), extra_modalities={"FLAIR": 0.5},
+            longitudinal=0.6, visits=(2, 4), interval_years=(1.5, 3.0), extra_modalities={"FLAIR": 0.5},
             clinical="adni",
         ),
         CohortSpec(

@@ -113,7 +113,7 @@ def _visit_effects(cfg: SynthConfig, diagnosis: str, age: float, lat: dict[str, 
     return {
         "severity": sev,
         "pd_severity": pd,
-        "ventricle_mm": float(np.clip(lat["vent_base_mm"] + a.vent_age_mm * t**2 + vent_dx * sev, *a.vent_clip_mm)),
+        "ventricle_mm": float(np.clip(lat["vent_base_mm"] + a.vent_age_mm * t**a.vent_age_power + vent_dx * sev, *a.vent_clip_mm)),
         "cortical_loss": float(np.clip(a.cortex_base + a.cortex_age * t + lat["cortex_offset"], *a.cortex_clip)),
         "hippocampal_loss": float(np.clip(a.hippo_age * t + hip_dx * sev, 0.0, a.loss_clip)),
         "hippocampal_shrink_mm": float(a.hippo_shrink_mm * sev),
