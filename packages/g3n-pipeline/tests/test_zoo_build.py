@@ -108,3 +108,17 @@ def test_the_demo_starts_from_the_zoo_and_its_fingerprint_follows_the_weights(bu
     assert _fingerprint(cfg.run_dir, stages["dit"]) != before
     with pytest.raises(Exception, match="SHA-256 differs"):  # and the demo refuses weights the manifest does not list
         build_stages(cfg)
+
+
+def test_an_edited_tokenizer_config_trains_its_stage_again(tmp_path):
+    """The stage's fingerprint holds the config file's content: a changed number of epochs in the
+    same file is a changed setting, not a finished stage."""
+    for field, name in (("tokenizer_config", "tokenizer"), ("baseline_tokenizer_config", "tokenizer-baseline")):
+        own = tmp_path / f"{name}.yaml"
+        text = zoo_build.zoo_file(getattr(zoo_build.ZooConfig(), field)).read_text()
+        own.write_text(text)
+        cfg = zoo_build.ZooConfig(run_dir=tmp_path / "run", **{field: str(own)})
+        stage = {st.name: st for st in zoo_build.build_zoo_stages(cfg)}[name]
+        before = _fingerprint(cfg.run_dir, stage)
+        own.write_text(text.replace("max_epochs:", "max_epochs: 1 #"))
+        assert _fingerprint(cfg.run_dir, stage) != before, name

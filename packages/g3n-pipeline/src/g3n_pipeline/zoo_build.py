@@ -86,13 +86,16 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
              *(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
              *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])],
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes-train"), "--checkpoint",
-             s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents-train"), "--overwrite"]]),
+             s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents-train"), "--overwrite"]],
+              # the training config's content, not only its path: an edited config trains again
+              external=[zoo_file(cfg.tokenizer_config)]),
         Stage("tokenizer-baseline", "AutoencoderKL baseline tokenizer, tiny preset (g3n-tokenizer train)",
               ["tokenizer-akl/tokenizer.safetensors"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl"),
              "--tokenizer", "autoencoderkl", "--config", s(zoo_file(cfg.baseline_tokenizer_config)), "--resume",
              *(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
-             *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]]),
+             *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]],
+              external=[zoo_file(cfg.baseline_tokenizer_config)]),
         Stage("tokenizers", "the two tokenizers side by side on the held-out split (g3n-eval tokenizers)",
               ["tokenizers/tokenizers.json"], lambda r: [
             ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / "tokenizer" / "tokenizer.safetensors"),
