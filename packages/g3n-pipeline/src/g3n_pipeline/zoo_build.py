@@ -47,7 +47,7 @@ class ZooConfig(BaseModel):
     seed: int = 2025
     subjects: int = Field(100, ge=12, description="synthetic subjects of the cohort (the demo's)")
     real: bool = Field(True, description="include the IXI volumes, as the demo does")
-    mae_steps: int = Field(5000, ge=1, description="MAE pretraining steps (batch 4)")
+    mae_steps: int = Field(3000, ge=1, description="MAE pretraining steps (batch 4)")
     mae_warmup: int = Field(200, ge=0, description="MAE warm-up steps (at most mae_steps)")
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
@@ -55,7 +55,7 @@ class ZooConfig(BaseModel):
     baseline_tokenizer_config: str = Field("tokenizer-autoencoderkl.yaml",
                                            description="AutoencoderKL baseline training config (g3n_pipeline/zoo/)")
     dit_steps: int = Field(6000, ge=1, description="generator steps (batch 8)")
-    bridge_steps: int = Field(2000, ge=1, description="longitudinal bridge steps (batch 8)")
+    bridge_steps: int = Field(2500, ge=1, description="longitudinal bridge steps (batch 8)")
     dit_preset: str = "small"
     bridge_preset: str = "small"
 
