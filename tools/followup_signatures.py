@@ -20,6 +20,7 @@ from collections import defaultdict
 import numpy as np
 
 from g3n_eval.anatomy import Anatomy
+from g3n_eval.forecast import followup_pairs
 from g3n_shards import ShardSet
 
 
@@ -31,28 +32,19 @@ def main() -> None:
     a = ap.parse_args()
     anatomy = Anatomy.load(a.spec)
     ageing = {e.signature: e.expect for e in anatomy.spec.effects if e.field == "age"}
-    sessions: dict[str, list[tuple[float, dict[str, float]]]] = defaultdict(list)
-    for path in a.volumes:
-        for s in ShardSet.open(path):
-            m = s.meta
-            if m.modality != a.modality or m.age is None or m.subject is None:
-                continue
-            vol = np.asarray(next(iter(s.arrays.values())), dtype=np.float32).squeeze()
-            sessions[f"{m.cohort}/{m.subject}"].append((float(m.age), anatomy.signatures(vol, s.key)))
-    out: dict = {"spec": a.spec, "modality": a.modality, "subjects_with_followups": 0, "pairs": 0, "signatures": {}}
+    sets = [ShardSet.open(p) for p in a.volumes]
+    metas = {k: m.model_dump(mode="json") for ss in sets for k, m in ss.metadata().items()}
+    # the pairs g3n-eval forecast checks real ageing on: each subject's first session and each later one
+    pairs = followup_pairs(list(metas), list(metas.values()), {a.modality})
+    need = {k for first, later, _ in pairs for k in (first, later)}
+    sig = {s.key: anatomy.signatures(np.asarray(next(iter(s.arrays.values())), dtype=np.float32).squeeze(), s.key)
+           for ss in sets for s in ss if s.key in need}
     changes: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for visits in sessions.values():
-        if len(visits) < 2:
-            continue
-        visits.sort(key=lambda v: v[0])
-        out["subjects_with_followups"] += 1
-        (age0, sig0), later = visits[0], visits[1:]
-        for age, sig in later:
-            if age - age0 < 0.1:
-                continue
-            out["pairs"] += 1
-            for name, v in sig.items():
-                changes[name].append((age - age0, v - sig0[name]))
+    for first, later, dt in pairs:
+        for name, v in sig[later].items():
+            changes[name].append((dt, v - sig[first][name]))
+    out: dict = {"spec": a.spec, "modality": a.modality, "subjects_with_followups": len({p[0] for p in pairs}),
+                 "pairs": len(pairs), "signatures": {}}
     for name, rows in sorted(changes.items()):
         dt, d = np.array(rows).T
         rec = {"mean_change_per_year": round(float(np.mean(d / dt)), 5), "sd_of_change": round(float(np.std(d)), 5),
