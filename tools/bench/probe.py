@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the run's outputs go (default: g3n-probe-bench in the temp folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--ridge-inner-cv", default="folds",
+                   help="how the ridge penalty is chosen: folds (default), gcv, or an int k (grouped inner k-fold)")
     a = p.parse_args(argv)
 
     pinned = None
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     t_gen = time.perf_counter() - t0
     fs = from_arrays(X, records, name="synthetic")
     panel = load_panel().subset([t for t in (a.tasks or "").split(",") if t])
-    cfg = protocol_preset("paper", threads=1, n_jobs=a.cores, dtype=a.dtype)
+    inner = int(a.ridge_inner_cv) if a.ridge_inner_cv.isdigit() else a.ridge_inner_cv
+    cfg = protocol_preset("paper", threads=1, n_jobs=a.cores, dtype=a.dtype, ridge_inner_cv=inner)
     rss_before = peak_rss_mib()
     load_before = os.getloadavg()
     cpu0 = cpu_seconds()

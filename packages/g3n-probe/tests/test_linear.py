@@ -1,4 +1,5 @@
-"""Probe fitting: closed-form ridge + GCV matches scikit-learn and brute force; pooling is a mean."""
+"""Probe fitting: closed-form ridge + GCV and the grouped inner CV match scikit-learn and brute force;
+pooling is a mean."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from g3n_probe.linear import GramStats, grouped_ridge_alpha, ridge_from_stats
+from g3n_probe.linear import GramStats, grouped_ridge_alpha, ridge_by_fold_cv, ridge_from_stats
 from g3n_probe.slices import build_view
 
 ALPHAS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
@@ -45,6 +46,56 @@ def test_grouped_inner_cv_prefers_strong_shrinkage_on_noise():
     groups = np.repeat(np.arange(50), 4)
     alpha, mse = grouped_ridge_alpha(X, y, groups, ALPHAS, 5)
     assert alpha >= 100 and mse.shape == (len(ALPHAS),)
+
+
+def test_grouped_inner_cv_is_sklearns_cross_validation_of_the_standardise_ridge_pipeline():
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    X, y = _data(3, n=120)
+    groups = np.repeat(np.arange(40), 3)
+    alpha, mse = grouped_ridge_alpha(X, y, groups, ALPHAS, 4)
+    ref = [-cross_val_score(make_pipeline(StandardScaler(), Ridge(alpha=a)), X, y, groups=groups, cv=GroupKFold(4),
+                            scoring="neg_mean_squared_error").mean() for a in ALPHAS]
+    np.testing.assert_allclose(mse, ref, rtol=1e-8)  # equal-sized parts: mean of fold MSEs = pooled MSE
+    assert alpha == ALPHAS[int(np.argmin(ref))]
+
+
+def test_nested_fold_cv_from_statistics_equals_fitting_each_part_with_fold_groups():
+    """ridge_by_fold_cv (sums of fold statistics, 16 eigendecompositions for 5 folds) chooses the same
+    alpha and fits the same probe as fit_regressor on each training part with its fold labels as groups."""
+    from g3n_probe import fit_regressor, protocol_preset
+
+    X, y = _data(4, n=250)
+    ufold = np.random.default_rng(4).integers(0, 5, len(y))
+    cfg = protocol_preset("paper").model_copy(update={"ridge_alphas": ALPHAS, "dtype": "float64"})
+    stats = {k: GramStats.of(X[ufold == k], y[ufold == k]) for k in range(5)}
+    rows = {k: (X[ufold == k], y[ufold == k]) for k in range(5)}
+    fits = ridge_by_fold_cv(stats, rows, [0, 1, 2, 3, 4, "final"], ALPHAS, "float64")
+    for k, (probe, rep) in fits.items():
+        m = np.ones(len(y), bool) if k == "final" else ufold != k
+        ref, ref_rep = fit_regressor(X[m], y[m], cfg, groups=ufold[m])
+        assert rep.alpha == ref_rep.alpha
+        np.testing.assert_allclose(probe.predict_scores(X), ref.predict_scores(X), rtol=1e-7, atol=1e-7)
+
+
+def test_grouped_inner_cv_does_not_fit_the_subject_where_gcv_does():
+    """Why 'folds' is the default: with several visits per subject, a target that is each subject's own
+    (not predictable across subjects) is learnt by GCV through subject-identifying features, with little
+    shrinkage; CV that holds subjects out sees no gain and shrinks hard."""
+    from g3n_probe import fit_regressor, protocol_preset
+
+    rng = np.random.default_rng(6)
+    n_sub, visits, p = 60, 4, 80
+    subject_x = rng.normal(size=(n_sub, p))
+    subject_y = rng.normal(size=n_sub) * 10
+    X = np.repeat(subject_x, visits, axis=0) + rng.normal(size=(n_sub * visits, p)) * 0.1
+    y = np.repeat(subject_y, visits) + rng.normal(size=n_sub * visits)
+    groups = np.repeat(np.arange(n_sub), visits)
+    cfg = protocol_preset("paper").model_copy(update={"ridge_alphas": ALPHAS})
+    _, gcv = fit_regressor(X, y, cfg.model_copy(update={"ridge_inner_cv": "gcv"}), groups=groups)
+    _, folds = fit_regressor(X, y, cfg, groups=groups)
+    assert gcv.alpha <= 1.0 and folds.alpha >= 100.0
 
 
 def test_pooled_view_is_session_mean():

@@ -161,9 +161,11 @@ class ProtocolConfig(BaseModel):
     logreg_max_iter: int = Field(default=1000, ge=1)
     logreg_tol: float = Field(default=1e-4, gt=0)
     ridge_alphas: list[float] = Field(default_factory=lambda: [10.0**e for e in range(-2, 6)])
-    ridge_inner_cv: Literal["gcv"] | int = Field(
-        default="gcv",
-        description="'gcv' = generalised cross-validation in closed form (fast); an int k = subject-grouped inner k-fold",
+    ridge_inner_cv: Literal["folds", "gcv"] | int = Field(
+        default="folds",
+        description="how the ridge penalty is chosen: 'folds' = subject-grouped inner CV over the outer CV's other folds "
+                    "(n_splits folds outside the panel); an int k = subject-grouped inner k-fold; 'gcv' = generalised "
+                    "cross-validation in closed form, which treats a subject's repeated visits as independent rows",
     )
     threads: int = Field(default=1, ge=1, description="BLAS threads per fit (1 avoids oversubscription)")
     n_jobs: int = Field(default=2, ge=1, description="fold fits run in parallel (threads); shuffled cross-validations of the permutation test (processes)")

@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from .config import Panel, PanelError, ProtocolConfig, TaskSpec
 from .linear import (FitReport, GramStats, LinearProbe, fit_classifier, fit_on_components, fit_regressor,
-                     ridge_from_stats, wide)
+                     ridge_by_fold_cv, ridge_from_stats, wide)
 from .metrics import classification_metric, regression_metric
 from .permutation import block_permutation, slice_seed
 from .results import fold_mean
@@ -23,6 +23,7 @@ log = logging.getLogger("g3n_probe")
 
 
 def _fit(task: TaskSpec, X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProtocolConfig, init=None):
+    """One probe on training rows; ``groups`` are what a ridge's inner CV holds out together."""
     if cfg.pca:
         return fit_on_components(X, cfg.pca, lambda U: _fit(task, U, y, groups, cfg.model_copy(update={"pca": None})))
     if task.kind == "classification":
@@ -44,14 +45,18 @@ def fit_folds(
 
     def one(k: Any, init: LinearProbe | None) -> tuple[LinearProbe, FitReport]:
         m = train_mask(k)
-        return _fit(task, X[m], y[m], subj[m], cfg, init)
+        # 'folds': the ridge's inner CV holds out one outer fold at a time (each is subject-grouped)
+        return _fit(task, X[m], y[m], (ufold if cfg.ridge_inner_cv == "folds" else subj)[m], cfg, init)
 
     todo: list[Any] = list(scorable) + (["final"] if cfg.save_probes else [])
     fits: dict[Any, tuple[LinearProbe, FitReport]] = {}
-    if task.kind == "regression" and cfg.ridge_inner_cv == "gcv" and not wide(*X.shape) and not cfg.pca:
+    if task.kind == "regression" and cfg.ridge_inner_cv in ("gcv", "folds") and not wide(*X.shape) and not cfg.pca:
         # one pass over the data: per-fold statistics, summed for each training part
         # (wide features fit fold by fold in the kernel form instead: p x p would not fit)
         stats = {k: GramStats.of(X[ufold == k], y[ufold == k]) for k in np.unique(ufold).tolist()}
+        if cfg.ridge_inner_cv == "folds":
+            rows = {k: (X[ufold == k], y[ufold == k]) for k in stats}
+            return ridge_by_fold_cv(stats, rows, todo, cfg.ridge_alphas, cfg.dtype, n_jobs=cfg.n_jobs)
         for k in todo:
             parts = [st for j, st in stats.items() if k == "final" or j != k]
             probe, rep, _ = ridge_from_stats(sum(parts[1:], parts[0]), cfg.ridge_alphas, cfg.dtype)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
@@ -212,65 +213,31 @@ def fit_classifier(
     return probe, FitReport(converged=converged, n_iter=int(np.max(clf.n_iter_)))
 
 
-def _centred_gram(G: np.ndarray, s: np.ndarray, Zy: np.ndarray, ysum: float, n: int):
-    """Gram matrix and cross-products of column-centred data, from raw sums (no copy of Z)."""
-    mu, ybar = s / n, ysum / n
-    return G - n * np.outer(mu, mu), Zy - n * mu * ybar, mu, ybar
+def grouped_ridge_alpha(X: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: list[float], k: int) -> tuple[float, np.ndarray]:
+    """Pick alpha by subject-grouped inner k-fold CV of the whole standardise-then-ridge fit
+    (mean squared error), as scikit-learn's ``cross_val_score`` of a StandardScaler -> Ridge
+    pipeline over ``GroupKFold(k)`` would. Returns (best alpha, MSE per alpha).
 
-
-def _ridge_coefs(Gc: np.ndarray, b: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """Ridge coefficients for every alpha at once, (p, n_alphas), via one eigendecomposition."""
-    w, V = np.linalg.eigh(Gc)
-    w = np.clip(w, 0.0, None)
-    Vb = V.T @ b
-    return V @ (Vb[:, None] / (w[:, None] + alphas[None, :]))
-
-
-def _ridge_coefs_dual(Zc: np.ndarray, yc: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """:func:`_ridge_coefs` from centred data through the n x n kernel (wide features)."""
-    w, U = np.linalg.eigh(Zc @ Zc.T)
-    w = np.clip(w, 0.0, None)
-    Uy = U.T @ yc
-    return Zc.T @ (U @ (Uy[:, None] / (w[:, None] + alphas[None, :])))
-
-
-def grouped_ridge_alpha(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: list[float], k: int) -> tuple[float, np.ndarray]:
-    """Pick alpha by subject-grouped inner k-fold CV (mean squared error), cheaply.
-
-    Each inner fold's Gram matrix is computed once; a training part's Gram is the total minus
-    its fold's, so the whole search costs one pass over Z plus k eigendecompositions of a
-    p x p matrix, instead of k x n_alphas ridge fits. Returns (best alpha, MSE per alpha).
+    Cheaply: each inner fold's statistics are computed once and a training part's are the
+    total minus its fold's, so the search costs one pass over X and one p x p (or, for wide
+    features, n x n) eigendecomposition per inner fold for every alpha at once.
     """
-    Z = np.asarray(Z, dtype=np.float64)
+    X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     a = np.asarray(alphas, dtype=np.float64)
     k = min(k, len(np.unique(groups)))
-    parts = [test for _, test in GroupKFold(n_splits=k).split(Z, y, groups)]
-    if wide(*Z.shape):
-        sse = np.zeros(len(a))
+    parts = [test for _, test in GroupKFold(n_splits=k).split(X, y, groups)]
+    sse = np.zeros(len(a))
+    if wide(*X.shape):
         for test in parts:
             train = np.setdiff1d(np.arange(len(y)), test)
-            mu, ybar = Z[train].mean(axis=0), float(y[train].mean())
-            C = _ridge_coefs_dual(Z[train] - mu, y[train] - ybar, a)
-            sse += (((Z[test] - mu) @ C + ybar - y[test][:, None]) ** 2).sum(axis=0)
-        mse = sse / len(y)
-        return float(a[int(np.argmin(mse))]), mse
-    stats = []
-    for test in parts:
-        Zf = Z[test]
-        stats.append((Zf.T @ Zf, Zf.sum(axis=0), Zf.T @ y[test], float(y[test].sum()), len(test)))
-    G = sum(st[0] for st in stats)
-    S = sum(st[1] for st in stats)
-    ZY = sum(st[2] for st in stats)
-    YS = sum(st[3] for st in stats)
-    N = sum(st[4] for st in stats)
-    sse = np.zeros(len(a))
-    for test, (Gf, sf, zyf, ysf, nf) in zip(parts, stats):
-        Gc, b, mu, ybar = _centred_gram(G - Gf, S - sf, ZY - zyf, YS - ysf, N - nf)
-        C = _ridge_coefs(Gc, b, a)
-        pred = (Z[test] - mu) @ C + ybar
-        sse += ((pred - y[test][:, None]) ** 2).sum(axis=0)
-    mse = sse / N
+            sse += ridge_path_dual(X[train], y[train], a).sse(X[test], y[test])
+    else:
+        stats = [GramStats.of(X[test], y[test]) for test in parts]
+        total = sum(stats[1:], stats[0])
+        for test, st in zip(parts, stats):
+            sse += ridge_path(total - st, a).sse(X[test], y[test])
+    mse = sse / len(y)
     return float(a[int(np.argmin(mse))]), mse
 
 
@@ -299,6 +266,115 @@ class GramStats:
     def __add__(self, o: "GramStats") -> "GramStats":
         return GramStats(self.G + o.G, self.s + o.s, self.xy + o.xy, self.ys + o.ys, self.yy + o.yy, self.n + o.n)
 
+    def __sub__(self, o: "GramStats") -> "GramStats":
+        """The statistics of the rows of ``self`` that are not in ``o`` (a part of them)."""
+        return GramStats(self.G - o.G, self.s - o.s, self.xy - o.xy, self.ys - o.ys, self.yy - o.yy, self.n - o.n)
+
+
+@dataclass
+class RidgePath:
+    """One training part's standardised ridge fits for every alpha at once: the prediction of
+    column ``i`` is ``((X - mean) / scale) @ coefs[:, i] + ybar``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coefs: np.ndarray  # (p, n_alphas), on standardised features
+    ybar: float
+
+    def sse(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Sum of squared errors on held-out rows, per alpha."""
+        pred = ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ self.coefs + self.ybar
+        return ((pred - np.asarray(y, dtype=np.float64)[:, None]) ** 2).sum(axis=0)
+
+    def probe(self, i: int, dtype: Any) -> LinearProbe:
+        return _ridge_probe(self.mean, self.scale, self.coefs[:, i], self.ybar, dtype)
+
+
+def _standardised_eigh(st: GramStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Column mean and scale of a part from its statistics, and the eigendecomposition of its
+    standardised centred Gram matrix: (mean, scale, w, V, c = V^T Z^T y_centred)."""
+    n = st.n
+    mean = st.s / n
+    ybar = st.ys / n
+    Gc = st.G - n * np.outer(mean, mean)
+    b = st.xy - n * mean * ybar
+    scale = _column_scale(mean, np.sqrt(np.clip(np.diag(Gc) / n, 0.0, None)))
+    d = 1.0 / scale
+    w, V = np.linalg.eigh(Gc * d[:, None] * d[None, :])
+    return mean, scale, np.clip(w, 0.0, None), V, V.T @ (b * d)
+
+
+def ridge_path(st: GramStats, alphas: np.ndarray) -> RidgePath:
+    """:class:`RidgePath` of the part whose statistics are ``st`` (one p x p eigendecomposition)."""
+    mean, scale, w, V, c = _standardised_eigh(st)
+    return RidgePath(mean, scale, V @ (c[:, None] / (w[:, None] + np.asarray(alphas, dtype=np.float64)[None, :])),
+                     st.ys / st.n)
+
+
+def _standardised_kernel_eigh(X: np.ndarray, y: np.ndarray):
+    """:func:`_standardised_eigh` through the n x n kernel of the standardised rows, for wide
+    features: (mean, scale, Z, w, U, ybar, c = U^T y_centred)."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    mean = X.mean(axis=0)
+    scale = _column_scale(mean, X.std(axis=0))
+    Z = (X - mean) / scale
+    ybar = float(y.mean())
+    w, U = np.linalg.eigh(Z @ Z.T)
+    return mean, scale, Z, np.clip(w, 0.0, None), U, ybar, U.T @ (y - ybar)
+
+
+def ridge_path_dual(X: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> RidgePath:
+    """:func:`ridge_path` through the n x n kernel, for wide features (p^2 may not fit)."""
+    mean, scale, Z, w, U, ybar, c = _standardised_kernel_eigh(X, y)
+    return RidgePath(mean, scale, Z.T @ (U @ (c[:, None] / (w[:, None] + np.asarray(alphas, dtype=np.float64)[None, :]))), ybar)
+
+
+def ridge_by_fold_cv(stats: dict[Any, GramStats], rows: dict[Any, tuple[np.ndarray, np.ndarray]], targets: list[Any],
+                     alphas: list[float], dtype: str = "float64", n_jobs: int = 1) -> dict[Any, tuple[LinearProbe, FitReport]]:
+    """Nested CV of the ridge probe from per-fold statistics, alpha chosen by subject-grouped CV.
+
+    ``stats``/``rows``: each outer fold's :class:`GramStats` and its (X, y). For each target, an
+    outer fold k (fit on the other folds) or ``"final"`` (fit on all), alpha is chosen by
+    cross-validating over the folds it is fitted on, each held out in turn; exactly what
+    :func:`grouped_ridge_alpha` chooses with the fold labels as groups. Why not GCV: it treats a
+    subject's visits as independent rows and rewards fitting the subject (under-regularised
+    brain-age probes). Cheap: every part is a sum of fold statistics, and the part without folds
+    {k, j} serves both fold k's and fold j's inner CV, so 5 outer folds cost 5 + 10 (+ 1 for
+    the final probe) eigendecompositions, ``n_jobs`` at a time in threads (LAPACK releases the
+    GIL). With fewer than two folds to cross-validate over, GCV.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    folds = list(stats)
+
+    def plan(t: Any) -> tuple[frozenset, list[Any]]:
+        outer = frozenset() if t == "final" else frozenset([t])
+        return outer, [f for f in folds if f not in outer]
+
+    def part(without: frozenset) -> GramStats:
+        kept = [stats[f] for f in folds if f not in without]
+        return sum(kept[1:], kept[0])
+
+    needed: set[frozenset] = set()
+    for t in targets:
+        outer, inner = plan(t)
+        if len(inner) >= 2:
+            needed |= {outer, *(outer | {j} for j in inner)}
+    order = sorted(needed, key=lambda w: sorted(w))
+    paths = dict(zip(order, Parallel(n_jobs=n_jobs, backend="threading")(delayed(lambda w: ridge_path(part(w), a))(w)
+                                                                          for w in order)))
+    out: dict[Any, tuple[LinearProbe, FitReport]] = {}
+    for t in targets:
+        outer, inner = plan(t)
+        if len(inner) < 2:
+            probe, rep, _ = ridge_from_stats(part(outer), alphas, dtype)
+            out[t] = (probe, rep)
+            continue
+        sse = sum(paths[outer | {j}].sse(*rows[j]) for j in inner)
+        best = int(np.argmin(sse))
+        out[t] = (paths[outer].probe(best, dtype), FitReport(alpha=float(a[best])))
+    return out
+
 
 def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64") -> tuple[LinearProbe, FitReport, np.ndarray]:
     """Standardise, then ridge with alpha chosen by generalised cross-validation, from statistics.
@@ -310,16 +386,8 @@ def ridge_from_stats(st: GramStats, alphas: list[float], dtype: str = "float64")
     Returns (probe, report, GCV per alpha).
     """
     n = st.n
-    mean = st.s / n
     ybar = st.ys / n
-    Gc = st.G - n * np.outer(mean, mean)
-    b = st.xy - n * mean * ybar
-    scale = _column_scale(mean, np.sqrt(np.clip(np.diag(Gc) / n, 0.0, None)))
-    d = 1.0 / scale
-    M = Gc * d[:, None] * d[None, :]
-    w, V = np.linalg.eigh(M)
-    w = np.clip(w, 0.0, None)
-    c = V.T @ (b * d)
+    mean, scale, w, V, c = _standardised_eigh(st)
     yyc = st.yy - n * ybar * ybar
     a = np.asarray(alphas, dtype=np.float64)
     gcv, inv = _gcv_select(w, c**2, yyc, n, a)
@@ -359,17 +427,9 @@ def ridge_dual(X: np.ndarray, y: np.ndarray, alphas: list[float], dtype: str = "
     instead of the p x p Gram matrix, whose p^2 doubles (11.8 GB at p = 38,400) would not fit.
     Both matrices share their non-zero eigenvalues, so the fit and the GCV curve are identical.
     """
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    n = len(y)
-    mean = X.mean(axis=0)
-    scale = _column_scale(mean, X.std(axis=0))
-    Z = (X - mean) / scale
-    ybar = float(y.mean())
-    yc = y - ybar
-    w, U = np.linalg.eigh(Z @ Z.T)
-    w = np.clip(w, 0.0, None)
-    c = U.T @ yc
+    mean, scale, Z, w, U, ybar, c = _standardised_kernel_eigh(X, y)
+    n = len(c)
+    yc = np.asarray(y, dtype=np.float64) - ybar
     a = np.asarray(alphas, dtype=np.float64)
     gcv, inv = _gcv_select(w, w * c**2, float(yc @ yc), n, a)
     best = int(np.argmin(gcv))
@@ -387,28 +447,25 @@ def fit_regressor(
 ) -> tuple[LinearProbe, FitReport]:
     """Standardise and fit ridge regression with alpha chosen by inner CV.
 
-    ``ridge_inner_cv="gcv"`` (default): generalised CV in closed form (:func:`ridge_from_stats`);
-    an int k: subject-grouped inner k-fold over ``groups`` (:func:`grouped_ridge_alpha`),
-    exact but one p x p eigendecomposition per inner fold.
+    ``ridge_inner_cv="folds"`` (default): subject-grouped inner CV over ``groups``
+    (:func:`grouped_ridge_alpha`) with ``cfg.n_splits`` folds; inside the panel's cross-validation
+    ``groups`` are the outer folds' labels, so the inner folds are the other outer folds.
+    An int k: the same with k folds. ``"gcv"``: generalised CV in closed form
+    (:func:`ridge_from_stats`), which treats every row as independent. With fewer than two
+    groups there is nothing to cross-validate over, and GCV chooses. No ``groups``: each row is
+    its own group (plain k-fold).
     """
-    if cfg.ridge_inner_cv == "gcv":
+    inner = cfg.ridge_inner_cv
+    if groups is None:
+        groups = np.arange(len(y))
+    if inner == "gcv" or len(np.unique(groups)) < 2:
         if wide(*np.shape(X)):
             probe, rep, _ = ridge_dual(X, y, cfg.ridge_alphas, cfg.dtype)
         else:
             probe, rep, _ = ridge_from_stats(GramStats.of(X, y), cfg.ridge_alphas, cfg.dtype)
         return probe, rep
-    dtype = np.dtype(cfg.dtype)
-    scaler, Z = _scale(X, dtype)
-    y = np.asarray(y, dtype=np.float64)
-    if groups is None:
-        raise ValueError("grouped inner CV needs subject groups")
-    alpha, _ = grouped_ridge_alpha(Z, y, np.asarray(groups), cfg.ridge_alphas, int(cfg.ridge_inner_cv))
-    Z64 = np.asarray(Z, dtype=np.float64)
-    if wide(*Z64.shape):
-        mu, ybar = Z64.mean(axis=0), float(y.mean())
-        coef = _ridge_coefs_dual(Z64 - mu, y - ybar, np.asarray([alpha]))[:, 0]
-    else:
-        Gc, b, mu, ybar = _centred_gram(Z64.T @ Z64, Z64.sum(axis=0), Z64.T @ y, float(y.sum()), len(y))
-        coef = np.linalg.solve(Gc + alpha * np.eye(Gc.shape[0]), b)
-    probe = _ridge_probe(scaler.mean_, scaler.scale_, coef, ybar - float(mu @ coef), dtype)
-    return probe, FitReport(alpha=alpha)
+    k = cfg.n_splits if inner == "folds" else int(inner)
+    alpha, _ = grouped_ridge_alpha(X, y, np.asarray(groups), cfg.ridge_alphas, k)
+    a = np.asarray([alpha])
+    path = ridge_path_dual(X, y, a) if wide(*np.shape(X)) else ridge_path(GramStats.of(X, y), a)
+    return path.probe(0, cfg.dtype), FitReport(alpha=alpha)
