@@ -202,3 +202,17 @@ def test_bridge_learns_the_interval(tmp_path):
         ch0[dt] = (x - data.latents[base_idx])[..., 0].mean().item()
     print("bridge", ch0)
     assert ch0[4.0] - ch0[1.0] > 0.5, ch0  # the data say +1.5
+
+
+def test_reverse_pairs_run_each_pair_backwards_with_the_end_sessions_conditions():
+    from g3n_dit.config import BridgeConfig
+    from g3n_dit.data import build_pairs
+
+    metas = [dict(subject="s1", session=f"v{v}", modality="T1", age=age, sex="F", diagnosis="MCI", cdr=cdr)
+             for v, (age, cdr) in enumerate(((70.0, 0.5), (72.5, 1.0)))]
+    data = in_memory(torch.zeros(2, 64, 4), metas, grid=GRID)
+    (fwd,) = build_pairs(data, BridgeConfig())
+    fwd2, back = build_pairs(data, BridgeConfig(reverse_pairs=True))
+    assert (fwd.base, fwd.follow, fwd.record["interval"]) == (fwd2.base, fwd2.follow, 2.5)
+    assert (back.base, back.follow) == (1, 0)
+    assert back.record["interval"] == -2.5 and back.record["baseline_age"] == 72.5 and back.record["cdr"] == 1.0

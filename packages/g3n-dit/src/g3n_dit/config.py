@@ -173,6 +173,11 @@ class BridgeConfig(BaseModel):
     )
     min_interval: float = Field(default=0.1, ge=0, description="years; closer sessions are not paired")
     max_interval: float | None = Field(default=None, description="years; None = no limit")
+    reverse_pairs: bool = Field(
+        default=False,
+        description="also train every pair backwards (follow-up -> baseline, negative interval, the follow-up's "
+                    "conditions): twice the pairs, and a change that does not follow the interval's sign is "
+                    "penalised both ways")
 
 
 class SampleConfig(BaseModel):

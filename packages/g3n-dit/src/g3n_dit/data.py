@@ -157,7 +157,7 @@ def build_pairs(data: LatentData, cfg: BridgeConfig, rejects: gs.RejectLog | Non
 
     The record holds the pair's condition fields: baseline diagnosis, sex, CDR, ``baseline_age`` and
     ``interval`` (follow-up age - baseline age, years). Sessions without an age cannot be ordered
-    or paired: they are refused into rejects.jsonl.
+    or paired: they are refused into rejects.jsonl. ``reverse_pairs`` adds each pair backwards.
     """
     groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, m in enumerate(data.metas):
@@ -177,10 +177,18 @@ def build_pairs(data: LatentData, cfg: BridgeConfig, rejects: gs.RejectLog | Non
             dt = float(mf["age"]) - float(mb["age"])
             if dt < cfg.min_interval or (cfg.max_interval is not None and dt > cfg.max_interval):
                 continue
-            rec = {k: v for k, v in mb.items() if k not in ("extra", "request")}
-            rec.update(baseline_age=float(mb["age"]), interval=dt, follow_age=float(mf["age"]))
-            pairs.append(Pair(a, b, rec))
+            pairs.append(Pair(a, b, _pair_record(mb, mf)))
+            if cfg.reverse_pairs:
+                pairs.append(Pair(b, a, _pair_record(mf, mb)))
     return pairs
+
+
+def _pair_record(mb: Mapping[str, Any], mf: Mapping[str, Any]) -> dict[str, Any]:
+    """The conditions of a (start, end) pair: the start session's fields, its age as ``baseline_age``
+    and ``interval`` = end age - start age (negative for a reversed pair)."""
+    rec = {k: v for k, v in mb.items() if k not in ("extra", "request")}
+    rec.update(baseline_age=float(mb["age"]), interval=float(mf["age"]) - float(mb["age"]), follow_age=float(mf["age"]))
+    return rec
 
 
 def synthetic_writer(
