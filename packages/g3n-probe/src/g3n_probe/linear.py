@@ -290,7 +290,7 @@ class RidgePath:
         return _ridge_probe(self.mean, self.scale, self.coefs[:, i], self.ybar, dtype)
 
 
-def _standardised_eigh(st: GramStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+def _standardised_eigh(st: GramStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Column mean and scale of a part from its statistics, and the eigendecomposition of its
     standardised centred Gram matrix: (mean, scale, w, V, c = V^T Z^T y_centred)."""
     n = st.n
