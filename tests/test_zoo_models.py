@@ -73,9 +73,8 @@ def test_autoencoderkl_baseline_loads_matches_its_config_and_its_table():
 @pytest.mark.parametrize("name,task", [("dit", "generation"), ("bridge", "longitudinal")])
 def test_dit_and_bridge_load_and_match_their_config(name, task):
     from g3n_dit.checkpoint import load_checkpoint
-    from g3n_dit.model import DiT
-
     from g3n_dit.config import RunConfig
+    from g3n_dit.model import DiT
 
     ck = load_checkpoint(g3n_zoo.get(name).path, with_train_state=False)
     rc = ck.run_config

@@ -53,9 +53,9 @@ def fit_folds(
     if task.kind == "regression" and cfg.ridge_inner_cv in ("gcv", "folds") and not wide(*X.shape) and not cfg.pca:
         # one pass over the data: per-fold statistics, summed for each training part
         # (wide features fit fold by fold in the kernel form instead: p x p would not fit)
-        stats = {k: GramStats.of(X[ufold == k], y[ufold == k]) for k in np.unique(ufold).tolist()}
+        rows = {k: (X[ufold == k], y[ufold == k]) for k in np.unique(ufold).tolist()}
+        stats = {k: GramStats.of(Xk, yk) for k, (Xk, yk) in rows.items()}
         if cfg.ridge_inner_cv == "folds":
-            rows = {k: (X[ufold == k], y[ufold == k]) for k in stats}
             return ridge_by_fold_cv(stats, rows, todo, cfg.ridge_alphas, cfg.dtype, n_jobs=cfg.n_jobs)
         for k in todo:
             parts = [st for j, st in stats.items() if k == "final" or j != k]
