@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-from g3n_probe.linear import GramStats, grouped_ridge_alpha, ridge_by_fold_cv, ridge_from_stats
+from g3n_probe.ridge import GramStats, grouped_ridge_alpha, ridge_by_fold_cv, ridge_from_stats
 from g3n_probe.slices import build_view
 
 ALPHAS = [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
@@ -134,7 +134,7 @@ def test_wide_features_use_the_kernel_form_with_the_same_fit():
     """More columns than rows (flattened latents): the n x n kernel form gives the Gram form's
     probe and GCV curve, and fit_regressor takes it, so a 38,400-d set never builds a p x p matrix."""
     from g3n_probe import fit_regressor, protocol_preset
-    from g3n_probe.linear import ridge_dual, wide
+    from g3n_probe.ridge import ridge_dual, wide
 
     rng = np.random.default_rng(4)
     X = rng.normal(size=(40, 120)) * rng.uniform(0.5, 3, 120) + 3
@@ -162,16 +162,16 @@ def test_grouped_inner_cv_on_wide_features_matches_the_gram_form():
     Z = (X - X.mean(axis=0)) / X.std(axis=0)
     alpha, mse = grouped_ridge_alpha(Z, y, groups, ALPHAS, 4)
     # the Gram form on the same data (p = 90 is small enough to build it): same curve
-    import g3n_probe.linear as lin
+    import g3n_probe.ridge as ridge
 
-    orig = lin.wide
+    orig = ridge.wide
     try:
-        lin.wide = lambda n, p: False
+        ridge.wide = lambda n, p: False
         alpha_g, mse_g = grouped_ridge_alpha(Z, y, groups, ALPHAS, 4)
         cfg = protocol_preset("paper").model_copy(update={"ridge_inner_cv": 4})
         ref, _ = fit_regressor(X, y, cfg, groups=groups)
     finally:
-        lin.wide = orig
+        ridge.wide = orig
     np.testing.assert_allclose(mse, mse_g, rtol=1e-6)
     assert alpha == alpha_g
     got, _ = fit_regressor(X, y, cfg, groups=groups)
@@ -187,7 +187,8 @@ def test_pca_probe_matches_a_sklearn_pipeline_fitted_on_the_training_part_only()
     from sklearn.pipeline import make_pipeline
 
     from g3n_probe.config import ProtocolConfig
-    from g3n_probe.linear import fit_classifier, fit_on_components, fit_regressor
+    from g3n_probe.linear import fit_classifier, fit_on_components
+    from g3n_probe.ridge import fit_regressor
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(90, 300)) * rng.uniform(0.5, 3, size=300) + rng.normal(size=300)

@@ -14,9 +14,10 @@ from .apply import apply_probe, apply_probes, find_probes
 from .compare import run_compare
 from .config import Panel, PanelError, ProtocolConfig, TaskSpec, load_panel, load_protocol, protocol_preset
 from .features import FeatureSet, FeatureSourceError, from_arrays, load_feature_table, load_features, write_feature_table
-from .linear import LinearProbe, ProbeFileError, fit_classifier, fit_regressor
+from .linear import LinearProbe, ProbeFileError, fit_classifier
 from .panel import PanelResult, SliceResult, Skip, run_panel
 from .report import write_compare, write_run
+from .ridge import fit_regressor
 from .splits import LeakError, assign_folds, check_no_leak
 
 __all__ = [
