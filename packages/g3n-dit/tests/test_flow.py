@@ -191,6 +191,61 @@ def test_forecast_is_deterministic_and_starts_at_baseline():
     assert not torch.allclose(forecast(m, conds, xb, cond4, scales, BridgeConfig(), steps=5), a)
 
 
+def test_per_year_forecast_is_the_interval_times_the_network():
+    from g3n_dit.conditions import resolve_conditions
+    from g3n_dit.config import default_longitudinal_conditions
+
+    specs = default_longitudinal_conditions()
+    for s in specs:
+        if s.kind == "categorical":
+            s.vocab = {"diagnosis": ["HC", "MCI", "AD"], "sex": ["F", "M"], "cdr": ["0", "0.5", "1"]}[s.name]
+    conds = resolve_conditions(specs)
+    torch.manual_seed(0)
+    m = perturb(DiT(tiny_model_config(context_channels=4), conds)).eval()
+    xb = torch.randn(3, 64, 4)
+    recs = [{"diagnosis": "AD", "sex": "F", "age": 70, "cdr": 0.5, "interval": dt} for dt in (0.0, 2.5, -4.0)]
+    cond = encode(conds, recs)
+    scales = resolve_scales(conds, 1.0)
+    per_year, free = BridgeConfig(per_year=True), BridgeConfig()
+    # one Euler step from the baseline: x = x_base + v(x_base, 0); per_year scales v by the interval
+    one = forecast(m, conds, xb, cond, scales, per_year, steps=1) - xb
+    ref = forecast(m, conds, xb, cond, scales, free, steps=1) - xb
+    assert torch.equal(one[0], torch.zeros_like(one[0]))  # nothing happens in no time
+    assert torch.allclose(one[1], 2.5 * ref[1], atol=1e-6) and torch.allclose(one[2], -4.0 * ref[2], atol=1e-6)
+    assert torch.equal(forecast(m, conds, xb, cond, scales, per_year, steps=5)[0], xb[0])
+    with pytest.raises(ValueError, match="interval"):
+        forecast(m, conds, xb, {k: v for k, v in cond.items() if k != "interval"}, scales, per_year, steps=1)
+
+
+def test_segmented_forecast_chains_segments_with_the_age_moved_on():
+    from g3n_dit.conditions import resolve_conditions
+    from g3n_dit.config import default_longitudinal_conditions
+
+    specs = default_longitudinal_conditions()
+    for s in specs:
+        if s.kind == "categorical":
+            s.vocab = {"diagnosis": ["HC", "MCI", "AD"], "sex": ["F", "M"], "cdr": ["0", "0.5", "1"]}[s.name]
+    conds = resolve_conditions(specs)
+    torch.manual_seed(0)
+    m = perturb(DiT(tiny_model_config(context_channels=4), conds)).eval()
+    xb = torch.randn(2, 64, 4)
+    req = {"diagnosis": "MCI", "sex": "M", "age": 70, "cdr": 0.5}
+    cond = encode(conds, [{**req, "interval": 9.0}, {**req, "interval": 2.0}])
+    scales = resolve_scales(conds, 1.0)
+    cfg = BridgeConfig(per_year=True, segment_years=4.0)
+    out = forecast(m, conds, xb, cond, scales, cfg, steps=3)
+    one = BridgeConfig(per_year=True)
+    # 9 years in three segments of 3, each from the last forecast, 3 years older each time
+    x = xb[:1]
+    for r in range(3):
+        x = forecast(m, conds, x, encode(conds, [{**req, "age": 70 + 3 * r, "interval": 3.0}]), scales, one, steps=3)
+    assert torch.allclose(out[0], x[0], atol=1e-5)
+    # 2 years fit one segment: the same as without segments, whatever its batch neighbour needs
+    ref = forecast(m, conds, xb[1:], encode(conds, [{**req, "interval": 2.0}]), scales, one, steps=3)
+    assert torch.allclose(out[1], ref[0], atol=1e-5)
+    assert not torch.allclose(out[0], forecast(m, conds, xb, cond, scales, one, steps=3)[0], atol=1e-3)
+
+
 def test_counterfactual_round_trip_keeps_the_latent_when_nothing_changes():
     conds = toy_conditions()
     m = _model()

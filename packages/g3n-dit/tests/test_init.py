@@ -95,7 +95,10 @@ def test_longitudinal_init_and_refusals(tmp_path, monkeypatch, capsys):
     other_vocab.metas[0]["diagnosis"] = "MCI"
     with pytest.raises(CheckpointError, match=r"conditions\.disease\.vocab: \['AD', 'HC'\] in the init, \['AD', 'HC', 'MCI'\]"):
         T.train(tiny_cfg(max_steps=1), other_vocab, tmp_path / "x4", progress=False, init=tmp_path / "gen")
-    assert not any((tmp_path / f"x{i}" / "checkpoints").exists() for i in range(1, 5))
+    rate = preset_run_config("tiny", "longitudinal", {"train": t, "bridge": {"per_year": True}})
+    with pytest.raises(CheckpointError, match=r"bridge\.per_year: False in the init, True in this run"):
+        T.train(rate, pairs, tmp_path / "x5", progress=False, init=tmp_path / "long")
+    assert not any((tmp_path / f"x{i}" / "checkpoints").exists() for i in range(1, 6))
 
     for cmd in ("train", "train-longitudinal"):
         with pytest.raises(SystemExit):

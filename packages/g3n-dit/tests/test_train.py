@@ -174,7 +174,8 @@ def test_bf16_autocast_step_and_launcher_args(tmp_path, monkeypatch):
     assert os.environ["LOCAL_RANK"] == "3"
 
 
-def test_bridge_learns_the_interval(tmp_path):
+@pytest.mark.parametrize("per_year", [False, True])
+def test_bridge_learns_the_interval(tmp_path, per_year):
     """Follow-up = baseline + 0.5 * interval in channel 0: forecasts must grow with the interval."""
     g = torch.Generator().manual_seed(1)
     lat, metas = [], []
@@ -187,7 +188,7 @@ def test_bridge_learns_the_interval(tmp_path):
             metas.append(dict(subject=f"s{s:02d}", session=f"v{v}", modality="T1", age=age, sex="F", diagnosis="HC"))
     data = in_memory(torch.stack(lat), metas, grid=GRID)
     t = dict(batch_size=16, max_steps=120, warmup_steps=10, lr=2e-3, ema_decay=0.9, log_every=50, ckpt_every=1000, seed=0)
-    cfg = preset_run_config("tiny", "longitudinal", {"train": t, "bridge": {"sigma": 0.3}})
+    cfg = preset_run_config("tiny", "longitudinal", {"train": t, "bridge": {"sigma": 0.3, "per_year": per_year}})
     train(cfg, data, tmp_path, progress=False)
     from g3n_dit.bridge import forecast
 

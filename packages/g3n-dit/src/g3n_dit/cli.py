@@ -120,7 +120,8 @@ def _ode_kwargs(args: argparse.Namespace) -> dict:
 def cmd_forecast(args: argparse.Namespace) -> int:
     from .generate import forecast_latents
 
-    m = forecast_latents(args.checkpoint, args.latents, args.intervals, args.out,
+    seg = "checkpoint" if args.segment_years is None else (None if args.segment_years <= 0 else args.segment_years)
+    m = forecast_latents(args.checkpoint, args.latents, args.intervals, args.out, segment_years=seg,
                          overrides=_pairs(args.condition, "--condition"), **_ode_kwargs(args))
     print(json.dumps({"out": args.out, "samples": m.num_samples, "digest": m.digest}))
     return 0
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", nargs="+", default=None, help="only these baseline keys")
     p.add_argument("--intervals", nargs="+", type=float, default=[1.0, 2.0], help="years (default 1 2)")
     p.add_argument("--condition", action="append", metavar="NAME=VALUE", help="override a baseline condition")
+    p.add_argument("--segment-years", type=float, default=None, metavar="Y",
+                   help="forecast longer intervals as a chain of segments of at most Y years, each from the last "
+                        "(default: the checkpoint's bridge.segment_years; 0: one jump)")
     p.set_defaults(func=cmd_forecast)
 
     p = sub.add_parser("counterfactual", help="invert real latents and regenerate them under changed conditions")

@@ -178,6 +178,15 @@ class BridgeConfig(BaseModel):
         description="also train every pair backwards (follow-up -> baseline, negative interval, the follow-up's "
                     "conditions): twice the pairs, and a change that does not follow the interval's sign is "
                     "penalised both ways")
+    per_year: bool = Field(
+        default=False,
+        description="the network predicts the change per year and the velocity is that times the interval "
+                    "(years): a forecast's change is proportional to the interval, nothing at 0, reversed "
+                    "when negative")
+    segment_years: float | None = Field(
+        default=None, gt=0,
+        description="forecast a longer interval as a chain of equal segments no longer than this (years), each "
+                    "from the previous forecast with the baseline age moved on; None: one jump")
 
 
 class SampleConfig(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import g3n_shards as gs
 import torch
@@ -180,12 +180,17 @@ def forecast_latents(
     device: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    segment_years: float | None | Literal["checkpoint"] = "checkpoint",
 ) -> gs.Manifest:
-    """Forecast each baseline latent at each interval (years) with the longitudinal bridge."""
+    """Forecast each baseline latent at each interval (years) with the longitudinal bridge.
+
+    ``segment_years``: chain segments no longer than this (see :func:`bridge.forecast`); by
+    default the checkpoint's ``bridge.segment_years``, None: one jump."""
     model, conds, (mean, std), ck = load_model(checkpoint, weights, device)
     rc = ck.run_config
     if rc.task != "longitudinal" or rc.bridge is None:
         raise ConditionError(f"{ck.path}: not a longitudinal checkpoint (task {rc.task!r})")
+    bridge = rc.bridge if segment_years == "checkpoint" else rc.bridge.model_copy(update={"segment_years": segment_years})
     by_field = {c.spec.field: c for c in conds}
     if "interval" not in by_field:
         raise ConditionError(f"{ck.path}: the model has no 'interval' condition")
@@ -210,15 +215,16 @@ def forecast_latents(
     if not jobs:
         raise ConditionError(f"{baselines}: no baseline could be forecast (see {rejects.path})")
     ode_settings = _ode_settings(conds, scales, method, steps, precision, _checkpoint_info(ck, weights))
-    w = _derived_writer(out_dir, src, ck, weights, {"stage": "forecast", "steps": steps, "method": method, "guidance": scales},
-                        overwrite)
+    ode_settings["segment_years"] = bridge.segment_years
+    w = _derived_writer(out_dir, src, ck, weights, {"stage": "forecast", "steps": steps, "method": method, "guidance": scales,
+                                                    "segment_years": bridge.segment_years}, overwrite)
     with w:
         bar = tqdm(total=len(jobs), desc="forecast", unit="latent", disable=not progress)
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             xb = torch.stack([src.latents[i] for i, _, _ in chunk])
             xb = (xb.to(mean.device) - mean) / std
-            x = forecast(model, conds, xb, encode(conds, [r for _, _, r in chunk]), scales, rc.bridge, steps, method, precision)
+            x = forecast(model, conds, xb, encode(conds, [r for _, _, r in chunk]), scales, bridge, steps, method, precision)
             x = (x * std + mean).cpu().numpy()
             for j, (i, dt, req) in enumerate(chunk):
                 base = src.metas[i]

@@ -354,9 +354,10 @@ def check_init(init: Checkpoint, run_cfg: RunConfig, conds: Sequence[Condition])
     """Refuse a warm start whose network does not mean the same thing in the new run.
 
     The task (generation or longitudinal), the model config, the resolved conditions (names and
-    order, specs, vocabularies: they index the embedding tables) and ``train.normalise`` (the
-    init's latent statistics are kept, so their kind must be the run's) must be equal. Every
-    difference is named, with the checkpoint's path.
+    order, specs, vocabularies: they index the embedding tables), ``train.normalise`` (the
+    init's latent statistics are kept, so their kind must be the run's) and, for a bridge, what
+    its output means (``bridge.target``, ``bridge.per_year``) must be equal. Every difference is
+    named, with the checkpoint's path.
     """
     saved = init.run_config
     if saved.task != run_cfg.task:
@@ -369,6 +370,9 @@ def check_init(init: Checkpoint, run_cfg: RunConfig, conds: Sequence[Condition])
         diff.append(f"conditions: {[c.name for c in old]} in the init, {[c.name for c in new]} in this run")
     diff += _differences(by_name(old), by_name(new), "conditions")
     diff += _differences(saved.train.normalise, run_cfg.train.normalise, "train.normalise")
+    if saved.bridge is not None and run_cfg.bridge is not None:
+        for name in ("target", "per_year"):
+            diff += _differences(getattr(saved.bridge, name), getattr(run_cfg.bridge, name), f"bridge.{name}")
     if diff:
         raise CheckpointError(f"{init.path}: --init does not match this run: " + "; ".join(diff))
 
