@@ -83,7 +83,9 @@ def test_the_demo_starts_from_the_zoo_and_its_fingerprint_follows_the_weights(bu
     cfg = DemoConfig(run_dir=tmp_path / "demo")
     stages = {st.name: st for st in build_stages(cfg)}
     for stage, model in (("mae", "mae"), ("tokenizer", "mae-cnn"), ("dit", "dit"), ("longitudinal", "bridge")):
-        assert list(stages[stage].external) == [g3n_zoo.get(model).path], stage
+        # the bridge's stage also follows its settings file (g3n_pipeline/zoo/bridge.yaml)
+        extra = [zoo_build.zoo_file(cfg.longitudinal_config)] if stage == "longitudinal" else []
+        assert list(stages[stage].external) == [g3n_zoo.get(model).path, *extra], stage
         if stage != "longitudinal":  # (its forecast command needs the run's latents)
             argv = stages[stage].commands(cfg.run_dir)[0]
             assert argv[argv.index("--init") + 1] == str(g3n_zoo.get(model).path), stage
@@ -110,15 +112,18 @@ def test_the_demo_starts_from_the_zoo_and_its_fingerprint_follows_the_weights(bu
         build_stages(cfg)
 
 
-def test_an_edited_tokenizer_config_trains_its_stage_again(tmp_path):
+def test_an_edited_training_config_trains_its_stage_again(tmp_path):
     """The stage's fingerprint holds the config file's content: a changed number of epochs in the
     same file is a changed setting, not a finished stage."""
-    for field, name in (("tokenizer_config", "tokenizer"), ("baseline_tokenizer_config", "tokenizer-baseline")):
+    for field, name, key in (("tokenizer_config", "tokenizer", "max_epochs:"),
+                             ("baseline_tokenizer_config", "tokenizer-baseline", "max_epochs:"),
+                             ("bridge_config", "bridge", "segment_years:")):
         own = tmp_path / f"{name}.yaml"
         text = zoo_build.zoo_file(getattr(zoo_build.ZooConfig(), field)).read_text()
+        assert key in text, (name, key)
         own.write_text(text)
         cfg = zoo_build.ZooConfig(run_dir=tmp_path / "run", **{field: str(own)})
         stage = {st.name: st for st in zoo_build.build_zoo_stages(cfg)}[name]
         before = _fingerprint(cfg.run_dir, stage)
-        own.write_text(text.replace("max_epochs:", "max_epochs: 1 #"))
+        own.write_text(text.replace(key, f"{key} 1 #"))
         assert _fingerprint(cfg.run_dir, stage) != before, name

@@ -14,6 +14,13 @@ from g3n_shards import ShardSet, subset_shard_set
 from .runner import StageFailed
 
 
+def zoo_file(name: str) -> Path:
+    """A training config shipped in g3n_pipeline/zoo/ (the shipped models' and the demo's), or a
+    path given as such."""
+    p = Path(name)
+    return p if p.is_absolute() or p.is_file() else Path(str(resources.files("g3n_pipeline") / "zoo" / name))
+
+
 def ixi_csv() -> Path:
     return Path(str(resources.files("g3n_pipeline") / "cohort" / "ixi10" / "ixi10.csv"))
 

@@ -24,7 +24,6 @@ import shutil
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
 from .demo import DemoConfig, build_stages
+from .demo_inputs import zoo_file as zoo_file  # re-exported: zoo_build.zoo_file was public
 from .runner import Stage, StageFailed, config_data, run_stages
 
 #: the demo stages that make the cohort the models are trained on
@@ -58,12 +58,7 @@ class ZooConfig(BaseModel):
     bridge_steps: int = Field(2500, ge=1, description="longitudinal bridge steps (batch 8)")
     dit_preset: str = "small"
     bridge_preset: str = "small"
-
-
-def zoo_file(name: str) -> Path:
-    """A training config shipped in g3n_pipeline/zoo/, or a path given as such."""
-    p = Path(name)
-    return p if p.is_absolute() or p.is_file() else Path(str(resources.files("g3n_pipeline") / "zoo" / name))
+    bridge_config: str = Field("bridge.yaml", description="the bridge's settings (g3n_pipeline/zoo/), shared with the demo")
 
 
 def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
@@ -109,7 +104,8 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
         Stage("bridge", f"longitudinal bridge, {cfg.bridge_preset} preset (g3n-dit train-longitudinal)", ["dit-long"],
               resumable=True, commands=lambda r: [
             ["g3n_dit.cli", "train-longitudinal", "--latents", s(r / "latents-train"), "--out", s(r / "dit-long"),
-             "--preset", cfg.bridge_preset, "--max-steps", str(cfg.bridge_steps), "--seed", seed]]),
+             "--preset", cfg.bridge_preset, "--config", s(zoo_file(cfg.bridge_config)), "--max-steps",
+             str(cfg.bridge_steps), "--seed", seed]], external=[zoo_file(cfg.bridge_config)]),
     ]
     return stages
 
