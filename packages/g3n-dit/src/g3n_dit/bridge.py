@@ -89,7 +89,7 @@ def bridge_loss(
     xt = bridge_point(x_base, x_follow, t, z, cfg.sigma)
     target = bridge_target(x_base, x_follow, t, z, cfg)
     pred = model(xt, t, cond, x_base if cfg.baseline_context else None).float() * interval_factor(cond, cfg, xt)
-    return torch.mean((pred.float() - target.float()) ** 2)
+    return torch.mean((pred - target.float()) ** 2)
 
 
 @torch.no_grad()
