@@ -168,7 +168,8 @@ def test_bridge_passes_through_both_endpoints():
     assert torch.allclose(mid, 0.5 * xb + 0.5 * xf + 0.35 * z)
 
 
-def test_forecast_is_deterministic_and_starts_at_baseline():
+def _bridge_model():
+    """A perturbed tiny bridge network with the longitudinal conditions, and those conditions."""
     from g3n_dit.conditions import resolve_conditions
     from g3n_dit.config import default_longitudinal_conditions
 
@@ -178,7 +179,11 @@ def test_forecast_is_deterministic_and_starts_at_baseline():
             s.vocab = {"diagnosis": ["HC", "MCI", "AD"], "sex": ["F", "M"], "cdr": ["0", "0.5", "1"]}[s.name]
     conds = resolve_conditions(specs)
     torch.manual_seed(0)
-    m = perturb(DiT(tiny_model_config(context_channels=4), conds)).eval()
+    return perturb(DiT(tiny_model_config(context_channels=4), conds)).eval(), conds
+
+
+def test_forecast_is_deterministic_and_starts_at_baseline():
+    m, conds = _bridge_model()
     xb = torch.randn(2, 64, 4)
     cond = encode(conds, [{"diagnosis": "AD", "sex": "F", "age": 70, "cdr": 0.5, "interval": 2.0}] * 2)
     scales = resolve_scales(conds, 1.0)
@@ -192,16 +197,7 @@ def test_forecast_is_deterministic_and_starts_at_baseline():
 
 
 def test_per_year_forecast_is_the_interval_times_the_network():
-    from g3n_dit.conditions import resolve_conditions
-    from g3n_dit.config import default_longitudinal_conditions
-
-    specs = default_longitudinal_conditions()
-    for s in specs:
-        if s.kind == "categorical":
-            s.vocab = {"diagnosis": ["HC", "MCI", "AD"], "sex": ["F", "M"], "cdr": ["0", "0.5", "1"]}[s.name]
-    conds = resolve_conditions(specs)
-    torch.manual_seed(0)
-    m = perturb(DiT(tiny_model_config(context_channels=4), conds)).eval()
+    m, conds = _bridge_model()
     xb = torch.randn(3, 64, 4)
     recs = [{"diagnosis": "AD", "sex": "F", "age": 70, "cdr": 0.5, "interval": dt} for dt in (0.0, 2.5, -4.0)]
     cond = encode(conds, recs)
@@ -218,16 +214,7 @@ def test_per_year_forecast_is_the_interval_times_the_network():
 
 
 def test_segmented_forecast_chains_segments_with_the_age_moved_on():
-    from g3n_dit.conditions import resolve_conditions
-    from g3n_dit.config import default_longitudinal_conditions
-
-    specs = default_longitudinal_conditions()
-    for s in specs:
-        if s.kind == "categorical":
-            s.vocab = {"diagnosis": ["HC", "MCI", "AD"], "sex": ["F", "M"], "cdr": ["0", "0.5", "1"]}[s.name]
-    conds = resolve_conditions(specs)
-    torch.manual_seed(0)
-    m = perturb(DiT(tiny_model_config(context_channels=4), conds)).eval()
+    m, conds = _bridge_model()
     xb = torch.randn(2, 64, 4)
     req = {"diagnosis": "MCI", "sex": "M", "age": 70, "cdr": 0.5}
     cond = encode(conds, [{**req, "interval": 9.0}, {**req, "interval": 2.0}])
