@@ -31,6 +31,24 @@ def test_paper_decoder_shapes_meta():
     assert tuple(out.shape) == (1, 1, 160, 192, 160)
 
 
+def test_decoding_without_autograd_gives_the_training_path_s_numbers():
+    """Without autograd the decoder's activations and residual sums work in place: same output,
+    its input untouched, and the autograd path still trains."""
+    cfg = preset("test").mae_cnn
+    torch.manual_seed(0)
+    dec = CnnDecoder3D(cfg.c, cfg.decoder).eval()
+    z = torch.randn(2, cfg.c, 4, 4, 4)
+    z0 = z.clone()
+    with torch.inference_mode():
+        fast = dec(z)
+    with torch.no_grad():
+        assert torch.equal(dec(z), fast)
+    slow = dec(z)
+    assert torch.equal(slow.detach(), fast) and torch.equal(z, z0)
+    slow.square().mean().backward()
+    assert all(p.grad is not None for p in dec.parameters())
+
+
 def test_autoencoderkl_paper_latent():
     a = preset("paper").autoencoderkl
     assert a.latent_grid == (40, 48, 40) and a.latent_channels == 8
