@@ -120,15 +120,14 @@ def forecast(
     n_seg = torch.clamp(torch.ceil(years.abs() / cfg.segment_years), min=1).long()
     seg = years / n_seg
     age = next((c.name for c in conditions if c.spec.field == "baseline_age"), None)
+    x = x.clone()  # written row by row below; x_base may share its memory
     for r in range(int(n_seg.max())):
-        active = r < n_seg
-        idx = active.nonzero().flatten()
+        idx = (r < n_seg).nonzero().flatten()  # the samples with a segment left
         sub = {k: (v[idx], p[idx]) for k, (v, p) in cond.items()}
         sub["interval"] = (seg[idx].to(cond["interval"][0].dtype), sub["interval"][1])
         if age is not None:
             v, p = sub[age]
             sub[age] = (v + r * seg[idx].to(v.dtype), p)
-        x = x.clone()
         x[idx] = _integrate_bridge(model, conditions, x[idx], sub, scales, cfg, steps, method, precision)
     return x
 

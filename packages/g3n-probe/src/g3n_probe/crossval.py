@@ -14,10 +14,10 @@ from threadpoolctl import threadpool_limits
 
 from .config import Panel, PanelError, ProtocolConfig, TaskSpec
 from .linear import FitReport, LinearProbe, fit_classifier, fit_on_components
-from .ridge import GramStats, fit_regressor, ridge_by_fold_cv, ridge_from_stats, wide
 from .metrics import classification_metric, regression_metric
 from .permutation import block_permutation, slice_seed
 from .results import fold_mean
+from .ridge import GramStats, fit_regressor, ridge_by_fold_cv, ridge_from_stats, wide
 
 log = logging.getLogger("g3n_probe")
 
