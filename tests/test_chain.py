@@ -14,8 +14,8 @@ from g3n_pipeline.runner import is_done
 from g3n_pipeline.demo import build_stages, headline
 
 TINY = dict(subjects=24, real=False, from_scratch=True, workers=2, mae_steps=4, tokenizer_epochs=1, tokenizer_steps_per_epoch=2,
-            dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, recon_volumes=2,
-            probe_permutations=4, anatomy_recon=True)
+            dit_steps=4, longitudinal_steps=4, samples_per_request=2, sample_steps=2, forecast_steps=3,
+            recon_volumes=2, probe_permutations=4, anatomy_recon=True)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,8 @@ def test_report_and_results_exist(run):
                for line in lines), lines
     # forecasts are paired by baseline: does each subject's forecast age with the interval?
     assert any(line.startswith("forecasts: brain-age change") and "; paired: " in line for line in lines), lines
+    fc = json.loads((run / "eval" / "forecast" / "forecast.json").read_text())
+    assert fc["settings"]["generation"]["steps"] == TINY["forecast_steps"]
     page = (run / "eval" / "report" / "index.html").read_text(encoding="utf-8")
     assert "paired moved" in page and "Anatomy of generated samples" in page
     # the known anatomy: every effect is measured in real data and on the paired samples that asked for it

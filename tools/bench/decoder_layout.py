@@ -1,10 +1,13 @@
-"""Benchmark: the MAE-CNN decoder on CPU with channels-first vs channels-last activations.
+"""Benchmark: the MAE-CNN decoder on CPU, its activation layout and its upsampling.
 
 `CnnDecoder3D.forward` turns its input channels-last on CPU (``cpu_channels_last``; oneDNN's 3D
-convolutions run faster on that layout); this times the same weights both ways: seconds per volume for a decode
-(inference) and for a training step (forward + backward), and the largest difference between
-the two outputs. Random weights, the ``tiny`` preset's decoder (80x96x80 output) unless
-``--preset`` says otherwise. Prints one JSON document. Measure it as on an AVX2-only CPU with
+convolutions run faster on that layout), and each `Upsample3D` runs its nearest x2 + 3x3x3 conv as
+one transposed conv with a folded kernel (``folded``). This times the same weights three ways:
+channels-first and unfolded (the original), channels-last and unfolded, channels-last and folded
+(the default), as seconds per volume for a decode (inference) and for a training step (forward +
+backward), with each variant's largest difference from the original's output. Random weights, the
+``tiny`` preset's decoder (80x96x80 output) unless ``--preset`` says otherwise. Prints one JSON
+document. Measure it as on an AVX2-only CPU with
 ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
     uv run python tools/bench/decoder_layout.py [--preset tiny] [--batch-size 2] [--reps 4]
@@ -22,7 +25,7 @@ import torch
 from g3n_mae.config import preset as mae_preset
 from g3n_pipeline.zoo_build import machine_description
 from g3n_tokenizer.config import preset
-from g3n_tokenizer.decoder import CnnDecoder3D
+from g3n_tokenizer.decoder import CnnDecoder3D, Upsample3D
 
 
 def seconds(fn, reps: int) -> float:
@@ -49,22 +52,25 @@ def main() -> None:
     report: dict = {"preset": a.preset, "batch_size": b, "torch_threads": torch.get_num_threads(),
                     "cpu": machine_description(), "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}
 
-    def layout(channels_last: bool) -> CnnDecoder3D:
-        dec.cpu_channels_last = channels_last
+    #: name -> (channels_last, folded)
+    variants = {"channels_first": (False, False), "channels_last": (True, False),
+                "channels_last_folded": (True, True)}
+
+    def variant(name: str) -> CnnDecoder3D:
+        dec.cpu_channels_last, Upsample3D.folded = variants[name]
         return dec
 
-    def step(channels_last: bool) -> None:
+    def step(name: str) -> None:
         dec.zero_grad(set_to_none=True)
-        layout(channels_last)(z).square().mean().backward()
+        variant(name)(z).square().mean().backward()
 
     with torch.inference_mode():
         dec.eval()
-        report["max_abs_difference"] = float((layout(True)(z) - layout(False)(z)).abs().max())
-        report["decode_s_per_volume"] = {name: seconds(lambda: layout(cl)(z), a.reps) / b
-                                         for name, cl in (("channels_first", False), ("channels_last", True))}
+        reference = variant("channels_first")(z)
+        report["max_abs_difference"] = {name: float((variant(name)(z) - reference).abs().max()) for name in variants}
+        report["decode_s_per_volume"] = {name: seconds(lambda: variant(name)(z), a.reps) / b for name in variants}
     dec.train()
-    report["train_step_s_per_volume"] = {name: seconds(lambda: step(cl), a.reps) / b
-                                         for name, cl in (("channels_first", False), ("channels_last", True))}
+    report["train_step_s_per_volume"] = {name: seconds(lambda: step(name), a.reps) / b for name in variants}
     print(json.dumps(report, indent=1))
 
 

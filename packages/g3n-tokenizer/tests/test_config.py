@@ -49,6 +49,30 @@ def test_decoding_without_autograd_gives_the_training_path_s_numbers():
     assert all(p.grad is not None for p in dec.parameters())
 
 
+@pytest.mark.parametrize("grid", [(3, 4, 5), (1, 2, 1)])
+def test_folded_upsampling_is_nearest_upsampling_then_the_conv(grid):
+    """The decoder's upsampling runs as one transposed conv with a folded kernel; it must be the
+    nearest x2 + 3x3x3 conv it stands for, in value and in both gradients, borders included."""
+    from g3n_tokenizer.decoder import Upsample3D
+
+    torch.manual_seed(0)
+    up = Upsample3D(3, 5).double()
+    x = torch.randn(2, 3, *grid, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for folded in (False, True):
+        up.folded = folded
+        y = up(x)
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).reshape(y.shape)).sum().backward()
+        outs.append(y.detach())
+        grads.append((x.grad.clone(), up.conv.weight.grad.clone(), up.conv.bias.grad.clone()))
+        x.grad = None
+        up.zero_grad()
+    assert outs[1].shape == (2, 5, *(2 * g for g in grid))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_autoencoderkl_paper_latent():
     a = preset("paper").autoencoderkl
     assert a.latent_grid == (40, 48, 40) and a.latent_channels == 8
