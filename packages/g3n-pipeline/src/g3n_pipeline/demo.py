@@ -107,7 +107,8 @@ class DemoConfig(BaseModel):
     anatomy_recon: bool = Field(True, description="decode the real latents of the anatomy's modalities: its effects "
                                 "and the decoded-space probes are measured on the tokenizer's reconstructions too")
     samples_per_request: int = 8
-    sample_steps: int = 25
+    sample_steps: int = Field(18, ge=1, description="Euler steps of each sample (g3n-dit sample's default is 50): on "
+                              "the demo's generator 18 steps move the same anatomy rows as 25, in 70 % of the time")
     forecast_steps: int = Field(25, ge=1, description="Euler steps of each forecast segment (g3n-dit forecast's "
                                 "default is 100; the bridge's field is nearly straight: 25 steps change the demo's "
                                 "forecasts by 0.5 % of their change, in a quarter of the time)")
