@@ -3,7 +3,7 @@
 The built-in cohort is the labelled synthetic cohort of `g3n-data synth` plus the 10 real IXI
 T1 volumes shipped in this package. Every training stage starts from the shipped models (g3n-zoo,
 trained for hours on the same cohort's train split) and trains briefly, so every training path
-runs; `--from-scratch` trains everything from random initialisation instead (about three times
+runs; `--from-scratch` trains everything from random initialisation instead (about twice
 as long, and the models barely learn). Every stage is one of the stage packages' own commands;
 every intermediate is a shard set in the run folder, and a re-run skips finished stages. A stage
 whose settings changed (e.g. `samples_per_request: 16` in a --config file) starts over, and so does every
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="parallel processes for data stages")
     p.add_argument("--no-real", action="store_true", help="leave out the real IXI volumes")
     p.add_argument("--from-scratch", action="store_true", help="train every model from random initialisation instead "
-                   "of fine-tuning the shipped ones briefly (about 3 times longer; the models barely learn)")
+                   "of fine-tuning the shipped ones briefly (about twice as long; the models barely learn)")
     p.add_argument("--force", action="store_true", help="redo stages even if they are done")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     args = p.parse_args(argv)
