@@ -208,3 +208,27 @@ def test_pca_probe_matches_a_sklearn_pipeline_fitted_on_the_training_part_only()
     np.testing.assert_allclose(probe.predict_scores(X[test]), ref.fit(X[train], t[train]).predict(X[test]), atol=1e-6)
     # K beyond the training rows is capped (n - 1 components carry all the centred data)
     assert fit_on_components(X[:8], 50, lambda U: fit_classifier(U, y[:8], cfg))[0].info["pca_components"] == 7
+
+
+def test_logistic_fit_is_sklearns_at_the_optimum():
+    """Two classes (binomial) and several (multinomial): the same optimum as scikit-learn's
+    LogisticRegression (both solved tightly), from zeros or from a warm start; and a capped fit
+    says it did not converge."""
+    from sklearn.linear_model import LogisticRegression
+
+    from g3n_probe.logistic import fit_logistic
+
+    rng = np.random.default_rng(4)
+    for k in (2, 3, 8):
+        X = rng.normal(size=(150, 12))
+        y = rng.integers(0, k, 150)
+        X[:, :3] += y[:, None] * 0.4
+        ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=10_000).fit(X, y)
+        fit = fit_logistic(X, y, k, C=0.5, tol=1e-10, max_iter=10_000)
+        assert fit.converged and fit.coef.shape == ref.coef_.shape and fit.intercept.shape == ref.intercept_.shape
+        np.testing.assert_allclose(fit.coef, ref.coef_, atol=1e-6)
+        np.testing.assert_allclose(fit.intercept, ref.intercept_, atol=1e-6)
+        warm = fit_logistic(X, y, k, C=0.5, tol=1e-10, max_iter=10_000, init=(fit.coef * 0.5, fit.intercept))
+        np.testing.assert_allclose(warm.coef, fit.coef, atol=1e-6)
+        capped = fit_logistic(X, y, k, C=0.5, max_iter=2)
+        assert not capped.converged and capped.n_iter == 2

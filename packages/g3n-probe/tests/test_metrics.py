@@ -37,3 +37,20 @@ def test_ovr_auc_is_the_macro_mean_over_scorable_classes():
     # two classes: the plain AUC of the second one, labels compared as strings
     assert ovr_auc([0, 1, 1, 0], np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]]), ["0", "1"]) == 0.75
     assert classification_metric("auc", y, P, classes) == ovr_auc(y, P, classes)
+
+
+def test_metrics_equal_scikit_learns():
+    """The numpy AUC and balanced accuracy give scikit-learn's values, ties and absent classes included."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(2)
+    for n in (2, 7, 60, 301):
+        pos = np.r_[True, False, rng.random(n - 2) < 0.3]
+        for score in (rng.normal(size=n), np.round(rng.normal(pos * 0.5, 1.0), 1), np.zeros(n)):
+            assert binary_auc(pos, score) == pytest.approx(roc_auc_score(pos, score), abs=1e-12)
+    y = rng.choice(["HC", "AD", "MCI"], 80)
+    pred = rng.choice(["HC", "AD", "MCI", "PD"], 80)  # PD predicted but absent from y
+    with pytest.warns(UserWarning):
+        want = balanced_accuracy_score(y, pred)
+    P = np.eye(4)[[["AD", "HC", "MCI", "PD"].index(v) for v in pred]]
+    assert classification_metric("balanced_accuracy", y, P, ["AD", "HC", "MCI", "PD"]) == pytest.approx(want, abs=1e-12)

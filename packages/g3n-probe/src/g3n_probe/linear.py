@@ -1,28 +1,26 @@
-"""Linear probes: fitting with scikit-learn, applying with plain numpy, saving without pickle.
+"""Linear probes: fitting, applying with plain numpy, saving without pickle.
 
 A fitted probe is reduced to arrays (scaler mean and scale, coefficients, intercept) plus
 labels. Every prediction the panel reports, in cross-validation or from ``g3n-probe apply``,
 goes through :meth:`LinearProbe.predict_scores`, so a saved and reloaded probe reproduces
-the reported predictions bit for bit. Ridge regression, the regression probes' fit, is in
-:mod:`g3n_probe.ridge`.
+the reported predictions bit for bit. Logistic regression, the classification probes' fit, is in
+:mod:`g3n_probe.logistic`; ridge regression, the regression probes' fit, in :mod:`g3n_probe.ridge`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from .atomic import npz_bytes, write_bytes, write_text
 from .config import ProtocolConfig
+from .logistic import fit_logistic
 
 PROBE_FORMAT = "g3n-probe/linear"
 PROBE_VERSION = 1
@@ -180,7 +178,8 @@ def fit_on_components(X: np.ndarray, k: int, fit: Callable[[np.ndarray], tuple[L
 def fit_classifier(
     X: np.ndarray, y: np.ndarray, cfg: ProtocolConfig, init: LinearProbe | None = None, inplace: bool = False
 ) -> tuple[LinearProbe, FitReport]:
-    """Standardise (fitted on X only) and fit an L2 logistic regression (lbfgs, multinomial).
+    """Standardise (fitted on X only) and fit an L2 logistic regression (lbfgs; binomial for two
+    classes, multinomial for more: :mod:`g3n_probe.logistic`).
 
     ``init``: a probe with the same classes whose coefficients start the optimiser (warm
     start). The problem is convex, so this changes the iterations needed, not the optimum.
@@ -192,24 +191,17 @@ def fit_classifier(
     if len(classes) < 2:
         raise ValueError("training data has a single class")
     warm = init is not None and list(init.classes) == classes and init.n_features == Z.shape[1]
-    clf = LogisticRegression(C=cfg.logreg_C, max_iter=cfg.logreg_max_iter, tol=cfg.logreg_tol, warm_start=warm)
-    if warm:
-        assert init is not None
-        clf.coef_ = np.array(init.coef, dtype=np.float64)
-        clf.intercept_ = np.array(init.intercept, dtype=np.float64)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(Z, y)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    fit = fit_logistic(Z, np.searchsorted(classes, y), len(classes), C=cfg.logreg_C, max_iter=cfg.logreg_max_iter,
+                       tol=cfg.logreg_tol, init=(init.coef, init.intercept) if warm and init is not None else None)
     probe = LinearProbe(
         kind="classification",
         mean=scaler.mean_.astype(dtype),
         scale=scaler.scale_.astype(dtype),
-        coef=clf.coef_.astype(dtype),
-        intercept=clf.intercept_.astype(dtype),
-        classes=[str(c) for c in clf.classes_],
+        coef=fit.coef.astype(dtype),
+        intercept=fit.intercept.astype(dtype),
+        classes=classes,
     )
-    return probe, FitReport(converged=converged, n_iter=int(np.max(clf.n_iter_)))
+    return probe, FitReport(converged=fit.converged, n_iter=fit.n_iter)
 
 
 def _column_scale(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
