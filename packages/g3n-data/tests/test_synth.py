@@ -48,6 +48,24 @@ def wmean(x: np.ndarray, w: np.ndarray) -> float:
 # ---- template, geometry, design ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_trilinear_matches_scipy_inside_and_outside_the_grid(chunk):
+    """The shared-weight sampler is scipy's order-1 map_coordinates with zero outside, at any
+    chunking of the points (7 does not divide their number)."""
+    from scipy.ndimage import map_coordinates
+
+    from g3n_data.synth.interp import Trilinear, pad_stack
+
+    rng = np.random.default_rng(3)
+    shape = (9, 11, 8)
+    chans = [rng.random(shape, dtype=np.float32) for _ in range(3)]
+    pts = np.stack([rng.uniform(-2.0, s + 1.0, (5, 6, 7)) for s in shape]).astype(np.float32)
+    got = Trilinear(pts, shape)(pad_stack(chans), chunk=chunk)
+    for c, ch in enumerate(chans):
+        want = map_coordinates(ch.astype(np.float64), pts.astype(np.float64), order=1, mode="grid-constant", cval=0.0)
+        np.testing.assert_allclose(got[c], want, atol=1e-5)
+
+
 def test_template_asset_is_a_brain(tpl):
     assert tpl.shape == (80, 96, 80)
     brain_ml = tpl.brain.sum() * 8 / 1000
