@@ -68,7 +68,7 @@ BASELINE_TASKS = "disease,sex,modality,idh1,brain_age"
 
 #: training lengths by mode: from the shipped models (brief: every training path runs) or from scratch
 WARM_START = dict(mae_steps=30, mae_lr=1e-4, tokenizer_epochs=1, tokenizer_steps_per_epoch=4, tokenizer_lr=5e-5,
-                  dit_steps=50, dit_lr=1e-4, longitudinal_steps=25, longitudinal_lr=1e-4)
+                  dit_steps=25, dit_lr=1e-4, longitudinal_steps=25, longitudinal_lr=1e-4)
 FROM_SCRATCH = dict(mae_steps=400, mae_lr=None, tokenizer_epochs=2, tokenizer_steps_per_epoch=20, tokenizer_lr=None,
                     dit_steps=1800, dit_lr=None, longitudinal_steps=200, longitudinal_lr=None)
 
@@ -92,7 +92,7 @@ class DemoConfig(BaseModel):
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="tokenizer steps per epoch (4 fine-tuning, 20 from scratch)")
     tokenizer_lr: float | None = Field(None, gt=0, description="tokenizer learning rate (5e-5 fine-tuning, the preset's from scratch)")
     dit_preset: str = Field("small", description="g3n-dit preset of the generator (small: 2x2x2 latent patches)")
-    dit_steps: int | None = Field(None, ge=1, description="generator training steps (50 fine-tuning, 1800 from scratch)")
+    dit_steps: int | None = Field(None, ge=1, description="generator training steps (25 fine-tuning, 1800 from scratch)")
     dit_lr: float | None = Field(None, gt=0, description="generator learning rate (1e-4 fine-tuning, the preset's from scratch)")
     dit_precision: Literal["fp32", "bf16", "auto"] = Field("auto", description="generator training precision "
                                                            "(auto: bf16 on CPUs with AMX and on CUDA)")
