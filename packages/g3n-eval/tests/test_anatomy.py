@@ -137,8 +137,10 @@ def test_reconstructions_say_how_much_of_each_effect_the_decoder_draws(tmp_path,
     subset = json.loads((tmp_path / "subset" / "anatomy.json").read_text())["results"]["effects"]["diagnosis:HC->AD [T1]"]
     assert subset["recon"]["n_from"] == subset["recon"]["n_to"] == 5 and subset["recon_keeps"] == 1.0
     assert subset["recon"]["real_difference"] != pytest.approx(ad["real"]["difference"])
+    assert perfect["diagnosis:HC->AD [T1]"]["recon"]["slope"] == pytest.approx(1.0)
+    assert perfect["diagnosis:HC->AD [T1]"]["recon"]["keeps_interval"] == pytest.approx([1.0, 1.0])
     page = build_report([out], tmp_path / "report").read_text()
-    assert "recon keeps" in page and "the decoder draws" in page
+    assert "recon keeps" in page and "the decoder draws" in page and "keeps 95 %" in page and "recon slope" in page
     # without --recon, neither the fields nor the columns
     assert main(["anatomy", "--spec", str(tmp_path / "spec" / "anatomy.yaml"), "--real", str(rp), "--generated", str(gp),
                  "--out", str(tmp_path / "plain"), "--no-progress"]) == 0
@@ -191,6 +193,36 @@ def test_real_and_paired_effects_through_the_cli(tmp_path):
     assert "Anatomy of generated samples" in page and "diagnosis:HC-&gt;AD [T1]" in page and "4/5" in page
     assert "AD darkens the roi" in page and "a test world" in page and "&lt;" not in page
     assert "within each cohort" in page
+
+
+def test_recon_agreement_measures_the_share_and_what_each_volume_keeps():
+    """A decoder that keeps half of every volume's departure, plus its own noise: slope about 0.5,
+    and a share about 0.5 with a narrow interval when the effect is large. A small effect buried in
+    the volumes' spread gives a share whose interval is wide: it is not measured. Strata without both
+    classes (cohort C: HC only) do not count, as in the real effect."""
+    from g3n_eval.anatomy import Effect, recon_agreement
+
+    e = Effect.model_validate({"field": "diagnosis", "from": "HC", "to": "AD", "signature": "s", "expect": "decrease"})
+    rng = np.random.default_rng(0)
+    recs = ([{"key": f"a{i}", "cohort": "A", "diagnosis": "HC" if i < 20 else "AD"} for i in range(40)]
+            + [{"key": f"c{i}", "cohort": "C", "diagnosis": "HC"} for i in range(10)])
+    widths = []
+    for effect_size in (-3.0, -0.05):
+        x = rng.normal(size=50) + np.array([effect_size * (r["diagnosis"] == "AD") for r in recs])
+        x[40:] += 50.0  # cohort C, far off: would drive the slope if it counted
+        y = 7.0 + 0.5 * x + rng.normal(scale=0.2, size=50)
+        y[40:] = 0.0
+        got = recon_agreement(e, (recs, [{"s": v} for v in x]), (recs, [{"s": v} for v in y]), "cohort", reps=300)
+        slope, _ = np.polyfit(x[:40], y[:40], 1)  # cohort A's volumes only
+        assert got["slope"] == pytest.approx(slope) and got["r"] == pytest.approx(np.corrcoef(x[:40], y[:40])[0, 1])
+        assert got["slope"] == pytest.approx(0.5, abs=0.1) and 0.9 < got["r"] < 1.0
+        widths.append(got["keeps_interval"][1] - got["keeps_interval"][0])
+        if effect_size == -3.0:
+            assert got["keeps_interval"][0] < 0.5 < got["keeps_interval"][1]
+    assert widths[0] < 0.15 and widths[1] > 1.0
+    # the same seed, the same interval
+    args = (e, (recs, [{"s": v} for v in x]), (recs, [{"s": v} for v in y]), "cohort")
+    assert recon_agreement(*args, reps=50) == recon_agreement(*args, reps=50)
 
 
 def test_real_effects_within_strata_leave_out_differences_between_cohorts():

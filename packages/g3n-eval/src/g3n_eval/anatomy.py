@@ -310,9 +310,67 @@ def evaluate(anatomy: Anatomy, real: Measured, generated: Measured, recon: Measu
             # e.g. one visit per subject): like with like, the ratio is the decoder's alone
             same = _same_volumes(real, recon)
             base = real_effect(e, same[0], [x[e.signature] for x in same[1]], anatomy.spec.within)["difference"]
-            rows[e.name]["recon"] = {**rc, "real_difference": base}
+            rows[e.name]["recon"] = {**rc, "real_difference": base, **recon_agreement(e, same, recon, anatomy.spec.within)}
             rows[e.name]["recon_keeps"] = rc["difference"] / base if math.isfinite(base) and base != 0 else math.nan
     return {"effects": rows}
+
+
+def recon_agreement(effect: Effect, real: Measured, recon: Measured, within: str | None = None,
+                    reps: int = 1000, seed: int = 2025) -> dict[str, Any]:
+    """How well the share ``recon_keeps`` is measured, and what the reconstructions keep per volume.
+
+    * ``keeps_interval``: a 95 % bootstrap interval of the share (volumes resampled within each
+      stratum and class, real and reconstruction together). A small effect on few volumes has a
+      real difference near its own noise, and then the ratio can take any value.
+    * ``slope`` and ``r``: the reconstructions' signature regressed on the real one over the same
+      volumes (the effect's classes, or every volume with a value, centred in each stratum). The
+      slope is the fraction of a volume's departure that its reconstruction keeps, whatever its
+      label; if the tokenizer draws the effect like any other variation of the signature, the
+      share of the effect is this slope, measured on every volume instead of two group means.
+    """
+    key_at = {r.get("key"): i for i, r in enumerate(real[0])}
+    pairs = [(rec, key_at[rec.get("key")], j) for j, rec in enumerate(recon[0]) if rec.get("key") in key_at]
+    x = np.array([real[1][i][effect.signature] for _, i, _ in pairs], dtype=np.float64)
+    y = np.array([recon[1][j][effect.signature] for _, _, j in pairs], dtype=np.float64)
+    recs = [rec for rec, _, _ in pairs]
+    cells: dict[tuple[str, Any], list[int]] = {}
+    for k, rec in enumerate(recs):
+        v = effect.value_in(rec)
+        if v is not None and (effect.numeric or v in effect.ends):
+            cells.setdefault((_stratum(rec, within), None if effect.numeric else v), []).append(k)
+    if not effect.numeric:  # as real_effect: only strata that hold both classes carry the effect
+        both = {st for st, _ in cells if all((st, c) in cells for c in effect.ends)}
+        cells = {c: idx for c, idx in cells.items() if c[0] in both}
+    out: dict[str, Any] = {"slope": math.nan, "r": math.nan, "keeps_interval": [math.nan, math.nan]}
+    xc, yc = [], []
+    by_stratum: dict[str, list[int]] = {}
+    for (stratum, _), idx in cells.items():
+        by_stratum.setdefault(stratum, []).extend(idx)
+    for idx in by_stratum.values():
+        if len(idx) > 1:
+            xc.append(x[idx] - x[idx].mean())
+            yc.append(y[idx] - y[idx].mean())
+    if xc:
+        cx, cy = np.concatenate(xc), np.concatenate(yc)
+        sxx, syy = float(cx @ cx), float(cy @ cy)
+        if sxx > 0:
+            out["slope"] = float(cx @ cy) / sxx
+            out["r"] = float(cx @ cy) / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    if not cells:
+        return out
+    rng = np.random.default_rng(seed)
+    groups = [np.array(idx) for _, idx in sorted(cells.items(), key=lambda kv: str(kv[0]))]
+    shares = []
+    for _ in range(reps):
+        pick = np.concatenate([g[rng.integers(0, g.size, g.size)] for g in groups])
+        sub = [recs[k] for k in pick]
+        d_real = real_effect(effect, sub, x[pick], within)["difference"]
+        d_rec = real_effect(effect, sub, y[pick], within)["difference"]
+        if math.isfinite(d_real) and d_real != 0 and math.isfinite(d_rec):
+            shares.append(d_rec / d_real)
+    if len(shares) >= 0.9 * reps:
+        out["keeps_interval"] = [float(v) for v in np.percentile(shares, [2.5, 97.5])]
+    return out
 
 
 def _same_volumes(real: Measured, recon: Measured) -> Measured:

@@ -203,6 +203,14 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.0f} %"
 
 
+def _keeps_detail(recon: dict) -> str:
+    """' (95 % interval a to b; per volume x, r y)' for an anatomy row's reconstruction figures."""
+    lo, hi = recon.get("keeps_interval") or (None, None)
+    r = recon.get("r")
+    return (f" (95 % interval {_pct(lo)} to {_pct(hi)}; per volume the reconstructions keep {_pct(recon.get('slope'))}"
+            f" of the signature, r {'n/a' if r is None or r != r else f'{r:.2f}'})")
+
+
 def _tokenizers(args: argparse.Namespace):
     from .sources import TokenizerCache
 
@@ -261,7 +269,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
                   f"({'confirms' if row['real_confirms'] else 'does not confirm'}); generated pairs moved "
                   f"{pair['n_moved']}/{pair['n_groups']}, mean change {num(pair['mean_change'])}"
                   + (f"; reconstructions {num(row['recon']['difference'])}, keep {_pct(row['recon_keeps'])} of the real effect on the same volumes"
-                     if "recon" in row else ""))
+                     f"{_keeps_detail(row['recon'])}" if "recon" in row else ""))
         return 0
     if args.cmd == "fidelity":
         from .fidelity import run_fidelity

@@ -141,6 +141,13 @@ def _moved(pair: dict[str, Any]) -> str:
     return f"{pair['n_moved']}/{pair['n_groups']}" if pair.get("n_groups") else "-"
 
 
+def _interval(v: list | None) -> str:
+    """[lo, hi] fractions as 'lo to hi %' (n/a where not measured)."""
+    if not v or any(x is None or x != x for x in v):
+        return "n/a"
+    return f"{100 * v[0]:.0f} to {100 * v[1]:.0f} %"
+
+
 def _anatomy_section(doc: dict[str, Any]) -> str:
     spec = doc["settings"].get("spec") or {}
     rows = []
@@ -151,7 +158,9 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
         n_real = real.get("n") if "n" in real else f"{real.get('n_from')}/{real.get('n_to')}"
         rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real.get("pooled_difference"),
                      real["d"], r["real_confirms"], _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")]
-                    + ([(r.get("recon") or {}).get("difference"), r.get("recon_keeps")] if with_recon else []))
+                    + ([(r.get("recon") or {}).get("difference"), r.get("recon_keeps"),
+                        _interval((r.get("recon") or {}).get("keeps_interval")), (r.get("recon") or {}).get("slope"),
+                        (r.get("recon") or {}).get("r")] if with_recon else []))
     within = ""
     if spec.get("within"):
         w = html.escape(str(spec["within"]))
@@ -170,12 +179,16 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
                  "volumes, and <i>recon keeps</i> its fraction of the real effect on those same volumes (a subset, "
                  "e.g. one visit per subject, is held against itself): decoded samples can only show what "
                  "the decoder draws, so where the reconstructions keep little of an effect, its paired column says "
-                 "nothing about the generator.")
+                 "nothing about the generator. <i>keeps 95 %</i>: a bootstrap interval of that fraction (volumes "
+                 "resampled within each class); a small effect on few volumes gives a wide one, and then the fraction "
+                 "is not measured. <i>recon slope</i> and <i>r</i>: the reconstructions' signature regressed on the "
+                 "real one over the same volumes, the fraction of any volume's departure they keep.")
     if spec.get("source"):
         head += f" Effects from: {html.escape(str(spec['source']))}."
     out = head + "</p>" + _table(["effect", "signature", "expect", "n real", "real change", "pooled", "real d",
                                   "as expected", "paired moved", "paired p", "paired change", "of real"]
-                                 + (["recon change", "recon keeps"] if with_recon else []), rows, left=3)
+                                 + (["recon change", "recon keeps", "keeps 95 %", "recon slope", "r"] if with_recon else []),
+                                 rows, left=3)
     items = [f"<li><b>{html.escape(s['name'])}</b>: {html.escape(s.get('why') or s['kind'])}</li>"
              for s in spec.get("signatures", [])]
     items += [f"<li>{html.escape(name)}: {html.escape(r['why'])}</li>"

@@ -37,7 +37,7 @@ def headline(run: Path) -> list[str]:
         if real is not None and (r.get("paired") or {}).get("n_groups"):
             keeps = r.get("recon_keeps")
             kept = (f"; tokenizer reconstructions keep {100 * keeps:.0f} % of the real change on the same volumes"
-                    if keeps is not None else "")
+                    f"{_recon_detail(r.get('recon') or {})}" if keeps is not None else "")
             lines.append(f"anatomy (no probe) {name} {r['signature']} (expected to {r['expect']}): real change "
                          f"{real:+.2f}{_paired(r['paired'], 'change')}{kept}")
     mem = _load(run, "memorisation")
@@ -48,6 +48,14 @@ def headline(run: Path) -> list[str]:
     if fd:
         lines.append("encoder Frechet distance: " + ", ".join(f"{k} {v:.2f}" for k, v in fd.items()))
     return lines + forecast_lines(run)
+
+
+def _recon_detail(recon: dict) -> str:
+    """' (95 % interval a to b %; per volume x %)' where g3n-eval measured them."""
+    lo, hi = recon.get("keeps_interval") or (None, None)
+    if lo is None or hi is None or recon.get("slope") is None:
+        return ""
+    return f" (95 % interval {100 * lo:.0f} to {100 * hi:.0f} %; per volume {100 * recon['slope']:.0f} %)"
 
 
 def _load(run: Path, name: str, folder: str | None = None) -> dict:
