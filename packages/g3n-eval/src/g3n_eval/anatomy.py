@@ -326,7 +326,10 @@ def recon_agreement(effect: Effect, real: Measured, recon: Measured, within: str
       volumes (the effect's classes, or every volume with a value, centred in each stratum). The
       slope is the fraction of a volume's departure that its reconstruction keeps, whatever its
       label; if the tokenizer draws the effect like any other variation of the signature, the
-      share of the effect is this slope, measured on every volume instead of two group means.
+      share of the effect is this slope, measured on every volume instead of two group means. It
+      tends to understate a structured effect: a volume's idiosyncratic texture is redrawn less
+      faithfully than its anatomy (the demo's age effect: slope 0.82, share 1.11 with a narrow
+      interval).
     """
     key_at = {r.get("key"): i for i, r in enumerate(real[0])}
     pairs = [(rec, key_at[rec.get("key")], j) for j, rec in enumerate(recon[0]) if rec.get("key") in key_at]
