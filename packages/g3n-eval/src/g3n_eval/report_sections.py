@@ -154,13 +154,12 @@ def _anatomy_section(doc: dict[str, Any]) -> str:
     effects = doc["results"]["effects"]
     with_recon = any("recon" in r for r in effects.values())
     for name, r in effects.items():
-        real, pair = r["real"], r["paired"]
+        real, pair, rc = r["real"], r["paired"], r.get("recon") or {}
         n_real = real.get("n") if "n" in real else f"{real.get('n_from')}/{real.get('n_to')}"
         rows.append([name, r["signature"], r["expect"], n_real, real["difference"], real.get("pooled_difference"),
                      real["d"], r["real_confirms"], _moved(pair), pair.get("p"), pair.get("mean_change"), r.get("of_real")]
-                    + ([(r.get("recon") or {}).get("difference"), r.get("recon_keeps"),
-                        _interval((r.get("recon") or {}).get("keeps_interval")), (r.get("recon") or {}).get("slope"),
-                        (r.get("recon") or {}).get("r")] if with_recon else []))
+                    + ([rc.get("difference"), r.get("recon_keeps"), _interval(rc.get("keeps_interval")), rc.get("slope"),
+                        rc.get("r")] if with_recon else []))
     within = ""
     if spec.get("within"):
         w = html.escape(str(spec["within"]))
