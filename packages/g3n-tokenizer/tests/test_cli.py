@@ -39,14 +39,19 @@ def test_cli_train_encode_decode(tmp_path, mae_checkpoint, volumes_set, capsys, 
 
 def test_cli_autoencoderkl_train(tmp_path, volumes_set, capsys):
     rc = main(["train", "--volumes", str(volumes_set), "--out", str(tmp_path / "a"), "--tokenizer", "autoencoderkl",
-               "--preset", "test", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--quiet"])
+               "--preset", "test", "--epochs", "1", "--steps-per-epoch", "1", "--device", "cpu", "--quiet",
+               "--flip-axes", "0"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["epochs_run"] == 1
+    assert json.loads((tmp_path / "a" / "train_state.json").read_text())["config"]["flip_axes"] == [0]
 
 
 def test_cli_errors_are_clear(tmp_path, volumes_set, capsys):
     assert main(["train", "--volumes", str(volumes_set), "--out", str(tmp_path / "r"), "--preset", "test", "--quiet"]) == 2
     assert "--mae-checkpoint is required" in capsys.readouterr().err
+    assert main(["train", "--volumes", str(volumes_set), "--out", str(tmp_path / "f"), "--tokenizer", "autoencoderkl",
+                 "--preset", "test", "--epochs", "1", "--quiet", "--freeze", "proj"]) == 2
+    assert "freeze 'proj': no such part of the trainable module (its parts: " in capsys.readouterr().err
     assert main(["encode", "--volumes", str(volumes_set), "--checkpoint", str(tmp_path / "missing.safetensors"),
                  "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "missing.safetensors" in capsys.readouterr().err

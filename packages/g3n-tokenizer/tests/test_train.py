@@ -80,8 +80,8 @@ def test_autoencoderkl_resume_continues_exactly(tmp_path, volumes_set, monkeypat
     steps: list[float] = []
     plain_step = T.train_step
 
-    def recording_step(engine, tok, x):
-        loss = plain_step(engine, tok, x)
+    def recording_step(engine, tok, x, *flips):
+        loss = plain_step(engine, tok, x, *flips)
         assert engine.name == "torch"
         steps.append(loss)
         return loss
@@ -153,3 +153,63 @@ def test_resume_refuses_changed_settings_or_keeps_the_runs(tmp_path, mae_checkpo
     assert main([*args, "--epochs", "3", "--resume", "--c", "4", "--accept-checkpoint-config"]) == 2
     err = capsys.readouterr().err
     assert "model.tokenizer.c: 8 in the checkpoint, 4 requested" in err and "--accept-checkpoint-config" not in err
+
+
+def test_random_flips_mirror_whole_volumes_reproducibly():
+    from g3n_tokenizer.train import random_flips
+
+    x = torch.arange(64 * 4 * 3 * 2, dtype=torch.float32).reshape(64, 1, 4, 3, 2)
+    torch.manual_seed(5)
+    y = random_flips(x, (0,))
+    same = [torch.equal(y[i], x[i]) for i in range(64)]
+    mirrored = [torch.equal(y[i], x[i].flip(1)) for i in range(64)]
+    assert all(a != b for a, b in zip(same, mirrored))  # each volume is one or the other, as a whole
+    assert 16 < sum(mirrored) < 48
+    assert torch.equal(x, torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape))  # input untouched
+    torch.manual_seed(5)
+    assert torch.equal(random_flips(x, (0,)), y)
+    both = random_flips(x, (0, 2))
+    assert all(any(torch.equal(both[i], v) for v in (x[i], x[i].flip(1), x[i].flip(3), x[i].flip(1, 3)))
+               for i in range(64))
+    assert torch.equal(random_flips(x, ()), x)
+    with pytest.raises(ValueError, match="flip_axes"):
+        preset("test", train={"flip_axes": [3]})
+
+
+def test_decoder_only_fine_tune_keeps_projection_and_latents(tmp_path, mae_checkpoint, volumes_set, trained, monkeypatch):
+    """``freeze: [proj]`` with flips, warm-started from a trained tokenizer: the decoder learns, the
+    projection and so every latent stay bit for bit (a generator trained on them stays valid), and
+    a run stopped after an epoch and resumed flips and steps exactly as an uninterrupted one."""
+    import g3n_tokenizer.train as T
+
+    ss = gs.ShardSet.open(volumes_set)
+    init = trained["result"].checkpoint
+    steps: list[float] = []
+    plain_step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(plain_step(*a)) or steps[-1])
+
+    def run(epochs, run_dir, resume=False):
+        steps.clear()
+        cfg = preset("test", train={"max_epochs": epochs, "steps_per_epoch": 2, "patience": 10, "freeze": ["proj"],
+                                    "flip_axes": [0]})
+        tok = MaeCnnTokenizer.from_mae(mae_checkpoint, cfg.mae_cnn)
+        train_tokenizer(tok, ss, cfg.train, tmp_path / run_dir, resume=resume, progress=False, init=init)
+        return list(steps)
+
+    full = run(2, "full")
+    part = run(1, "part")
+    rest = run(2, "part", resume=True)
+    assert len(full) == 4 and part + rest == full
+    before = MaeCnnTokenizer.from_checkpoint(init)
+    after = MaeCnnTokenizer.from_checkpoint(tmp_path / "full" / "last.safetensors")
+    old, new = before.head.state_dict(), after.head.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("proj."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    x = next(iter(T.iter_batches(ss, trained["splits"]["val"], 2, (32, 32, 32)))).volumes
+    with torch.no_grad():
+        assert torch.equal(before.encode(x), after.encode(x))
+
+    cfg = preset("test", train={"max_epochs": 1, "freeze": ["projection"]})
+    with pytest.raises(ValueError, match="freeze 'projection': no such part .*decoder, proj"):
+        train_tokenizer(MaeCnnTokenizer.from_mae(mae_checkpoint, cfg.mae_cnn), ss, cfg.train, tmp_path / "bad",
+                        progress=False)

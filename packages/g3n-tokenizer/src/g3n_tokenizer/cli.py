@@ -35,7 +35,8 @@ def _c_value(text: str) -> int | None:
 def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
     train = {k: v for k, v in {"max_epochs": a.epochs, "patience": a.patience, "batch_size": a.batch_size, "lr": a.lr,
                                "engine": a.engine, "seed": a.seed, "steps_per_epoch": a.steps_per_epoch,
-                               "precision": a.precision}.items()
+                               "precision": a.precision, "freeze": getattr(a, "freeze", None),
+                               "flip_axes": getattr(a, "flip_axes", None)}.items()
              if v is not None}
     return {"train": train} if train else {}
 
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", metavar="TOKENIZER.safetensors",
                    help="warm start: the trainable part (mae-cnn: projection + decoder; autoencoderkl: all) from a "
                         "checkpoint of the same tokenizer and config; optimizer fresh. --resume with state present wins")
+    t.add_argument("--freeze", nargs="+", metavar="PART",
+                   help="keep these parts of the trainable module as they are (mae-cnn 'proj': the decoder alone "
+                        "learns and every latent stays what it was)")
+    t.add_argument("--flip-axes", nargs="+", type=int, choices=[0, 1, 2], metavar="AXIS",
+                   help="mirror each training volume along these axes with probability 1/2 (0: left-right in atlas space)")
     training(t)
     common(t)
     t.set_defaults(fn=cmd_train)

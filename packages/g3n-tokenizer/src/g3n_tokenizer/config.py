@@ -126,6 +126,20 @@ class TrainConfig(BaseModel):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     log_every: int = Field(10, ge=1)
+    freeze: tuple[str, ...] = Field((), description=(
+        "parts of the trainable module kept as they are (parameter-name prefixes). MAE-CNN's ['proj']: "
+        "the decoder learns, the projection and so the latents do not, so a generator trained on "
+        "the tokenizer's latents stays valid when its decoder is improved"))
+    flip_axes: tuple[int, ...] = Field((), description=(
+        "augmentation: each training volume is mirrored along each of these axes (0, 1, 2) with "
+        "probability 1/2; 0 is left-right in atlas space (the brain's near-symmetry makes the "
+        "mirrored volume another plausible brain). Validation volumes are never flipped"))
+
+    @model_validator(mode="after")
+    def _check_train(self) -> "TrainConfig":
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ValueError(f"flip_axes {list(self.flip_axes)}: distinct spatial axes among 0, 1, 2")
+        return self
 
 
 class TokenizerConfig(BaseModel):

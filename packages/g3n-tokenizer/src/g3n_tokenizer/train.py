@@ -18,6 +18,8 @@
   stops after ``patience`` epochs without improvement, at ``max_epochs``, or on a non-finite loss.
   A resume compares the requested settings with the run's (``RESUME_MUTABLE`` may change, logged;
   any other difference is refused naming the fields, unless ``accept_checkpoint_config``).
+* ``freeze`` keeps named parts of the trainable module fixed (MAE-CNN ``proj``: a decoder-only
+  fine-tune leaves every latent as it was); ``flip_axes`` mirrors training volumes at random.
 * Warm start (``init``): the trainable module starts from another checkpoint of the same tokenizer
   and config (``TorchTokenizer.load_init``) with a fresh optimizer and epoch 0; resume (state
   present) wins over it. The init's path and SHA-256 go into ``train_state.json`` and the
@@ -51,8 +53,8 @@ from .config import TrainConfig
 from .data import iter_batches, split_subjects
 from .errors import CheckpointError
 
-__all__ = ["NonFiniteLossError", "RESUME_MUTABLE", "TrainResult", "build_engine", "train_step", "train_tokenizer",
-           "validation_loss"]
+__all__ = ["NonFiniteLossError", "RESUME_MUTABLE", "TrainResult", "build_engine", "freeze_parts", "random_flips",
+           "train_step", "train_tokenizer", "validation_loss"]
 
 BEST_NAME = "tokenizer.safetensors"
 LAST_NAME = "last.safetensors"
@@ -91,8 +93,38 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, d: Dist) -> Engine:
     return build_train_engine(cfg.engine, module, spec, d)
 
 
-def train_step(engine: Engine, tok: TorchTokenizer, x: torch.Tensor) -> float:
-    """One optimizer step on volumes ``x``; returns the loss (a non-finite one raises, nothing applied)."""
+def freeze_parts(module: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Keep the parameters named ``prefix`` or ``prefix.*`` out of training; returns how many
+    values that freezes. A prefix that names nothing is an error listing the module's parts."""
+    n = 0
+    for prefix in prefixes:
+        hit = [p for name, p in module.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+        if not hit:
+            parts = sorted({name.split(".")[0] for name, _ in module.named_parameters()})
+            raise ValueError(f"freeze {prefix!r}: no such part of the trainable module (its parts: {', '.join(parts)})")
+        for p in hit:
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def random_flips(x: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """Mirror each volume of ``x`` (B, 1, X, Y, Z) along each of ``axes`` with probability 1/2.
+
+    Draws from torch's global generator, which the trainer seeds and checkpoints with every epoch,
+    so a resumed run flips the same volumes as an uninterrupted one."""
+    for a in axes:
+        pick = torch.rand(x.shape[0]) < 0.5
+        if pick.any():
+            x = x.clone()
+            x[pick] = x[pick].flip(a + 2)
+    return x
+
+
+def train_step(engine: Engine, tok: TorchTokenizer, x: torch.Tensor, flip_axes: tuple[int, ...] = ()) -> float:
+    """One optimizer step on volumes ``x`` (randomly mirrored along ``flip_axes``); returns the
+    loss (a non-finite one raises, nothing applied)."""
+    x = random_flips(x, flip_axes)
     engine.module.train()
     with engine.autocast():
         loss, _ = engine.model(tok.train_inputs(x), x)
@@ -144,6 +176,10 @@ def train_tokenizer(tok: TorchTokenizer, volumes: gs.ShardSet, cfg: TrainConfig,
         init_record = tok.load_init(init)
         say(f"init: {tok.name} trainable weights from {init_record['path']} (sha256 {init_record['sha256']})")
     # ---- engine, then the saved weights, optimizer state and random streams --------------------
+    frozen = freeze_parts(tok.train_module, cfg.freeze)
+    if frozen:
+        say(f"freeze: {frozen} of {sum(p.numel() for p in tok.train_module.parameters())} trainable-module "
+            f"parameters kept as they are ({', '.join(cfg.freeze)})")
     _seed(cfg.seed)
     engine = build_engine(tok.train_module, cfg, d)
     tok.bf16 = engine.bf16
@@ -198,7 +234,7 @@ def _epoch(run: _Run) -> None:
     for i, b in enumerate(bar):
         if cfg.steps_per_epoch is not None and i >= cfg.steps_per_epoch:
             break
-        losses.append(train_step(run.engine, tok, b.volumes.to(tok.device)))
+        losses.append(train_step(run.engine, tok, b.volumes.to(tok.device), cfg.flip_axes))
         state["step"] += 1
         if i % cfg.log_every == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
