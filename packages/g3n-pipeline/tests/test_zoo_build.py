@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import g3n_zoo
@@ -37,6 +38,7 @@ def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch)
         m = g3n_zoo.get(name)
         text = "".join(f.read_text() for f in m.folder.iterdir() if f.suffix in (".json", ".md"))
         assert str(run) not in text and str(zoo) not in text
+        assert not any(str(run).encode() in f.read_bytes() for f in m.folder.iterdir())  # weights' metadata too
         card = m.card
         assert card["training"]["wall_minutes"] is not None and card["training"]["final"]
         assert card["data"]["digest"].startswith("sha256:") and card["weights"]["dtype"] == "float16"
@@ -48,6 +50,23 @@ def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch)
     assert [r["tokenizer"] for r in t5["results"]["rows"]] == ["MAE-CNN c=32", "AutoencoderKL"]
     assert [r["values_per_volume"] for r in t5["results"]["rows"]] == [38_400, 76_800]
     assert g3n_zoo.get("autoencoderkl").card["stage"] == "g3n-tokenizer"
+    # the MAE-CNN tokenizer in two stages: the second (decoder alone, from the first's best epoch)
+    # keeps the projection, so latents-train (encoded by the first) is the shipped tokenizer's
+    mc = g3n_zoo.get("mae-cnn")
+    assert [c.split()[3] for c in mc.card["command"]] == ["train", "encode", "train"]
+    assert "--init '$RUN/tokenizer/tokenizer.safetensors'" in mc.card["command"][2]
+    assert [st["folder"] for st in mc.card["training"]["final"]["stages"]] == ["tokenizer", "tokenizer-decoder"]
+    conf = json.loads((mc.folder / "config.json").read_text())
+    assert conf["train"]["freeze"] == ["proj"] and conf["earlier_stages"][0]["freeze"] == []
+    from g3n_tokenizer.mae_cnn import MaeCnnTokenizer
+
+    first = MaeCnnTokenizer.from_checkpoint(run / "tokenizer" / "tokenizer.safetensors").head.proj.weight
+    assert mc.card["training"]["steps"] == 2 and "training stages, each from the one before" in (mc.folder / "card.md").read_text()
+    shipped = MaeCnnTokenizer.from_checkpoint(mc.path).head.proj.weight
+    assert torch.allclose(shipped.float(), first.half().float())  # the same projection, up to its fp16 packing
+    akl = g3n_zoo.get("autoencoderkl").card
+    assert [c.split()[3] for c in akl["command"]] == ["train", "train"] and "--init" in akl["command"][1]
+    assert [st["folder"] for st in akl["training"]["final"]["stages"]] == ["tokenizer-akl", "tokenizer-akl-2"]
 
 
 def test_pack_only_replaces_the_named_models(built, tmp_path):
@@ -116,7 +135,9 @@ def test_an_edited_training_config_trains_its_stage_again(tmp_path):
     """The stage's fingerprint holds the config file's content: a changed number of epochs in the
     same file is a changed setting, not a finished stage."""
     for field, name, key in (("tokenizer_config", "tokenizer", "max_epochs:"),
+                             ("tokenizer_decoder_config", "tokenizer-decoder", "max_epochs:"),
                              ("baseline_tokenizer_config", "tokenizer-baseline", "max_epochs:"),
+                             ("baseline_tokenizer_stage2_config", "tokenizer-baseline-2", "max_epochs:"),
                              ("bridge_config", "bridge", "segment_years:")):
         own = tmp_path / f"{name}.yaml"
         text = zoo_build.zoo_file(getattr(zoo_build.ZooConfig(), field)).read_text()
@@ -127,3 +148,17 @@ def test_an_edited_training_config_trains_its_stage_again(tmp_path):
         before = _fingerprint(cfg.run_dir, stage)
         own.write_text(text.replace(key, f"{key} 1 #"))
         assert _fingerprint(cfg.run_dir, stage) != before, name
+
+
+def test_a_decoder_stage_that_would_change_the_latents_is_refused(tmp_path):
+    own = tmp_path / "decoder.yaml"
+    own.write_text(zoo_build.zoo_file("tokenizer-mae-cnn-decoder.yaml").read_text().replace("freeze: [proj]", "freeze: []"))
+    with pytest.raises(zoo_build.StageFailed, match="must freeze 'proj'"):
+        zoo_build.build_zoo_stages(zoo_build.ZooConfig(run_dir=tmp_path / "run", tokenizer_decoder_config=str(own)))
+    cfg = zoo_build.ZooConfig(run_dir=tmp_path / "run", tokenizer_decoder_config=None, baseline_tokenizer_stage2_config=None)
+    stages = {st.name: st for st in zoo_build.build_zoo_stages(cfg)}
+    assert not {"tokenizer-decoder", "tokenizer-baseline-2"} & set(stages)
+    assert zoo_build.tokenizer_folders(cfg, "mae-cnn") == ("tokenizer",)
+    table5 = stages["tokenizers"].commands(cfg.run_dir)[0]
+    assert str(cfg.run_dir / "tokenizer" / "tokenizer.safetensors") in table5
+    assert str(cfg.run_dir / "tokenizer-akl" / "tokenizer.safetensors") in table5

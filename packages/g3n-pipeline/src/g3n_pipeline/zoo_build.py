@@ -6,8 +6,15 @@ long as they need on a CPU (hours). The run folder works like the demo's: each s
 marker, a re-run skips finished stages, and a killed trainer resumes from its last checkpoint.
 
     cohort (as g3n-demo) ─▶ volumes-train ─▶ mae ─▶ tokenizer (MAE-CNN) ─▶ latents-train ─▶ dit
-                                   │                         │                    └──▶ bridge
-                                   └──▶ tokenizer-baseline ──┴▶ tokenizers (Table 5 in kind, held-out split)
+                                   │                    │                         └──▶ bridge
+                                   │                    └─▶ tokenizer-decoder ──────┐
+                                   └──▶ tokenizer-baseline ─▶ tokenizer-baseline-2 ─┴▶ tokenizers (Table 5 in kind)
+
+Each tokenizer trains in two stages. The MAE-CNN's: projection and decoder together, then (from the
+best epoch, at half the learning rate, on mirrored volumes too) the decoder alone. The projection is
+frozen in the second stage, so the latents the generator and the bridge train on are the first
+stage's, whichever decoder ships. The AutoencoderKL baseline's second stage continues the whole
+autoencoder the same way for about the same CPU time, so Table 5 compares equal budgets.
 
 `--pack` (after the last stage) writes each model's weights (fp16), its config, its model card
 and the exact command into the zoo folder, and the manifest with every file's SHA-256.
@@ -52,6 +59,12 @@ class ZooConfig(BaseModel):
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="override the config's steps_per_epoch")
+    tokenizer_decoder_config: str | None = Field(
+        "tokenizer-mae-cnn-decoder.yaml", description="the MAE-CNN tokenizer's second stage: the decoder alone trains "
+        "on from the first stage's best epoch (g3n_pipeline/zoo/; it must freeze 'proj'); null: one stage")
+    baseline_tokenizer_stage2_config: str | None = Field(
+        "tokenizer-autoencoderkl-2.yaml", description="the AutoencoderKL baseline's second stage, from its first "
+        "stage's best epoch (g3n_pipeline/zoo/); null: one stage")
     baseline_tokenizer_config: str = Field("tokenizer-autoencoderkl.yaml",
                                            description="AutoencoderKL baseline training config (g3n_pipeline/zoo/)")
     dit_steps: int = Field(6000, ge=1, description="generator steps (batch 8)")
@@ -61,8 +74,38 @@ class ZooConfig(BaseModel):
     bridge_config: str = Field("bridge.yaml", description="the bridge's settings (g3n_pipeline/zoo/), shared with the demo")
 
 
+def tokenizer_folders(cfg: ZooConfig, name: str) -> tuple[str, ...]:
+    """The run folders of a shipped tokenizer's training stages, in order (each later one starts
+    from the one before); the last one's best epoch is what ships."""
+    if name == "mae-cnn":
+        return ("tokenizer", "tokenizer-decoder") if cfg.tokenizer_decoder_config else ("tokenizer",)
+    return ("tokenizer-akl", "tokenizer-akl-2") if cfg.baseline_tokenizer_stage2_config else ("tokenizer-akl",)
+
+
+#: the zoo-build stage that trains each tokenizer folder
+TOKENIZER_STAGES = {"tokenizer": "tokenizer", "tokenizer-decoder": "tokenizer-decoder",
+                    "tokenizer-akl": "tokenizer-baseline", "tokenizer-akl-2": "tokenizer-baseline-2"}
+
+
+def _check_decoder_stage(cfg: ZooConfig) -> None:
+    """The second stage must keep the projection: ``latents-train`` is encoded by the first."""
+    import yaml
+
+    if not cfg.tokenizer_decoder_config:
+        return
+    path = zoo_file(cfg.tokenizer_decoder_config)
+    freeze = ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("freeze") or []
+    if "proj" not in freeze:
+        raise StageFailed(f"{path}: the tokenizer's decoder stage must freeze 'proj' (train: freeze: [proj]); "
+                          "latents-train, and the generator and bridge trained on it, come from the first stage")
+
+
 def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
     s = str
+    _check_decoder_stage(cfg)
+    lengths = [*(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
+               *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]
+    mae_cnn, akl = tokenizer_folders(cfg, "mae-cnn")[-1], tokenizer_folders(cfg, "autoencoderkl")[-1]
     demo = DemoConfig(run_dir=cfg.run_dir, seed=cfg.seed, subjects=cfg.subjects, real=cfg.real,
                       from_scratch=True)  # only its cohort stages are used
     stages = [st for st in build_stages(demo) if st.name in COHORT_STAGES]
@@ -77,24 +120,34 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
               ["tokenizer/tokenizer.safetensors", "latents-train"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
              "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae" / "export"),
-             "--config", s(zoo_file(cfg.tokenizer_config)), "--resume",
-             *(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
-             *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])],
+             "--config", s(zoo_file(cfg.tokenizer_config)), "--resume", *lengths],
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes-train"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents-train"), "--overwrite"]],
               # the training config's content, not only its path: an edited config trains again
               external=[zoo_file(cfg.tokenizer_config)]),
+        *([Stage("tokenizer-decoder", "MAE-CNN tokenizer, second stage: the decoder alone (g3n-tokenizer train --init)",
+                 ["tokenizer-decoder/tokenizer.safetensors"], lambda r: [
+            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-decoder"),
+             "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae" / "export"),
+             "--init", s(r / "tokenizer" / "tokenizer.safetensors"),
+             "--config", s(zoo_file(cfg.tokenizer_decoder_config)), "--resume", *lengths]],
+                 external=[zoo_file(cfg.tokenizer_decoder_config)])] if cfg.tokenizer_decoder_config else []),
         Stage("tokenizer-baseline", "AutoencoderKL baseline tokenizer, tiny preset (g3n-tokenizer train)",
               ["tokenizer-akl/tokenizer.safetensors"], lambda r: [
             ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl"),
              "--tokenizer", "autoencoderkl", "--config", s(zoo_file(cfg.baseline_tokenizer_config)), "--resume",
-             *(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
-             *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]],
+             *lengths]],
               external=[zoo_file(cfg.baseline_tokenizer_config)]),
+        *([Stage("tokenizer-baseline-2", "AutoencoderKL baseline tokenizer, second stage (g3n-tokenizer train --init)",
+                 ["tokenizer-akl-2/tokenizer.safetensors"], lambda r: [
+            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl-2"),
+             "--tokenizer", "autoencoderkl", "--init", s(r / "tokenizer-akl" / "tokenizer.safetensors"),
+             "--config", s(zoo_file(cfg.baseline_tokenizer_stage2_config)), "--resume", *lengths]],
+                 external=[zoo_file(cfg.baseline_tokenizer_stage2_config)])] if cfg.baseline_tokenizer_stage2_config else []),
         Stage("tokenizers", "the two tokenizers side by side on the held-out split (g3n-eval tokenizers)",
               ["tokenizers/tokenizers.json"], lambda r: [
-            ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / "tokenizer" / "tokenizer.safetensors"),
-             "--arm", "AutoencoderKL", "autoencoderkl", s(r / "tokenizer-akl" / "tokenizer.safetensors"),
+            ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / mae_cnn / "tokenizer.safetensors"),
+             "--arm", "AutoencoderKL", "autoencoderkl", s(r / akl / "tokenizer.safetensors"),
              "--volumes", s(r / "volumes"), "--heldout", s(r / "volumes-test"), "--out", s(r / "tokenizers")]]),
         # g3n-dit train continues from its last checkpoint by itself: a killed stage keeps it (resumable)
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train)", ["dit"], resumable=True,
@@ -132,15 +185,16 @@ def machine_description() -> str:
 FP16_TOLERANCE = 1e-3
 
 
-def _to_fp16(src: Path, dst: Path, keep_fp32: Callable[[str], bool] = lambda k: False) -> dict[str, Any]:
-    """Copy a safetensors file with its float tensors in fp16 (metadata kept); returns what that cost:
-    the largest relative round-trip error of a tensor stored in fp16, and the tensors kept in fp32."""
+def _to_fp16(src: Path, dst: Path, run: Path, keep_fp32: Callable[[str], bool] = lambda k: False) -> dict[str, Any]:
+    """Copy a safetensors file with its float tensors in fp16 (metadata kept, the run folder's path in
+    it written as $RUN, e.g. a warm start's ``init``); returns what that cost: the largest relative
+    round-trip error of a tensor stored in fp16, and the tensors kept in fp32."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = {k: v.replace(str(run), "$RUN") for k, v in (f.metadata() or {}).items()}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     out, worst, kept = {}, 0.0, []
     for k, v in tensors.items():
@@ -222,6 +276,9 @@ def _write_card(folder: Path, card: dict[str, Any]) -> None:
              f"{tr['machine']}, "
              f"built {tr['built']}",
              "- final losses: " + ", ".join(f"{k} {v:.4g}" for k, v in tr["final"].items() if isinstance(v, (int, float))),
+             *(["- training stages, each from the one before: " + ", then ".join(
+                 f"{st['folder']} (best epoch {st['best_epoch']}, val_loss {st['val_loss']:.4g})"
+                 for st in tr["final"]["stages"])] if tr["final"].get("stages") else []),
              f"- weights: {card['weights']['dtype']} (largest relative round-trip error of a tensor "
              f"{card['weights']['max_relative_roundtrip_error']:.1e}; kept in fp32, their values too small for fp16: "
              f"{', '.join(card['weights']['kept_fp32']) or 'none'})",
@@ -264,12 +321,13 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     staging.mkdir(parents=True)
     entries: dict[str, ModelEntry] = {}
 
-    def card(name: str, title: str, stage_pkg: str, load: str, stage: str, steps: int, minutes: float | None,
-             final: dict, weights: dict) -> None:
+    def card(name: str, title: str, stage_pkg: str, load: str, stage: str | tuple[str, ...], steps: int,
+             minutes: float | None, final: dict, weights: dict) -> None:
         _write_card(staging / name, {
             "name": name, "title": title, "stage": stage_pkg, "load": load, "data": data,
             "training": {"steps": steps, "wall_minutes": minutes, "machine": machine, "built": built, "final": final},
-            "weights": weights, "command": _command(stages[stage], run)})
+            "weights": weights, "command": [c for st in ((stage,) if isinstance(stage, str) else stage)
+                                            for c in _command(stages[st], run)]})
 
     def want(name: str) -> bool:
         return only is None or name in only
@@ -282,7 +340,7 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     # MAE: the full model (encoder and its pretraining decoder), so a demo run can continue pretraining
     if want("mae"):
         mae = run / "mae" / "export"
-        w = _to_fp16(mae / "model.safetensors", staging / "mae" / "model.safetensors")
+        w = _to_fp16(mae / "model.safetensors", staging / "mae" / "model.safetensors", run)
         shutil.copyfile(mae / "config.json", staging / "mae" / "config.json")
         mcfg = json.loads((mae / "config.json").read_text())
         m = mcfg["model"]
@@ -294,29 +352,41 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
              _rate_minutes(run / "mae" / "metrics.jsonl", mcfg["train"]["batch_size"], "volumes_per_s"),
              _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w)
 
-    def tokenizer(name: str, folder: str, stage: str, title: Callable[[dict], str]) -> None:
-        """A tokenizer: the best epoch by validation loss."""
+    def tokenizer(name: str, title: Callable[[dict], str]) -> None:
+        """A tokenizer: the best epoch by validation loss of its last training stage (each later
+        stage warm-started from the one before). Steps and minutes add up to each stage's best
+        epoch; the config is the last stage's."""
         from g3n_tokenizer.checkpoint import read_header
 
-        tok = run / folder
-        w = _to_fp16(tok / "tokenizer.safetensors", staging / name / "tokenizer.safetensors")
-        state = json.loads((tok / "train_state.json").read_text())
+        folders = tokenizer_folders(cfg, name)
+        tok = run / folders[-1]
+        w = _to_fp16(tok / "tokenizer.safetensors", staging / name / "tokenizer.safetensors", run)
+        states = [json.loads((run / f / "train_state.json").read_text()) for f in folders]
+        state = states[-1]
         tok_cfg = {"tokenizer": state["tokenizer"], "model": read_header(tok / "tokenizer.safetensors")["config"],
                    "train": state["config"]}
+        if len(states) > 1:
+            tok_cfg["earlier_stages"] = [st["config"] for st in states[:-1]]
         atomic_write_bytes(staging / name / "config.json", (json.dumps(tok_cfg, indent=1) + "\n").encode())
         best = state["history"][state["best_epoch"]]
-        card(name, title(tok_cfg["model"]["tokenizer"]), "g3n-tokenizer", "tokenizer.safetensors", stage,
-             int(best["step"]), round(sum(h["seconds"] for h in state["history"][: state["best_epoch"] + 1]) / 60, 1),
-             {"train_loss": best["train_loss"], "val_loss": best["val_loss"], "best_epoch": state["best_epoch"]}, w)
+        steps = sum(int(st["history"][st["best_epoch"]]["step"]) for st in states)
+        seconds = sum(h["seconds"] for st in states for h in st["history"][: st["best_epoch"] + 1])
+        final = {"train_loss": best["train_loss"], "val_loss": best["val_loss"], "best_epoch": state["best_epoch"]}
+        if len(states) > 1:
+            final["stages"] = [{"folder": f, "best_epoch": st["best_epoch"], "val_loss": st["best_val"]}
+                               for f, st in zip(folders, states)]
+        card(name, title(tok_cfg["model"]["tokenizer"]), "g3n-tokenizer", "tokenizer.safetensors",
+             tuple(TOKENIZER_STAGES[f] for f in folders), steps, round(seconds / 60, 1), final, w)
 
     if want("mae-cnn"):
-        tokenizer("mae-cnn", "tokenizer", "tokenizer",
-                  lambda t: f"MAE-CNN tokenizer (frozen MAE encoder, projection to c = {t['c']}, 3D CNN decoder)")
+        tokenizer("mae-cnn", lambda t: f"MAE-CNN tokenizer (frozen MAE encoder, projection to c = {t['c']}, 3D CNN decoder)")
     if want("autoencoderkl"):
-        tokenizer("autoencoderkl", "tokenizer-akl", "tokenizer-baseline",
-                  lambda t: f"AutoencoderKL baseline tokenizer (MONAI, channels {tuple(t['channels'])}, latent "
-                            f"{t['latent_channels']} x {' x '.join(str(n // 2 ** (len(t['channels']) - 1)) for n in t['img_size'])})")
-        # Table 5 in kind: both tokenizers on the demo's held-out split (the demo prints and reports it)
+        tokenizer("autoencoderkl", lambda t: (
+            f"AutoencoderKL baseline tokenizer (MONAI, channels {tuple(t['channels'])}, latent {t['latent_channels']} x "
+            f"{' x '.join(str(n // 2 ** (len(t['channels']) - 1)) for n in t['img_size'])})"))
+    if want("autoencoderkl") or (want("mae-cnn") and (staging / "autoencoderkl").is_dir()):
+        # Table 5 in kind: both tokenizers on the demo's held-out split (the demo prints and reports it);
+        # it holds both tokenizers' figures, so a new one of either rewrites it
         doc = _scrub_paths(json.loads((run / "tokenizers" / "tokenizers.json").read_text()), run)
         atomic_write_bytes(staging / "autoencoderkl" / "table5.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
@@ -331,7 +401,7 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         st = json.loads((ck / "state.json").read_text())
         costs, files = [], {}
         for f in ("model.safetensors", "ema.safetensors"):
-            costs.append(_to_fp16(ck / f, staging / name / f, keep_fp32=lambda k: k.startswith("norm.")))
+            costs.append(_to_fp16(ck / f, staging / name / f, run, keep_fp32=lambda k: k.startswith("norm.")))
             files[f] = file_sha256(staging / name / f)
         worst = {"dtype": "float16", "max_relative_roundtrip_error": max(c["max_relative_roundtrip_error"] for c in costs),
                  "kept_fp32": sorted({k for c in costs for k in c["kept_fp32"]})}
