@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rc:
             continue
         real = row["real"]
-        lo, hi = rc["keeps_interval"]
+        if real["difference"] is None:  # no volume of the effect's modality or classes in this cohort
+            continue
+        lo, hi = (v if v is not None else float("nan") for v in rc["keeps_interval"])
         n = f"{real['n_from']}/{real['n_to']}" if "n_from" in real else str(real["n"])
         print(f"{name:40s} {n:>9s} {real['difference']:10.4f} {real['d']:6.2f} {row['recon_keeps']:11.0%} "
               f"{lo:7.0%} to {hi:5.0%} {rc['slope']:6.0%} {rc['r']:5.2f}")
