@@ -25,16 +25,17 @@ from pathlib import Path
 
 import yaml
 
-#: T1 only, one visit, the two cohorts whose effects the demo's split is too small for
-COHORTS = [
-    {"name": "SYN-ADNI", "weight": 0.6, "diagnoses": {"HC": 0.40, "MCI": 0.35, "AD": 0.25},
-     "age": {"HC": {"mean": 73, "sd": 6, "lo": 55, "hi": 90}, "MCI": {"mean": 73, "sd": 7, "lo": 55, "hi": 90},
-             "AD": {"mean": 75, "sd": 7, "lo": 55, "hi": 90}},
-     "male": {"HC": 0.45, "MCI": 0.60, "AD": 0.52}, "sites": ["SYN-S3", "SYN-S4"], "clinical": "adni"},
-    {"name": "SYN-PPMI", "weight": 0.4, "diagnoses": {"HC": 0.30, "PD": 0.70},
-     "age": {"*": {"mean": 62, "sd": 9, "lo": 40, "hi": 85}}, "male": {"HC": 0.60, "PD": 0.65},
-     "sites": ["SYN-S5", "SYN-S2"], "clinical": "ppmi"},
-]
+#: the synthetic cohort's own ADNI- and PPMI-like cohorts (their diagnoses, ages, sexes, sites),
+#: each scanned once, in T1 only
+COHORTS = {"SYN-ADNI": 0.6, "SYN-PPMI": 0.4}
+
+
+def cohorts() -> list[dict]:
+    from g3n_data.synth.config import SynthConfig
+
+    defaults = {c.name: c for c in SynthConfig().cohorts}
+    once = {"longitudinal": 0.0, "extra_modalities": {}}
+    return [defaults[name].model_copy(update={"weight": w, **once}).model_dump(mode="json") for name, w in COHORTS.items()]
 
 
 def _run(argv: list[str], done: Path) -> None:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     w = a.work
     w.mkdir(parents=True, exist_ok=True)
     cfg = w / "synth.yaml"
-    cfg.write_text(yaml.safe_dump({"cohorts": COHORTS}))
+    cfg.write_text(yaml.safe_dump({"cohorts": cohorts()}))
     _run(["g3n_data.cli", "synth", "--out", str(w / "volumes"), "--subjects", str(a.subjects), "--seed", str(a.seed),
           "--config", str(cfg)], w / "volumes" / "manifest.json")
     _run(["g3n_tokenizer.cli", "encode", "--volumes", str(w / "volumes"), "--checkpoint", a.tokenizer,

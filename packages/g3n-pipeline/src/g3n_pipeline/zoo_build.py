@@ -82,20 +82,14 @@ def tokenizer_folders(cfg: ZooConfig, name: str) -> tuple[str, ...]:
     return ("tokenizer-akl", "tokenizer-akl-2") if cfg.baseline_tokenizer_stage2_config else ("tokenizer-akl",)
 
 
-#: the zoo-build stage that trains each tokenizer folder
-TOKENIZER_STAGES = {"tokenizer": "tokenizer", "tokenizer-decoder": "tokenizer-decoder",
-                    "tokenizer-akl": "tokenizer-baseline", "tokenizer-akl-2": "tokenizer-baseline-2"}
-
-
 def _check_decoder_stage(cfg: ZooConfig) -> None:
     """The second stage must keep the projection: ``latents-train`` is encoded by the first."""
-    import yaml
+    from g3n_tokenizer.config import load_config
 
     if not cfg.tokenizer_decoder_config:
         return
     path = zoo_file(cfg.tokenizer_decoder_config)
-    freeze = ((yaml.safe_load(path.read_text()) or {}).get("train") or {}).get("freeze") or []
-    if "proj" not in freeze:
+    if "proj" not in load_config(path).train.freeze:
         raise StageFailed(f"{path}: the tokenizer's decoder stage must freeze 'proj' (train: freeze: [proj]); "
                           "latents-train, and the generator and bridge trained on it, come from the first stage")
 
@@ -106,6 +100,14 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
     lengths = [*(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
                *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]
     mae_cnn, akl = tokenizer_folders(cfg, "mae-cnn")[-1], tokenizer_folders(cfg, "autoencoderkl")[-1]
+
+    def train_tokenizer(r: Path, out: str, kind: str, config: str, init: str | None = None) -> list[str]:
+        """g3n-tokenizer train into ``out`` (mae-cnn: around the run's MAE; ``init``: a stage's folder to start from)."""
+        return ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / out), "--tokenizer", kind,
+                *(["--mae-checkpoint", s(r / "mae" / "export")] if kind == "mae-cnn" else []),
+                *(["--init", s(r / init / "tokenizer.safetensors")] if init else []),
+                "--config", s(zoo_file(config)), "--resume", *lengths]
+
     demo = DemoConfig(run_dir=cfg.run_dir, seed=cfg.seed, subjects=cfg.subjects, real=cfg.real,
                       from_scratch=True)  # only its cohort stages are used
     stages = [st for st in build_stages(demo) if st.name in COHORT_STAGES]
@@ -118,31 +120,23 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
             ["g3n_mae.cli", "export", s(r / "mae"), s(r / "mae" / "export")]]),
         Stage("tokenizer", "MAE-CNN tokenizer, tiny preset (g3n-tokenizer train, encode)",
               ["tokenizer/tokenizer.safetensors", "latents-train"], lambda r: [
-            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer"),
-             "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae" / "export"),
-             "--config", s(zoo_file(cfg.tokenizer_config)), "--resume", *lengths],
+            train_tokenizer(r, "tokenizer", "mae-cnn", cfg.tokenizer_config),
             ["g3n_tokenizer.cli", "encode", "--volumes", s(r / "volumes-train"), "--checkpoint",
              s(r / "tokenizer" / "tokenizer.safetensors"), "--out", s(r / "latents-train"), "--overwrite"]],
               # the training config's content, not only its path: an edited config trains again
               external=[zoo_file(cfg.tokenizer_config)]),
         *([Stage("tokenizer-decoder", "MAE-CNN tokenizer, second stage: the decoder alone (g3n-tokenizer train --init)",
                  ["tokenizer-decoder/tokenizer.safetensors"], lambda r: [
-            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-decoder"),
-             "--tokenizer", "mae-cnn", "--mae-checkpoint", s(r / "mae" / "export"),
-             "--init", s(r / "tokenizer" / "tokenizer.safetensors"),
-             "--config", s(zoo_file(cfg.tokenizer_decoder_config)), "--resume", *lengths]],
+            train_tokenizer(r, "tokenizer-decoder", "mae-cnn", cfg.tokenizer_decoder_config, init="tokenizer")],
                  external=[zoo_file(cfg.tokenizer_decoder_config)])] if cfg.tokenizer_decoder_config else []),
         Stage("tokenizer-baseline", "AutoencoderKL baseline tokenizer, tiny preset (g3n-tokenizer train)",
               ["tokenizer-akl/tokenizer.safetensors"], lambda r: [
-            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl"),
-             "--tokenizer", "autoencoderkl", "--config", s(zoo_file(cfg.baseline_tokenizer_config)), "--resume",
-             *lengths]],
+            train_tokenizer(r, "tokenizer-akl", "autoencoderkl", cfg.baseline_tokenizer_config)],
               external=[zoo_file(cfg.baseline_tokenizer_config)]),
         *([Stage("tokenizer-baseline-2", "AutoencoderKL baseline tokenizer, second stage (g3n-tokenizer train --init)",
                  ["tokenizer-akl-2/tokenizer.safetensors"], lambda r: [
-            ["g3n_tokenizer.cli", "train", "--volumes", s(r / "volumes-train"), "--out", s(r / "tokenizer-akl-2"),
-             "--tokenizer", "autoencoderkl", "--init", s(r / "tokenizer-akl" / "tokenizer.safetensors"),
-             "--config", s(zoo_file(cfg.baseline_tokenizer_stage2_config)), "--resume", *lengths]],
+            train_tokenizer(r, "tokenizer-akl-2", "autoencoderkl", cfg.baseline_tokenizer_stage2_config,
+                            init="tokenizer-akl")],
                  external=[zoo_file(cfg.baseline_tokenizer_stage2_config)])] if cfg.baseline_tokenizer_stage2_config else []),
         Stage("tokenizers", "the two tokenizers side by side on the held-out split (g3n-eval tokenizers)",
               ["tokenizers/tokenizers.json"], lambda r: [
@@ -375,8 +369,9 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         if len(states) > 1:
             final["stages"] = [{"folder": f, "best_epoch": st["best_epoch"], "val_loss": st["best_val"]}
                                for f, st in zip(folders, states)]
-        card(name, title(tok_cfg["model"]["tokenizer"]), "g3n-tokenizer", "tokenizer.safetensors",
-             tuple(TOKENIZER_STAGES[f] for f in folders), steps, round(seconds / 60, 1), final, w)
+        trained_by = tuple(next(n for n, st in stages.items() if f"{f}/tokenizer.safetensors" in st.outputs) for f in folders)
+        card(name, title(tok_cfg["model"]["tokenizer"]), "g3n-tokenizer", "tokenizer.safetensors", trained_by, steps,
+             round(seconds / 60, 1), final, w)
 
     if want("mae-cnn"):
         tokenizer("mae-cnn", lambda t: f"MAE-CNN tokenizer (frozen MAE encoder, projection to c = {t['c']}, 3D CNN decoder)")
