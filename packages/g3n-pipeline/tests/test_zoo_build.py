@@ -7,10 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+import g3n_shards
 import g3n_zoo
 from g3n_pipeline import zoo_build
 from g3n_pipeline.demo import DemoConfig, build_stages
@@ -162,3 +164,55 @@ def test_a_decoder_stage_that_would_change_the_latents_is_refused(tmp_path):
     table5 = stages["tokenizers"].commands(cfg.run_dir)[0]
     assert str(cfg.run_dir / "tokenizer" / "tokenizer.safetensors") in table5
     assert str(cfg.run_dir / "tokenizer-akl" / "tokenizer.safetensors") in table5
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """A copy of the volumes set ``src`` with ``edit(key, meta, volume) -> (meta, volume) | None``
+    applied to every sample (None leaves the sample out)."""
+    import g3n_shards as gs
+
+    ss = gs.ShardSet.open(src)
+    with gs.ShardWriter(dst, kind="volumes", producer=gs.Producer(package="t"), geometry=ss.manifest.geometry) as w:
+        for s in ss:
+            out = edit(s.key, s.meta, np.array(s.arrays["volume"]))
+            if out is not None:
+                w.write(s.key, out[0], {"volume": out[1]})
+    return dst
+
+
+def test_the_demo_takes_the_zoos_cohort_rendered_on_another_cpu_and_refuses_another(built, monkeypatch, tmp_path, capsys):
+    """Another CPU's vector units flip a few voxels of the synthetic cohort by one rounding step, so
+    the set digest differs; the zoo's train-split fingerprint tells that apart from another cohort."""
+    from g3n_pipeline import train_split
+    from g3n_pipeline.demo_inputs import _check_zoo_data
+    from g3n_pipeline.runner import StageFailed
+
+    run, zoo = built
+    monkeypatch.setenv("G3N_ZOO_DIR", str(zoo))
+    fp = train_split.read(zoo / "mae" / train_split.FILE_NAME)
+    assert fp["digest"] == g3n_zoo.get("mae").card["data"]["digest"] and fp["machine"]
+    train = run / "volumes-train"
+    problems, worst = train_split.compare(fp, g3n_shards.ShardSet.open(train))
+    assert problems == [] and worst < 0.01  # (the file keeps 9 digits)
+
+    def check(edit) -> str:
+        case = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        _rewrite(train, case / "volumes-train", edit)
+        _check_zoo_data(case)
+        return capsys.readouterr().out
+
+    rng = np.random.default_rng(0)
+
+    def rounding(key, meta, v):  # 5 voxels in a million, one step (the synth writes whole numbers)
+        idx = rng.choice(v.size, size=max(1, v.size // 200_000), replace=False)
+        v.flat[idx] += rng.choice([-1.0, 1.0], size=idx.size)
+        return meta, v
+
+    assert "differ from theirs by rounding only" in check(rounding)
+    with pytest.raises(StageFailed, match="volume differs") as e:  # another rendering: 1 % brighter
+        check(lambda k, m, v: (m, v * 1.01) if k == sorted(fp["volumes"])[0] else (m, v))
+    assert sorted(fp["volumes"])[0] in str(e.value) and "--from-scratch" in str(e.value)
+    with pytest.raises(StageFailed, match="labels differ"):
+        check(lambda k, m, v: (m.model_copy(update={"age": m.age + 1}), v))
+    with pytest.raises(StageFailed, match="1 of its samples missing"):
+        check(lambda k, m, v: None if k == sorted(fp["volumes"])[-1] else (m, v))

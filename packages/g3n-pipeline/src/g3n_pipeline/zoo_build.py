@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
+from . import train_split
 from .demo import DemoConfig, build_stages
 from .demo_inputs import zoo_file as zoo_file  # re-exported: zoo_build.zoo_file was public
 from .runner import Stage, StageFailed, config_data, run_stages
@@ -339,6 +340,7 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         mcfg = json.loads((mae / "config.json").read_text())
         m = mcfg["model"]
         grid = [i // p for i, p in zip(m["img_size"], m["patch_size"])]
+        train_split.write(ShardSet.open(run / "volumes-train"), staging / "mae" / train_split.FILE_NAME, machine)
         card("mae", f"3D MAE, {mcfg.get('preset') or 'custom'} preset ({'x'.join(map(str, m['img_size']))} voxels, "
              f"{'x'.join(map(str, m['patch_size']))} patches, {grid[0] * grid[1] * grid[2]} tokens, width "
              f"{m['embed_dim']}, depth {m['depth']})", "g3n-mae", "model.safetensors",

@@ -266,7 +266,8 @@ def _default_cohorts() -> list[CohortSpec]:
 
 
 class SynthConfig(_Strict):
-    """Everything that defines a synthetic cohort; (config, seed) -> identical volumes."""
+    """Everything that defines a synthetic cohort; (config, seed) -> identical volumes on one machine
+    (on another CPU, identical up to rounding: SYNTH.md §2)."""
 
     preset: str = "demo"
     subjects: int = Field(default=100, ge=1)
