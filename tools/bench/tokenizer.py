@@ -5,12 +5,13 @@ g3n-mae preset of the same name, randomly initialised) it reports:
 - parameters: frozen encoder, projection + CNN decoder (paper target ~43.7 M), AutoencoderKL;
 - values per volume of each latent (paper: 38,400 for c = 32; 614,400 for AutoencoderKL);
 - encode / decode / train-step throughput in volumes per second (and peak GPU memory on CUDA),
-  after warm-up, bf16 autocast on CUDA, fp32 on CPU;
+  after warm-up, at ``--precision`` (``auto``: bf16 autocast on CUDA, fp32 on CPU; ``bf16`` on a CPU
+  without bf16 hardware shows what emulated bf16 costs);
 - a short fit on brain-like phantoms (g3n-mae's ``brain_like_volumes``): reconstruction MSE in
   z-scored space before and after ``--fit-steps`` steps.
 Prints one JSON document.
 
-    uv run python tools/bench/tokenizer.py [--preset tiny] [--device cpu|cuda] [--batch-size 2]
+    uv run python tools/bench/tokenizer.py [--preset tiny] [--device cpu|cuda] [--batch-size 2] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ def timed(fn, dev: torch.device, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def bench_tokenizer(tok, x: torch.Tensor, cfg, reps: int, fit_steps: int, dev: torch.device) -> dict:
+def bench_tokenizer(tok, x: torch.Tensor, cfg, reps: int, fit_steps: int, dev: torch.device, precision: str) -> dict:
     b = x.shape[0]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     z = tok.encode(x)
     enc = timed(lambda: tok.encode(x), dev, reps)
     dec = timed(lambda: tok.decode(z), dev, reps)
-    engine = build_engine(tok.train_module, cfg.train.model_copy(update={"engine": "torch"}), Dist(device=dev))
+    engine = build_engine(tok.train_module, cfg.train.model_copy(update={"engine": "torch", "precision": precision}),
+                          Dist(device=dev))
     tok.bf16 = engine.bf16
     step = timed(lambda: train_step(engine, tok, x), dev, reps)
     out = {"latent_shape": list(tok.latent_shape), "values_per_volume": values_per_volume(tok),
@@ -86,12 +88,14 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=20)
     ap.add_argument("--c", type=lambda s: None if s == "none" else int(s), default=32)
     ap.add_argument("--skip-autoencoderkl", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "bf16-native"],
+                    help="of the train step (encode and decode run as the trained tokenizer would)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.manual_seed(0)
     cfg = preset(a.preset, mae_cnn={"c": a.c})
     mcfg = mae_preset(a.preset).model
-    report: dict = {"preset": a.preset, "device": str(dev), "torch_threads": torch.get_num_threads(),
+    report: dict = {"preset": a.preset, "device": str(dev), "precision": a.precision, "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                     "volume": list(mcfg.img_size), "patch": list(mcfg.patch_size), "batch_size": a.batch_size}
     with torch.device("meta"):
@@ -105,12 +109,12 @@ def main() -> None:
     x = torch.from_numpy(np.stack([zscore_brain(v)[0] for v in vols.values()]))[:, None].to(dev)
     tok = MaeCnnTokenizer(MAE3D(mcfg), cfg.mae_cnn).to(dev)
     report["mae_cnn"] = {"c": a.c, "trainable_params": count_parameters(tok.head),
-                         **bench_tokenizer(tok, x, cfg, a.reps, a.fit_steps, dev)}
+                         **bench_tokenizer(tok, x, cfg, a.reps, a.fit_steps, dev, a.precision)}
     if not a.skip_autoencoderkl:
         acfg = cfg.autoencoderkl.model_copy(update={"img_size": tuple(mcfg.img_size)})
         ae = AutoencoderKLTokenizer(type(acfg).model_validate(acfg.model_dump())).to(dev)
         report["autoencoderkl"] = {"trainable_params": count_parameters(ae.ae),
-                                   **bench_tokenizer(ae, x, cfg, a.reps, a.fit_steps, dev)}
+                                   **bench_tokenizer(ae, x, cfg, a.reps, a.fit_steps, dev, a.precision)}
     print(json.dumps(report, indent=1))
 
 

@@ -109,4 +109,4 @@ def test_init_refuses_another_config_or_kind(tmp_path, mae_checkpoint, volumes_s
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--init TOKENIZER.safetensors" in out and "--precision {auto,fp32,bf16}" in out
+    assert "--init TOKENIZER.safetensors" in out and "--precision {auto,fp32,bf16,bf16-native}" in out

@@ -95,3 +95,24 @@ def test_resolve_engine_falls_back_only_when_deepspeed_is_absent(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake(RuntimeError("CUDA_HOME does not exist")))
     with pytest.raises(RuntimeError, match="CUDA_HOME"):
         resolve_engine("auto", lines.append)
+
+
+def test_bf16_native_follows_the_cpus_bf16_hardware_and_the_onednn_cap(monkeypatch):
+    """bf16-native: bf16 on CUDA and on a CPU with AMX or AVX512-BF16 that oneDNN may use; fp32 on
+    any other CPU (emulated bf16 is tens of times slower there). auto, fp32 and bf16 are unchanged."""
+    from g3n_train import engine as eng
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx, avx512bf16 in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512bf16: b)
+        native = amx or avx512bf16
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        assert eng.use_bf16("bf16-native", cpu) is native
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # emulating an AVX2-only CPU
+        assert eng.use_bf16("bf16-native", cpu) is False
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+        assert eng.use_bf16("bf16-native", cpu) is native
+        assert eng.use_bf16("bf16-native", cuda) is True
+        assert (eng.use_bf16("auto", cpu), eng.use_bf16("auto", cuda)) == (False, True)
+        assert (eng.use_bf16("bf16", cpu), eng.use_bf16("fp32", cuda)) == (True, False)

@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--engine", choices=["torch", "deepspeed"])
         s.add_argument("--seed", type=int)
         s.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
-        s.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                       help="bf16 autocast or fp32 (auto: bf16 on CUDA; bf16 also pays on CPUs with AMX)")
+        s.add_argument("--precision", choices=["auto", "fp32", "bf16", "bf16-native"],
+                       help="bf16 autocast or fp32 (auto: bf16 on CUDA; bf16-native: also on CPUs with AMX or "
+                            "AVX512-BF16, where it pays; elsewhere on CPU bf16 is emulated and tens of times slower)")
 
     t = sub.add_parser("train", help="train a tokenizer on a volumes set (early stopping on a validation split)")
     t.add_argument("--volumes", required=True, help="volumes shard set")
