@@ -6,7 +6,10 @@ subject-grouped 5-fold ridge on several read-outs of the same encoder:
 - the whole token grid, reduced to the encoder's width by PCA fitted in each fold.
 
 If the whole grid predicts age much better than the token mean, the encoder has the information
-and the mean over tokens loses it. Prints one line per read-out: the mean absolute error (years) at
+and the mean over tokens loses it. Three read-outs of the voxels themselves frame the figures: the
+4x downsampled volume reduced by PCA (with position: the probe panel's raw-voxel baseline), and two
+that keep no position at all, as any mean over patches of features that do not depend on where
+the patch is: the mean 8^3 patch, and the histogram of brain intensities. Prints one line per read-out: the mean absolute error (years) at
 the best alpha of a small grid (optimistic by the same amount for every read-out, so comparable).
 
     uv run python tools/encoder_age_readout.py WEIGHTS RUN/volumes
@@ -42,6 +45,18 @@ def grouped_mae(X: np.ndarray, y: np.ndarray, groups: np.ndarray, pca: int | Non
     return best
 
 
+def _voxel_reads(v: np.ndarray, patch: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Read-outs of the z-scored volume itself: with position (4x block means) and without (the
+    mean patch; the brain's intensity histogram, 24 bins over -3..3 SD)."""
+    (a, b, c), (p, q, r) = v.shape, patch
+    blocks = v.reshape(a // 4, 4, b // 4, 4, c // 4, 4).mean((1, 3, 5)).reshape(-1)
+    mean_patch = v.reshape(a // p, p, b // q, q, c // r, r).mean((0, 2, 4)).reshape(-1)
+    brain = v[v != 0]
+    hist = np.histogram(brain, bins=np.linspace(-3, 3, 25))[0] / max(brain.size, 1)
+    return {"voxels, 4x block means (PCA to width)": blocks, "voxels, mean patch (no position)": mean_patch,
+            "voxels, brain intensity histogram (no position)": hist}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="g3n-mae weights file, export or run folder")
@@ -72,15 +87,18 @@ def main(argv: list[str] | None = None) -> int:
             out["final norm, whole grid (PCA to width)"] = tok.reshape(-1)
             for k, t in out.items():
                 reads.setdefault(k, []).append(t.reshape(-1).numpy())
+            for k, t in _voxel_reads(zscore_brain_torch(torch.from_numpy(v)[None, None])[0, 0].numpy(),
+                                     cfg.patch_size).items():
+                reads.setdefault(k, []).append(t)
             ages.append(float(m.age))
             subjects.append(str(m.subject))
     y, g = np.asarray(ages), np.asarray(subjects)
     print(f"{len(y)} {a.modality} volumes of {len(set(subjects))} subjects; predicting the mean age: "
           f"MAE {np.abs(y - y.mean()).mean():.2f} y")
     for k, rows in reads.items():
-        pca = cfg.embed_dim if k.startswith("final norm, whole grid") else None
+        pca = cfg.embed_dim if "PCA to width" in k else None
         err, alpha = grouped_mae(np.stack(rows), y, g, pca)
-        print(f"{k:42s} MAE {err:5.2f} y (alpha {alpha:g})", flush=True)
+        print(f"{k:48s} MAE {err:5.2f} y (alpha {alpha:g})", flush=True)
     return 0
 
 
