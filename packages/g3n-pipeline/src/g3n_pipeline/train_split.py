@@ -29,8 +29,9 @@ VERSION = 1
 #: the fingerprint's file, in the shipped MAE's folder (every shipped model was trained on the same split)
 FILE_NAME = "train-split.json"
 #: mean and SD may differ by this fraction of the volume's SD, the centroid by this many voxels.
-#: Rounding across CPUs moves them by about 1e-7 of the SD and 1e-6 voxel; a change of one
-#: voxel in a thousand by a tenth of the SD moves the mean by 1e-4 of the SD.
+#: Another CPU path (numpy without AVX2, another OpenBLAS kernel) moved them by at most 0.4 % of
+#: these tolerances on the demo cohort; a change of one voxel in a thousand by a tenth of the SD
+#: moves the mean by 1e-4 of the SD, ten times the tolerance.
 STAT_RTOL = 1e-5
 CENTROID_ATOL = 1e-3
 
