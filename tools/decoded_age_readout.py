@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from g3n_mae.checkpoint import load_model
 from g3n_mae.data import zscore_brain_torch
+from g3n_eval.forecast import followup_pairs
 from g3n_shards import ShardSet
 from g3n_tokenizer.interface import zscore_brain
 from g3n_tokenizer.mae_cnn import MaeCnnTokenizer
@@ -45,12 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     toks = {n: MaeCnnTokenizer.from_checkpoint(path) for n, path in (t.split("=", 1) for t in a.tokenizer)}
 
     def features(z: np.ndarray) -> np.ndarray:
-        """The token mean after the final norm (what g3n-mae encode stores) of a z-scored volume."""
-        h = mae.patch_embed(zscore_brain_torch(torch.from_numpy(np.ascontiguousarray(z, np.float32))[None, None]))
-        h = h + mae.pos_embed
-        for blk in mae.blocks:
-            h = blk(h)
-        return mae.norm(h)[0].mean(0).numpy()
+        """The token mean of the encoder's output (what g3n-mae encode stores) of a z-scored volume."""
+        x = zscore_brain_torch(torch.from_numpy(np.ascontiguousarray(z, np.float32))[None, None])
+        return mae.encode(x)[0].mean(0).numpy()
 
     def z_of(s) -> np.ndarray:
         return zscore_brain(np.asarray(s.arrays[next(iter(s.arrays))], np.float32), s.key)[0]
@@ -66,14 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             r = tok.decode(tok.encode(torch.from_numpy(z)[None, None]))[0, 0].numpy() * (z != 0)
             read[name].append(features(r))
     ages = np.array([s.meta.age for s in test])
-    first: dict[str, tuple[float, int]] = {}
-    pairs = []
-    for i in np.argsort(ages, kind="stable"):
-        sub = str(test[i].meta.subject)
-        if sub in first:
-            pairs.append((first[sub][1], i))
-        else:
-            first[sub] = (ages[i], i)
+    index = {s.key: i for i, s in enumerate(test)}  # the follow-up pairs g3n-eval forecast checks
+    pairs = [(index[k0], index[k1]) for k0, k1, _ in followup_pairs(list(index), [s.meta.model_dump() for s in test])]
     fits = {"every real volume with an age (as the demo's forecast check)": list(real),
             "the train split's T1 volumes": [k for k, (m, _) in real.items() if k in train and m.modality == "T1"]}
     print(f"{len(test)} held-out T1 volumes, {len(pairs)} follow-up pairs; MAE features from {a.mae}")

@@ -9,8 +9,9 @@ If the whole grid predicts age much better than the token mean, the encoder has 
 and the mean over tokens loses it. Three read-outs of the voxels themselves frame the figures: the
 4x downsampled volume reduced by PCA (with position: the probe panel's raw-voxel baseline), and two
 that keep no position at all, as any mean over patches of features that do not depend on where
-the patch is: the mean 8^3 patch, and the histogram of brain intensities. Prints one line per read-out: the mean absolute error (years) at
-the best alpha of a small grid (optimistic by the same amount for every read-out, so comparable).
+the patch is: the mean 8^3 patch, and the histogram of brain intensities. Prints one line per
+read-out: the mean absolute error (years) at the best alpha of a small grid (optimistic by the
+same amount for every read-out, so comparable).
 
     uv run python tools/encoder_age_readout.py WEIGHTS RUN/volumes
 """
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             if m.modality != a.modality or m.age is None:
                 continue
             v = np.asarray(s.arrays[next(iter(s.arrays))], dtype=np.float32)
-            h = model.patch_embed(zscore_brain_torch(torch.from_numpy(v)[None, None])) + model.pos_embed
+            x = zscore_brain_torch(torch.from_numpy(v)[None, None])
+            h = model.patch_embed(x) + model.pos_embed
             out = {"patch embedding, mean": h.mean(1)}
             for i, blk in enumerate(model.blocks, start=1):
                 h = blk(h)
@@ -87,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             out["final norm, whole grid (PCA to width)"] = tok.reshape(-1)
             for k, t in out.items():
                 reads.setdefault(k, []).append(t.reshape(-1).numpy())
-            for k, t in _voxel_reads(zscore_brain_torch(torch.from_numpy(v)[None, None])[0, 0].numpy(),
-                                     cfg.patch_size).items():
+            for k, t in _voxel_reads(x[0, 0].numpy(), cfg.patch_size).items():
                 reads.setdefault(k, []).append(t)
             ages.append(float(m.age))
             subjects.append(str(m.subject))

@@ -57,7 +57,7 @@ def fingerprint(ss: ShardSet, machine: str | None = None) -> dict[str, Any]:
     vols = {}
     for s in ss:
         vols[s.key] = {"labels": labels_hash(s.meta),
-                       "stats": [float(f"{x:.9g}") for x in volume_stats(s.arrays[next(iter(s.arrays))])]}
+                       "stats": [float(f"{x:.9g}") for x in volume_stats(s.arrays["volume"])]}
     return {"format": FORMAT, "version": VERSION, "digest": ss.digest, "machine": machine,
             "volumes": dict(sorted(vols.items()))}
 
@@ -96,7 +96,7 @@ def compare(want: dict[str, Any], ss: ShardSet) -> tuple[list[str], float]:
         if labels_hash(s.meta) != w["labels"]:
             problems.append(f"{s.key}: labels differ")
             continue
-        got = volume_stats(s.arrays[next(iter(s.arrays))])
+        got = volume_stats(s.arrays["volume"])
         ref = w["stats"]
         sd = max(abs(ref[1]), 1e-12)
         d = max(max(abs(a - b) for a, b in zip(got[:2], ref[:2])) / (STAT_RTOL * sd),
