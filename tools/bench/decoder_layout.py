@@ -23,7 +23,7 @@ import time
 import torch
 
 from g3n_mae.config import preset as mae_preset
-from g3n_pipeline.zoo_build import machine_description
+from g3n_pipeline.zoo_pack import machine_description
 from g3n_tokenizer.config import preset
 from g3n_tokenizer.decoder import CnnDecoder3D, Upsample3D
 

@@ -53,7 +53,7 @@ def child(env: dict[str, str], volumes: int, steps: int) -> dict[str, float]:
 
 def main() -> None:
     from g3n_pipeline.runner import MALLOC_ENV
-    from g3n_pipeline.zoo_build import machine_description
+    from g3n_pipeline.zoo_pack import machine_description
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volumes", type=int, default=12, help="volumes to decode, one at a time")

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from g3n_probe.logistic import fit_logistic
 from g3n_probe.metrics import binary_auc
-from g3n_pipeline.zoo_build import machine_description
+from g3n_pipeline.zoo_pack import machine_description
 
 
 def per_call(fn, reps: int) -> tuple[float, object]:

@@ -14,7 +14,7 @@ import yaml
 
 import g3n_shards
 import g3n_zoo
-from g3n_pipeline import zoo_build
+from g3n_pipeline import zoo_build, zoo_pack
 from g3n_pipeline.demo import DemoConfig, build_stages
 from g3n_pipeline.runner import _fingerprint
 
@@ -78,7 +78,7 @@ def test_pack_only_replaces_the_named_models(built, tmp_path):
     shutil.copytree(zoo, copy)
     before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     cfg = zoo_build.ZooConfig(run_dir=run, **SMALL)
-    zoo_build.pack(cfg, copy, only={"autoencoderkl"})
+    zoo_pack.pack(cfg, copy, only={"autoencoderkl"})
     after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert set(after) == set(before)
     changed = {str(p).split("/")[0] for p in after if after[p] != before[p]}
@@ -86,7 +86,7 @@ def test_pack_only_replaces_the_named_models(built, tmp_path):
     assert {p: b for p, b in after.items() if str(p).startswith("mae")} == \
         {p: b for p, b in before.items() if str(p).startswith("mae")}
     with pytest.raises(zoo_build.StageFailed, match="unknown model"):
-        zoo_build.pack(cfg, copy, only={"nope"})
+        zoo_pack.pack(cfg, copy, only={"nope"})
 
 
 def test_a_rerun_skips_every_stage(built, capsys):
