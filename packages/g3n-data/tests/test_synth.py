@@ -346,6 +346,25 @@ def test_cli_writes_a_volumes_set(tmp_path, capsys):
     assert rc == 1 and "already holds" in capsys.readouterr().err
 
 
+def test_subject_prefix_names_a_second_cohort_that_merges_with_the_first(tmp_path, capsys):
+    """Extra pretraining subjects come from another seed under their own prefix: only the names
+    change (not the volumes), and the two sets merge without a key collision."""
+    a, b = make_config("tiny", subjects=2, seed=4), make_config("tiny", subjects=2, seed=4, subject_prefix="pre")
+    va, vb = list(synth.iter_cohort(a)), list(synth.iter_cohort(b))
+    assert [v.key.replace("-syn0", "-pre0") for v in va] == [v.key for v in vb]
+    assert all(np.array_equal(x.volume, y.volume) for x, y in zip(va, vb))
+    argv = ["synth", "--subjects", "2", "--geometry", "tiny", "--no-progress"]
+    assert run_cli([*argv, "--out", str(tmp_path / "syn"), "--seed", "4"]) == 0
+    assert run_cli([*argv, "--out", str(tmp_path / "pre"), "--seed", "5", "--subject-prefix", "pre"]) == 0
+    subjects = {m.subject for m in gs.ShardSet.open(tmp_path / "pre", kind="volumes").metadata().values()}
+    assert subjects == {"pre00000", "pre00001"}
+    gs.merge_shard_sets([tmp_path / "syn", tmp_path / "pre"], tmp_path / "all")
+    sizes = [len(gs.ShardSet.open(tmp_path / n).metadata()) for n in ("syn", "pre", "all")]
+    assert sizes[2] == sizes[0] + sizes[1]
+    with pytest.raises(ValueError, match="subject_prefix"):
+        make_config("tiny", subject_prefix="Pre-1")
+
+
 def test_cli_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "c.yaml"
     bad.write_text("subjects: 2\nnot_a_field: 1\n")

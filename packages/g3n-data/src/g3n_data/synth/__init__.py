@@ -65,7 +65,8 @@ def load_config(path: str | Path | None, preset: str | None = None, **overrides:
 
 def _handler(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(args.config, preset=args.geometry, subjects=args.subjects, seed=args.seed)
+        cfg = load_config(args.config, preset=args.geometry, subjects=args.subjects, seed=args.seed,
+                          subject_prefix=args.subject_prefix)
     except ValueError as e:
         print(f"g3n-data synth: {e}", file=sys.stderr)
         return 2
@@ -102,6 +103,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (a volumes shard set)")
     p.add_argument("--subjects", type=int, default=None, help="number of subjects (default 100)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 2025)")
+    p.add_argument("--subject-prefix", default=None, metavar="PREFIX",
+                   help="subject IDs are PREFIX00000, PREFIX00001, ... (default syn); give a second cohort of another "
+                        "seed its own, so the two can be merged")
     p.add_argument("--geometry", choices=sorted(PRESETS), default=None,
                    help="demo: 80x96x80 at 2 mm; paper: 160x192x160 at 1 mm; tiny: 40x48x40 at 4 mm (default demo)")
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON SynthConfig (flags override it)")

@@ -15,7 +15,7 @@ import json
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 #: SRI24 BraTS-space voxel -> world (nibabel RAS convention): x = -i, y = 239 - j, z = k.
 SRI24_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
@@ -272,6 +272,9 @@ class SynthConfig(_Strict):
     preset: str = "demo"
     subjects: int = Field(default=100, ge=1)
     seed: int = 2025
+    #: subject IDs are ``{prefix}{index:05d}``: a second cohort of another seed (e.g. extra pretraining
+    #: subjects) gets its own prefix, so its keys do not collide with the first one's when merged
+    subject_prefix: str = Field(default="syn", pattern=r"^[a-z][a-z0-9]{0,15}$")
     geometry: SynthGeometry = GEOMETRIES["demo"]
     cohorts: list[CohortSpec] = Field(default_factory=_default_cohorts)
     sites: list[SiteSpec] = Field(default_factory=_default_sites)
@@ -281,6 +284,15 @@ class SynthConfig(_Strict):
     #: bias field: control-point spacing (mm) and the share of a site's bias that is scan-specific
     bias_spacing_mm: float = 48.0
     bias_scan_share: float = 0.35
+
+    @model_serializer(mode="wrap")
+    def _without_default_prefix(self, handler: Any) -> dict[str, Any]:
+        """The default prefix is left out of a dump, so every set rendered before the field existed
+        keeps its manifest and digest (the shipped models' train split among them)."""
+        data = handler(self)
+        if data.get("subject_prefix") == "syn":
+            del data["subject_prefix"]
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "SynthConfig":
