@@ -18,8 +18,8 @@ from g3n_pipeline import zoo_build, zoo_pack
 from g3n_pipeline.demo import DemoConfig, build_stages
 from g3n_pipeline.runner import _fingerprint
 
-SMALL = dict(subjects=24, real=False, mae_steps=2, tokenizer_epochs=1, tokenizer_steps_per_epoch=1, dit_steps=2,
-             bridge_steps=2)
+SMALL = dict(subjects=24, real=False, mae_steps=2, mae_extra_subjects=3, tokenizer_epochs=1, tokenizer_steps_per_epoch=1,
+             dit_steps=2, bridge_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,13 @@ def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch)
         assert card["weights"]["max_relative_roundtrip_error"] < 1e-3
         assert any(c.startswith("python -m g3n_") and "$RUN" in c for c in card["command"])
     assert json.loads((zoo / "mae" / "config.json").read_text())["train"]["total_steps"] == SMALL["mae_steps"]
+    # the MAE alone pretrains on 3 more subjects of another seed; the others on the train split only
+    mae, dit = g3n_zoo.get("mae").card, g3n_zoo.get("dit").card
+    assert mae["data"]["set"].startswith("volumes-mae:") and "3 more synthetic subjects drawn with seed 4242" in mae["data"]["set"]
+    assert dit["data"]["set"].startswith("volumes-train:") and mae["data"]["subjects"] == dit["data"]["subjects"] + 3
+    assert "--subject-prefix pre" in mae["command"][0] and "--data '$RUN/volumes-mae'" in mae["command"][2]
+    with pytest.raises(ValueError, match="mae_extra_seed must differ"):
+        zoo_build.ZooConfig(mae_extra_subjects=3, mae_extra_seed=2025)
     # Table 5 in kind beside the baseline: both tokenizers, scored on the held-out split
     t5 = json.loads((zoo / "autoencoderkl" / "table5.json").read_text())
     assert [r["tokenizer"] for r in t5["results"]["rows"]] == ["MAE-CNN c=32", "AutoencoderKL"]
@@ -190,7 +197,7 @@ def test_the_demo_takes_the_zoos_cohort_rendered_on_another_cpu_and_refuses_anot
     run, zoo = built
     monkeypatch.setenv("G3N_ZOO_DIR", str(zoo))
     fp = train_split.read(zoo / "mae" / train_split.FILE_NAME)
-    assert fp["digest"] == g3n_zoo.get("mae").card["data"]["digest"] and fp["machine"]
+    assert fp["digest"] == g3n_zoo.get("mae-cnn").card["data"]["digest"] and fp["machine"]
     train = run / "volumes-train"
     problems, worst = train_split.compare(fp, g3n_shards.ShardSet.open(train))
     assert problems == [] and worst < 0.01  # (the file keeps 9 digits)

@@ -2,7 +2,8 @@
 
 The models are trained on the demo cohort's **train split only** (the same synthetic cohort, IXI
 volumes, seed and subject-level split as `g3n-demo`), each with the stage's own command, for as
-long as they need on a CPU (hours). The run folder works like the demo's: each stage leaves a
+long as they need on a CPU (hours). The MAE may pretrain on more: `mae_extra_subjects` adds
+synthetic subjects drawn with another seed (new subjects, never the demo's test split). The run folder works like the demo's: each stage leaves a
 marker, a re-run skips finished stages, and a killed trainer resumes from its last checkpoint.
 
     cohort (as g3n-demo) ─▶ volumes-train ─▶ mae ─▶ tokenizer (MAE-CNN) ─▶ latents-train ─▶ dit
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from g3n_shards import atomic_write_bytes
 
@@ -38,6 +39,8 @@ from .runner import Stage, StageFailed, config_data, run_stages
 
 #: the demo stages that make the cohort the models are trained on
 COHORT_STAGES = ("synth", "real", "cohort")
+#: the MAE's pretraining set when it has extra subjects (ZooConfig.mae_extra_subjects)
+MAE_DATA = "volumes-mae"
 
 
 class ZooConfig(BaseModel):
@@ -50,6 +53,18 @@ class ZooConfig(BaseModel):
     real: bool = Field(True, description="include the IXI volumes, as the demo does")
     mae_steps: int = Field(3000, ge=1, description="MAE pretraining steps (batch 4)")
     mae_warmup: int = Field(200, ge=0, description="MAE warm-up steps (at most mae_steps)")
+    mae_extra_subjects: int = Field(
+        0, ge=0, description="synthetic subjects pretrained on besides the train split (the MAE only): drawn with "
+        "mae_extra_seed, named pre00000, ...; 0: the train split alone")
+    mae_extra_seed: int = Field(4242, description="seed of the extra subjects (must differ from seed: the same seed "
+                                "would draw the cohort's own subjects again, its test split among them)")
+
+    @model_validator(mode="after")
+    def _extra_subjects_are_new(self) -> "ZooConfig":
+        if self.mae_extra_subjects and self.mae_extra_seed == self.seed:
+            raise ValueError(f"mae_extra_seed must differ from seed ({self.seed}): the same seed draws the demo "
+                             "cohort's subjects again, test split included")
+        return self
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="override the config's steps_per_epoch")
@@ -106,9 +121,19 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
                       from_scratch=True)  # only its cohort stages are used
     stages = [st for st in build_stages(demo) if st.name in COHORT_STAGES]
     seed = str(cfg.seed)
+    if cfg.mae_extra_subjects:
+        stages.append(Stage(
+            "mae-data", f"the MAE's pretraining set: the train split and {cfg.mae_extra_subjects} more synthetic "
+            "subjects of another seed (g3n-data synth, g3n-shards merge)", [MAE_DATA], lambda r: [
+                ["g3n_data.cli", "synth", "--out", s(r / "volumes-extra"), "--subjects", str(cfg.mae_extra_subjects),
+                 "--seed", str(cfg.mae_extra_seed), "--subject-prefix", "pre", "--geometry", "demo", "--workers", "2",
+                 "--overwrite"],
+                ["g3n_shards.cli", "merge", s(r / MAE_DATA), s(r / "volumes-train"), s(r / "volumes-extra"),
+                 "--overwrite"]]))
+    mae_data = MAE_DATA if cfg.mae_extra_subjects else "volumes-train"
     stages += [
         Stage("mae", "3D MAE pretraining, tiny preset (g3n-mae train, export)", ["mae/export"], lambda r: [
-            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / "volumes-train"), "--run-dir", s(r / "mae"),
+            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / mae_data), "--run-dir", s(r / "mae"),
              "--steps", str(cfg.mae_steps), "--warmup", str(min(cfg.mae_warmup, cfg.mae_steps)), "--engine", "torch", "--seed", seed, "--no-tensorboard",
              "--norm-pix-loss", "--log-every", "50", "--ckpt-every", "500", "--keep-last", "2", "--resume"],
             ["g3n_mae.cli", "export", s(r / "mae"), s(r / "mae" / "export")]]),

@@ -19,7 +19,7 @@ from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
 from . import train_split
 from .runner import Stage, StageFailed
-from .zoo_build import ZooConfig, build_zoo_stages, tokenizer_folders
+from .zoo_build import MAE_DATA, ZooConfig, build_zoo_stages, tokenizer_folders
 
 
 def machine_description() -> str:
@@ -112,11 +112,15 @@ def _command(stage: Stage, run: Path) -> list[str]:
     return [" ".join(shlex.quote(_portable(a, run)) for a in ["python", "-m", *argv]) for argv in stage.commands(run)]
 
 
-def _data(run: Path) -> dict[str, Any]:
-    ss = ShardSet.open(run / "volumes-train")
+def _data(run: Path, cfg: ZooConfig, name: str = "volumes-train") -> dict[str, Any]:
+    ss = ShardSet.open(run / name)
     metas = ss.metadata()
-    return {"set": "volumes-train: the demo cohort's train split (g3n-demo's synthetic cohort, seed 2025, and the IXI "
-                   "T1 volumes), never its test split", "digest": ss.digest, "volumes": len(metas),
+    split = (f"the demo cohort's train split (g3n-demo's synthetic cohort, seed {cfg.seed}, and the IXI T1 volumes), "
+             "never its test split")
+    what = (f"{name}: {split}" if name == "volumes-train" else
+            f"{name}: {split}, and {cfg.mae_extra_subjects} more synthetic subjects drawn with seed {cfg.mae_extra_seed} "
+            "(pre00000, ...)")
+    return {"set": what, "digest": ss.digest, "volumes": len(metas),
             "subjects": len({(m.cohort, m.subject) for m in metas.values()})}
 
 
@@ -172,7 +176,7 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         raise StageFailed(f"--only: unknown model(s) {', '.join(unknown)}; models: {', '.join(MODELS)}")
     run = cfg.run_dir.resolve()
     stages = {st.name: st for st in build_zoo_stages(cfg.model_copy(update={"run_dir": run}))}
-    data = _data(run)
+    data = _data(run, cfg)
     machine, built = machine_description(), datetime.now(timezone.utc).strftime("%Y-%m-%d")
     staging = dest.with_name(f".{dest.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -180,9 +184,9 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     entries: dict[str, ModelEntry] = {}
 
     def card(name: str, title: str, stage_pkg: str, load: str, stage: str | tuple[str, ...], steps: int,
-             minutes: float | None, final: dict, weights: dict) -> None:
+             minutes: float | None, final: dict, weights: dict, trained_on: dict[str, Any] | None = None) -> None:
         _write_card(staging / name, {
-            "name": name, "title": title, "stage": stage_pkg, "load": load, "data": data,
+            "name": name, "title": title, "stage": stage_pkg, "load": load, "data": trained_on or data,
             "training": {"steps": steps, "wall_minutes": minutes, "machine": machine, "built": built, "final": final},
             "weights": weights, "command": [c for st in ((stage,) if isinstance(stage, str) else stage)
                                             for c in _command(stages[st], run)]})
@@ -207,9 +211,10 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         card("mae", f"3D MAE, {mcfg.get('preset') or 'custom'} preset ({'x'.join(map(str, m['img_size']))} voxels, "
              f"{'x'.join(map(str, m['patch_size']))} patches, {grid[0] * grid[1] * grid[2]} tokens, width "
              f"{m['embed_dim']}, depth {m['depth']})", "g3n-mae", "model.safetensors",
-             "mae", mcfg["train"]["total_steps"],
+             ("mae-data", "mae") if cfg.mae_extra_subjects else "mae", mcfg["train"]["total_steps"],
              _rate_minutes(run / "mae" / "metrics.jsonl", mcfg["train"]["batch_size"], "volumes_per_s"),
-             _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w)
+             _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w,
+             trained_on=_data(run, cfg, MAE_DATA) if cfg.mae_extra_subjects else None)
 
     def tokenizer(name: str, title: Callable[[dict], str]) -> None:
         """A tokenizer: the best epoch by validation loss of its last training stage (each later
