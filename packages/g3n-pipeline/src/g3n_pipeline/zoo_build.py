@@ -3,8 +3,9 @@
 The models are trained on the demo cohort's **train split only** (the same synthetic cohort, IXI
 volumes, seed and subject-level split as `g3n-demo`), each with the stage's own command, for as
 long as they need on a CPU (hours). The MAE may pretrain on more: `mae_extra_subjects` adds
-synthetic subjects drawn with another seed (new subjects, never the demo's test split). The run folder works like the demo's: each stage leaves a
-marker, a re-run skips finished stages, and a killed trainer resumes from its last checkpoint.
+synthetic subjects drawn with another seed (new subjects, never the demo's test split). The run
+folder works like the demo's: each stage leaves a marker, a re-run skips finished stages, and a
+killed trainer resumes from its last checkpoint.
 
     cohort (as g3n-demo) ─▶ volumes-train ─▶ mae ─▶ tokenizer (MAE-CNN) ─▶ latents-train ─▶ dit
                                    │                    │                         └──▶ bridge
@@ -58,13 +59,6 @@ class ZooConfig(BaseModel):
         "mae_extra_seed, named pre00000, ...; 0: the train split alone")
     mae_extra_seed: int = Field(4242, description="seed of the extra subjects (must differ from seed: the same seed "
                                 "would draw the cohort's own subjects again, its test split among them)")
-
-    @model_validator(mode="after")
-    def _extra_subjects_are_new(self) -> "ZooConfig":
-        if self.mae_extra_subjects and self.mae_extra_seed == self.seed:
-            raise ValueError(f"mae_extra_seed must differ from seed ({self.seed}): the same seed draws the demo "
-                             "cohort's subjects again, test split included")
-        return self
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="override the config's steps_per_epoch")
@@ -81,6 +75,13 @@ class ZooConfig(BaseModel):
     dit_preset: str = "small"
     bridge_preset: str = "small"
     bridge_config: str = Field("bridge.yaml", description="the bridge's settings (g3n_pipeline/zoo/), shared with the demo")
+
+    @model_validator(mode="after")
+    def _extra_subjects_are_new(self) -> "ZooConfig":
+        if self.mae_extra_subjects and self.mae_extra_seed == self.seed:
+            raise ValueError(f"mae_extra_seed must differ from seed ({self.seed}): the same seed draws the demo "
+                             "cohort's subjects again, test split included")
+        return self
 
 
 def tokenizer_folders(cfg: ZooConfig, name: str) -> tuple[str, ...]:
