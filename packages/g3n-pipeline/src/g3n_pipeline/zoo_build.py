@@ -42,6 +42,8 @@ from .runner import Stage, StageFailed, config_data, run_stages
 COHORT_STAGES = ("synth", "real", "cohort")
 #: the MAE's pretraining set when it has extra subjects (ZooConfig.mae_extra_subjects)
 MAE_DATA = "volumes-mae"
+#: the extra subjects' ID prefix (pre00000, ...): their keys must not collide with the cohort's syn00000, ...
+MAE_EXTRA_PREFIX = "pre"
 
 
 class ZooConfig(BaseModel):
@@ -56,7 +58,7 @@ class ZooConfig(BaseModel):
     mae_warmup: int = Field(200, ge=0, description="MAE warm-up steps (at most mae_steps)")
     mae_extra_subjects: int = Field(
         0, ge=0, description="synthetic subjects pretrained on besides the train split (the MAE only): drawn with "
-        "mae_extra_seed, named pre00000, ...; 0: the train split alone")
+        f"mae_extra_seed, named {MAE_EXTRA_PREFIX}00000, ...; 0: the train split alone")
     mae_extra_seed: int = Field(4242, description="seed of the extra subjects (must differ from seed: the same seed "
                                 "would draw the cohort's own subjects again, its test split among them)")
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
@@ -127,8 +129,8 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
             "mae-data", f"the MAE's pretraining set: the train split and {cfg.mae_extra_subjects} more synthetic "
             "subjects of another seed (g3n-data synth, g3n-shards merge)", [MAE_DATA], lambda r: [
                 ["g3n_data.cli", "synth", "--out", s(r / "volumes-extra"), "--subjects", str(cfg.mae_extra_subjects),
-                 "--seed", str(cfg.mae_extra_seed), "--subject-prefix", "pre", "--geometry", "demo", "--workers", "2",
-                 "--overwrite"],
+                 "--seed", str(cfg.mae_extra_seed), "--subject-prefix", MAE_EXTRA_PREFIX, "--geometry", "demo",
+                 "--workers", str(demo.workers), "--overwrite"],
                 ["g3n_shards.cli", "merge", s(r / MAE_DATA), s(r / "volumes-train"), s(r / "volumes-extra"),
                  "--overwrite"]]))
     mae_data = MAE_DATA if cfg.mae_extra_subjects else "volumes-train"

@@ -19,7 +19,7 @@ from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
 from . import train_split
 from .runner import Stage, StageFailed
-from .zoo_build import MAE_DATA, ZooConfig, build_zoo_stages, tokenizer_folders
+from .zoo_build import MAE_DATA, MAE_EXTRA_PREFIX, ZooConfig, build_zoo_stages, tokenizer_folders
 
 
 def machine_description() -> str:
@@ -119,7 +119,7 @@ def _data(run: Path, cfg: ZooConfig, name: str = "volumes-train") -> dict[str, A
              "never its test split")
     what = (f"{name}: {split}" if name == "volumes-train" else
             f"{name}: {split}, and {cfg.mae_extra_subjects} more synthetic subjects drawn with seed {cfg.mae_extra_seed} "
-            "(pre00000, ...)")
+            f"({MAE_EXTRA_PREFIX}00000, ...)")
     return {"set": what, "digest": ss.digest, "volumes": len(metas),
             "subjects": len({(m.cohort, m.subject) for m in metas.values()})}
 

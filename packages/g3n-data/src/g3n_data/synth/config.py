@@ -265,6 +265,10 @@ def _default_cohorts() -> list[CohortSpec]:
     ]  # fmt: skip
 
 
+#: the synthetic subjects' ID prefix unless a config names another (``syn00000``, ...)
+DEFAULT_SUBJECT_PREFIX = "syn"
+
+
 class SynthConfig(_Strict):
     """Everything that defines a synthetic cohort; (config, seed) -> identical volumes on one machine
     (on another CPU, identical up to rounding: SYNTH.md §2)."""
@@ -274,7 +278,7 @@ class SynthConfig(_Strict):
     seed: int = 2025
     #: subject IDs are ``{prefix}{index:05d}``: a second cohort of another seed (e.g. extra pretraining
     #: subjects) gets its own prefix, so its keys do not collide with the first one's when merged
-    subject_prefix: str = Field(default="syn", pattern=r"^[a-z][a-z0-9]{0,15}$")
+    subject_prefix: str = Field(default=DEFAULT_SUBJECT_PREFIX, pattern=r"^[a-z][a-z0-9]{0,15}$")
     geometry: SynthGeometry = GEOMETRIES["demo"]
     cohorts: list[CohortSpec] = Field(default_factory=_default_cohorts)
     sites: list[SiteSpec] = Field(default_factory=_default_sites)
@@ -290,7 +294,7 @@ class SynthConfig(_Strict):
         """The default prefix is left out of a dump, so every set rendered before the field existed
         keeps its manifest and digest (the shipped models' train split among them)."""
         data = handler(self)
-        if data.get("subject_prefix") == "syn":
+        if data.get("subject_prefix") == DEFAULT_SUBJECT_PREFIX:
             del data["subject_prefix"]
         return data
 

@@ -241,8 +241,8 @@ def plan_subject(cfg: SynthConfig, index: int, cohort: CohortSpec, diagnosis: st
         age_first = age0_drawn
     offsets: list[float] = []
     plan = SubjectPlan(
-        index=index, subject=f"{cfg.subject_prefix}{index:05d}", cohort=cohort.name, site=site, diagnosis=diagnosis, sex=sex,
-        handedness=handed, education=education, apoe_genotype=apoe, idh1=idh if grade is not None else None,
+        index=index, subject=f"{cfg.subject_prefix}{index:05d}", cohort=cohort.name, site=site, diagnosis=diagnosis,
+        sex=sex, handedness=handed, education=education, apoe_genotype=apoe, idh1=idh if grade is not None else None,
         mgmt=mgmt, tumour_grade=grade, latent=lat,
     )
     dt = 0.0
