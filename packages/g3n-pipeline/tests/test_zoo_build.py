@@ -96,6 +96,67 @@ def test_pack_only_replaces_the_named_models(built, tmp_path):
         zoo_pack.pack(cfg, copy, only={"nope"})
 
 
+def test_only_runs_the_stages_of_the_named_models(tmp_path):
+    """--only trains just what the named models need; Table 5 scores a kept tokenizer from the zoo."""
+    cfg = zoo_build.ZooConfig(run_dir=tmp_path / "run", **SMALL)
+    zoo = tmp_path / "zoo"
+    names = lambda only: [st.name for st in zoo_build.build_zoo_stages(cfg, only, zoo)]  # noqa: E731
+    assert names(None) == names(set(zoo_build.MODELS))
+    assert names({"mae", "mae-cnn", "dit", "bridge"}) == [
+        "synth", "cohort", "mae-data", "mae", "tokenizer", "tokenizer-decoder", "tokenizers", "dit", "bridge"]
+    assert names({"autoencoderkl"}) == ["synth", "cohort", "tokenizer-baseline", "tokenizer-baseline-2", "tokenizers"]
+    table5 = {st.name: st for st in zoo_build.build_zoo_stages(cfg, {"mae", "mae-cnn"}, zoo)}["tokenizers"]
+    argv = table5.commands(cfg.run_dir)[0]
+    assert str(zoo / "autoencoderkl" / "tokenizer.safetensors") in argv
+    assert str(cfg.run_dir / "tokenizer-decoder" / "tokenizer.safetensors") in argv
+    assert list(table5.external) == [zoo / "autoencoderkl" / "tokenizer.safetensors"]
+
+
+def test_only_refuses_a_zoo_of_models_that_do_not_fit_together(built, tmp_path):
+    """A model is rebuilt with the one it is trained on (UPSTREAM), unless this run's is the zoo's."""
+    run, zoo = built
+    zoo_pack.check_links(run, zoo, {"mae-cnn", "dit", "bridge"})  # this run's MAE is the zoo's: fine
+    zoo_pack.check_links(run, zoo, {"mae"})  # and a re-packed MAE keeps the zoo's tokenizer valid
+    zoo_pack.check_links(run, zoo, {"dit"})
+    fresh = tmp_path / "fresh"
+    with pytest.raises(zoo_build.StageFailed, match=r"--only dit: this run's dit is trained on this run's mae-cnn, "
+                       r"which \(not trained yet\) will differ from the zoo's; add mae-cnn to --only"):
+        zoo_pack.check_links(fresh, zoo, {"dit"})
+    with pytest.raises(zoo_build.StageFailed, match="the zoo's mae-cnn is trained on the zoo's mae.*add mae-cnn"):
+        zoo_pack.check_links(fresh, zoo, {"mae"})
+    zoo_pack.check_links(fresh, zoo, {"mae", "mae-cnn", "dit", "bridge", "autoencoderkl"})
+    other = tmp_path / "zoo"  # a zoo whose MAE is another run's (one weight moved)
+    shutil.copytree(zoo, other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(other / "mae" / "model.safetensors")
+    k = sorted(w)[0]
+    w[k] = w[k] + 1
+    save_file(w, other / "mae" / "model.safetensors")
+    with pytest.raises(zoo_build.StageFailed, match="which differs from the zoo's; add mae to --only"):
+        zoo_pack.check_links(run, other, {"mae-cnn", "dit", "bridge"})
+    zoo_pack.check_links(run, other, {"autoencoderkl"})  # no link to the MAE: nothing to check
+    with pytest.raises(SystemExit):  # the command refuses it before training anything
+        zoo_build.main(["--run-dir", str(run), "--pack", str(other), "--only", "dit", "bridge", "mae-cnn"])
+
+
+def test_only_rebuilds_one_tokenizer_and_scores_the_kept_one_from_the_zoo(built, tmp_path, capsys):
+    run, zoo = tmp_path / "run", tmp_path / "zoo"
+    shutil.copytree(built[0], run, symlinks=True)
+    shutil.copytree(built[1], zoo)
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({**SMALL, "run_dir": str(run)}))
+    before = {p.relative_to(zoo): p.read_bytes() for p in zoo.rglob("*") if p.is_file()}
+    assert zoo_build.main(["--config", str(tmp_path / "zoo.yaml"), "--pack", str(zoo), "--only", "autoencoderkl"]) == 0
+    out = capsys.readouterr().out
+    assert "[5/5] the two tokenizers side by side" in out and "MAE pretraining" not in out  # (nor checked)
+    after = {p.relative_to(zoo): p.read_bytes() for p in zoo.rglob("*") if p.is_file()}
+    assert {p for p in after if after[p] != before.get(p)} <= {
+        Path("manifest.json"), *(p for p in after if p.parts[0] == "autoencoderkl")}
+    t5 = json.loads((zoo / "autoencoderkl" / "table5.json").read_text())
+    assert [r["tokenizer"] for r in t5["results"]["rows"]] == ["MAE-CNN c=32", "AutoencoderKL"]
+    assert "mae-cnn/tokenizer.safetensors" in json.dumps(t5)
+
+
 def test_a_rerun_skips_every_stage(built, capsys):
     run, _ = built
     cfg = zoo_build.ZooConfig(run_dir=run, **SMALL)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -44,6 +45,19 @@ COHORT_STAGES = ("synth", "real", "cohort")
 MAE_DATA = "volumes-mae"
 #: the extra subjects' ID prefix (pre00000, ...): their keys must not collide with the cohort's syn00000, ...
 MAE_EXTRA_PREFIX = "pre"
+#: the shipped models, by name
+MODELS = ("mae", "mae-cnn", "autoencoderkl", "dit", "bridge")
+#: the stages each model needs besides the cohort's (and mae-data with the MAE): `--only` runs no others
+MODEL_STAGES = {
+    "mae": ("mae",),
+    "mae-cnn": ("mae", "tokenizer", "tokenizer-decoder", "tokenizers"),
+    "autoencoderkl": ("tokenizer-baseline", "tokenizer-baseline-2", "tokenizers"),
+    "dit": ("mae", "tokenizer", "dit"),
+    "bridge": ("mae", "tokenizer", "bridge"),
+}
+#: what a model is trained on: the MAE-CNN wraps the MAE's encoder; the generator and the bridge learn
+#: the MAE-CNN's latents. A zoo that mixes models of two runs must agree along these links.
+UPSTREAM = {"mae-cnn": "mae", "dit": "mae-cnn", "bridge": "mae-cnn"}
 
 
 class ZooConfig(BaseModel):
@@ -106,12 +120,23 @@ def _check_decoder_stage(cfg: ZooConfig) -> None:
                           "latents-train, and the generator and bridge trained on it, come from the first stage")
 
 
-def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
+def build_zoo_stages(cfg: ZooConfig, only: Collection[str] | None = None, zoo: Path | None = None) -> list[Stage]:
+    """The build's stages. ``only``: just the stages these models need (MODEL_STAGES); Table 5's arm
+    of a tokenizer not rebuilt is then the one in ``zoo`` (default: the shipped zoo), the one kept."""
     s = str
     _check_decoder_stage(cfg)
     lengths = [*(["--epochs", str(cfg.tokenizer_epochs)] if cfg.tokenizer_epochs else []),
                *(["--steps-per-epoch", str(cfg.tokenizer_steps_per_epoch)] if cfg.tokenizer_steps_per_epoch else [])]
-    mae_cnn, akl = tokenizer_folders(cfg, "mae-cnn")[-1], tokenizer_folders(cfg, "autoencoderkl")[-1]
+    if only is not None and zoo is None:
+        import g3n_zoo
+
+        zoo = g3n_zoo.root()
+
+    def table5_arm(r: Path, name: str) -> Path:
+        """The tokenizer Table 5 scores: this run's last stage, or the zoo's when ``only`` keeps it."""
+        if only is None or name in only:
+            return r / tokenizer_folders(cfg, name)[-1] / "tokenizer.safetensors"
+        return zoo / name / "tokenizer.safetensors"
 
     def train_tokenizer(r: Path, out: str, kind: str, config: str, init: str | None = None) -> list[str]:
         """g3n-tokenizer train into ``out`` (mae-cnn: around the run's MAE; ``init``: a stage's folder to start from)."""
@@ -162,9 +187,10 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
                  external=[zoo_file(cfg.baseline_tokenizer_stage2_config)])] if cfg.baseline_tokenizer_stage2_config else []),
         Stage("tokenizers", "the two tokenizers side by side on the held-out split (g3n-eval tokenizers)",
               ["tokenizers/tokenizers.json"], lambda r: [
-            ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(r / mae_cnn / "tokenizer.safetensors"),
-             "--arm", "AutoencoderKL", "autoencoderkl", s(r / akl / "tokenizer.safetensors"),
-             "--volumes", s(r / "volumes"), "--heldout", s(r / "volumes-test"), "--out", s(r / "tokenizers")]]),
+            ["g3n_eval.cli", "tokenizers", "--arm", "MAE-CNN c=32", "mae-cnn", s(table5_arm(r, "mae-cnn")),
+             "--arm", "AutoencoderKL", "autoencoderkl", s(table5_arm(r, "autoencoderkl")),
+             "--volumes", s(r / "volumes"), "--heldout", s(r / "volumes-test"), "--out", s(r / "tokenizers")]],
+              external=[table5_arm(cfg.run_dir, n) for n in ("mae-cnn", "autoencoderkl") if only is not None and n not in only]),
         # g3n-dit train continues from its last checkpoint by itself: a killed stage keeps it (resumable)
         Stage("dit", f"conditional flow-matching DiT, {cfg.dit_preset} preset (g3n-dit train)", ["dit"], resumable=True,
               commands=lambda r: [
@@ -176,11 +202,14 @@ def build_zoo_stages(cfg: ZooConfig) -> list[Stage]:
              "--preset", cfg.bridge_preset, "--config", s(zoo_file(cfg.bridge_config)), "--max-steps",
              str(cfg.bridge_steps), "--seed", seed]], external=[zoo_file(cfg.bridge_config)]),
     ]
+    if only is not None:
+        need = {*COHORT_STAGES, *(st for m in only for st in MODEL_STAGES[m])}
+        stages = [st for st in stages if st.name in need or (st.name == "mae-data" and "mae" in need)]
     return stages
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .zoo_pack import MODELS, pack  # zoo_pack imports this module
+    from .zoo_pack import check_links, pack  # zoo_pack imports this module
 
     p = argparse.ArgumentParser(prog="g3n-zoo-build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,26 +220,39 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the last stage, write the models into ZOO_DIR (default: the g3n-zoo package's weights "
                         "folder, i.e. replace the shipped models)")
     p.add_argument("--only", nargs="+", choices=MODELS, metavar="MODEL",
-                   help=f"with --pack: write only these models ({', '.join(MODELS)}), keeping the others as they are")
+                   help=f"with --pack: train and write only these models ({', '.join(MODELS)}); the others stay as "
+                        "they are in ZOO_DIR, and Table 5 scores a kept tokenizer from there. A model must be rebuilt "
+                        "with the one it is trained on (a new mae needs a new mae-cnn, dit and bridge)")
     a = p.parse_args(argv)
+    if a.only and a.pack is None:
+        p.error("--only goes with --pack")
     cfg = ZooConfig.model_validate(config_data(a.config, a.run_dir))
     cfg = cfg.model_copy(update={"run_dir": cfg.run_dir.resolve()})
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(cfg.run_dir / "zoo-config.json", cfg.model_dump_json(indent=2).encode())
-    stages = build_zoo_stages(cfg)
+    zoo, only = None, set(a.only) if a.only else None
+    if a.pack is not None:
+        import g3n_zoo
+
+        zoo = g3n_zoo.root() if str(a.pack) == "-" else a.pack.resolve()
+    stages = build_zoo_stages(cfg, only, zoo)
     names = [st.name for st in stages]
     if a.until is not None and a.until not in names:
         p.error(f"--until: unknown stage {a.until!r}; stages: {', '.join(names)}")
-    if a.only and a.pack is None:
-        p.error("--only goes with --pack")
+    if only is not None:
+        try:
+            check_links(cfg.run_dir, zoo, only)
+        except StageFailed as e:
+            p.error(str(e))
+        missing = [n for n in ("mae-cnn", "autoencoderkl") if "tokenizers" in names and n not in only
+                   and not (zoo / n / "tokenizer.safetensors").is_file()]
+        if missing:
+            p.error(f"--only: Table 5 scores the kept {missing[0]} from {zoo}, which has none; add {missing[0]} to --only")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg.run_dir / "zoo-config.json", cfg.model_dump_json(indent=2).encode())
     t = time.perf_counter()
     try:
         run_stages(cfg.run_dir, stages, until=a.until)
-        if a.pack is not None and a.until is None:
-            import g3n_zoo
-
-            dest = g3n_zoo.root() if str(a.pack) == "-" else a.pack
-            print(f"packed into {pack(cfg, dest, set(a.only) if a.only else None)}")
+        if zoo is not None and a.until is None:
+            print(f"packed into {pack(cfg, zoo, only)}")
     except StageFailed as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

@@ -13,13 +13,14 @@ import shlex
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
 from . import train_split
 from .runner import Stage, StageFailed
-from .zoo_build import MAE_DATA, MAE_EXTRA_PREFIX, ZooConfig, build_zoo_stages, tokenizer_folders
+from .zoo_build import MAE_DATA, MAE_EXTRA_PREFIX, MODELS, UPSTREAM, ZooConfig, build_zoo_stages, tokenizer_folders
 
 
 def machine_description() -> str:
@@ -160,8 +161,48 @@ def _tail_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-#: the shipped models, by name
-MODELS = ("mae", "mae-cnn", "autoencoderkl", "dit", "bridge")
+#: where a run keeps what a model downstream (UPSTREAM) was trained on, the same model's file in a
+#: zoo, and which of its tensors that training saw (the MAE-CNN's latents do not depend on its decoder)
+_LINKS: dict[str, tuple[str, str, Callable[[str], bool]]] = {
+    "mae": ("mae/export/model.safetensors", "mae/model.safetensors", lambda k: True),
+    "mae-cnn": ("tokenizer/tokenizer.safetensors", "mae-cnn/tokenizer.safetensors",
+                lambda k: not k.startswith("head.decoder.")),
+}
+
+
+def _same_as_packed(run_file: Path, zoo_file: Path, keys: Callable[[str], bool]) -> bool:
+    """Whether a run's weights are the zoo's, as packing them would store them (fp16 where the zoo has fp16)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_file), framework="pt") as a, safe_open(str(zoo_file), framework="pt") as b:
+        names = [k for k in a.keys() if keys(k)]
+        if sorted(names) != sorted(k for k in b.keys() if keys(k)):
+            return False
+        for k in names:
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            if x.shape != y.shape or not bool((x.to(y.dtype) == y).all()):
+                return False
+    return True
+
+
+def check_links(run: Path, zoo: Path, only: Collection[str]) -> None:
+    """Refuse an ``only`` that would leave the zoo with models of two runs that do not fit together:
+    where a model is packed from this run and the one it was trained on (UPSTREAM) is kept from the
+    zoo, or the other way round, this run's upstream model must be the zoo's, tensor for tensor as
+    packed. A run that has not trained it yet fails too: what it trains will not be the zoo's."""
+    for down, up in UPSTREAM.items():
+        if (down in only) == (up in only):
+            continue
+        rebuilt, kept = (down, up) if down in only else (up, down)
+        run_file, zoo_rel, keys = _LINKS[up]
+        if not (zoo / kept).is_dir() or not (zoo / zoo_rel).is_file():
+            continue  # nothing kept to disagree with
+        if (run / run_file).is_file() and _same_as_packed(run / run_file, zoo / zoo_rel, keys):
+            continue
+        state = "differs from" if (run / run_file).is_file() else "(not trained yet) will differ from"
+        why = (f"this run's {down} is trained on this run's {up}, which {state} the zoo's" if down in only else
+               f"the zoo's {down} is trained on the zoo's {up}, and this run's {up} {state} it")
+        raise StageFailed(f"--only {' '.join(sorted(only))}: {why}; add {kept} to --only")
 
 
 def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
@@ -175,6 +216,8 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     if unknown:
         raise StageFailed(f"--only: unknown model(s) {', '.join(unknown)}; models: {', '.join(MODELS)}")
     run = cfg.run_dir.resolve()
+    if only is not None:
+        check_links(run, dest, only)
     stages = {st.name: st for st in build_zoo_stages(cfg.model_copy(update={"run_dir": run}))}
     data = _data(run, cfg)
     machine, built = machine_description(), datetime.now(timezone.utc).strftime("%Y-%m-%d")
