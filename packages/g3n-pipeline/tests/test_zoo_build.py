@@ -112,7 +112,7 @@ def test_only_runs_the_stages_of_the_named_models(tmp_path):
     assert list(table5.external) == [zoo / "autoencoderkl" / "tokenizer.safetensors"]
 
 
-def test_only_refuses_a_zoo_of_models_that_do_not_fit_together(built, tmp_path):
+def test_only_refuses_a_zoo_of_models_that_do_not_fit_together(built, tmp_path, capsys):
     """A model is rebuilt with the one it is trained on (UPSTREAM), unless this run's is the zoo's."""
     run, zoo = built
     zoo_pack.check_links(run, zoo, {"mae-cnn", "dit", "bridge"})  # this run's MAE is the zoo's: fine
@@ -136,8 +136,10 @@ def test_only_refuses_a_zoo_of_models_that_do_not_fit_together(built, tmp_path):
     with pytest.raises(zoo_build.StageFailed, match="which differs from the zoo's; add mae to --only"):
         zoo_pack.check_links(run, other, {"mae-cnn", "dit", "bridge"})
     zoo_pack.check_links(run, other, {"autoencoderkl"})  # no link to the MAE: nothing to check
-    with pytest.raises(SystemExit):  # the command refuses it before training anything
-        zoo_build.main(["--run-dir", str(run), "--pack", str(other), "--only", "dit", "bridge", "mae-cnn"])
+    for zoo_dir in (other, tmp_path / "nothing"):  # the command refuses before training anything
+        with pytest.raises(SystemExit):
+            zoo_build.main(["--run-dir", str(run), "--pack", str(zoo_dir), "--only", "dit", "bridge", "mae-cnn"])
+        assert "--only" in capsys.readouterr().err
 
 
 def test_only_rebuilds_one_tokenizer_and_scores_the_kept_one_from_the_zoo(built, tmp_path, capsys):

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.until is not None and a.until not in names:
         p.error(f"--until: unknown stage {a.until!r}; stages: {', '.join(names)}")
     if only is not None:
+        if not (zoo / "manifest.json").is_file():
+            p.error(f"--only keeps the other models of the zoo in {zoo}, and there is none; leave out --only to "
+                    "pack every model")
         try:
             check_links(cfg.run_dir, zoo, only)
         except StageFailed as e:
