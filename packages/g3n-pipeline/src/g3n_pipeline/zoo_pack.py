@@ -12,8 +12,8 @@ import platform
 import shlex
 import shutil
 from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any, Callable
 
 from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
@@ -193,13 +193,14 @@ def check_links(run: Path, zoo: Path, only: Collection[str]) -> None:
     for down, up in UPSTREAM.items():
         if (down in only) == (up in only):
             continue
-        rebuilt, kept = (down, up) if down in only else (up, down)
+        kept = up if down in only else down
         run_file, zoo_rel, keys = _LINKS[up]
         if not (zoo / kept).is_dir() or not (zoo / zoo_rel).is_file():
             continue  # nothing kept to disagree with
-        if (run / run_file).is_file() and _same_as_packed(run / run_file, zoo / zoo_rel, keys):
+        trained = (run / run_file).is_file()
+        if trained and _same_as_packed(run / run_file, zoo / zoo_rel, keys):
             continue
-        state = "differs from" if (run / run_file).is_file() else "(not trained yet) will differ from"
+        state = "differs from" if trained else "(not trained yet) will differ from"
         why = (f"this run's {down} is trained on this run's {up}, which {state} the zoo's" if down in only else
                f"the zoo's {down} is trained on the zoo's {up}, and this run's {up} {state} it")
         raise StageFailed(f"--only {' '.join(sorted(only))}: {why}; add {kept} to --only")
