@@ -18,8 +18,8 @@ from g3n_pipeline import zoo_build, zoo_pack
 from g3n_pipeline.demo import DemoConfig, build_stages
 from g3n_pipeline.runner import _fingerprint
 
-SMALL = dict(subjects=24, real=False, mae_steps=2, mae_extra_subjects=3, tokenizer_epochs=1, tokenizer_steps_per_epoch=1,
-             dit_steps=2, bridge_steps=2)
+SMALL = dict(subjects=24, real=False, mae_steps=2, mae_extra_subjects=3, mae_seeds=[2025, 7], mae_val_subjects=40,
+             tokenizer_epochs=1, tokenizer_steps_per_epoch=1, dit_steps=2, bridge_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,25 @@ def test_pack_writes_a_zoo_that_verifies_with_complete_cards(built, monkeypatch)
     mae, dit = g3n_zoo.get("mae").card, g3n_zoo.get("dit").card
     assert mae["data"]["set"].startswith("volumes-mae:") and "3 more synthetic subjects drawn with seed 4242" in mae["data"]["set"]
     assert dit["data"]["set"].startswith("volumes-train:") and mae["data"]["subjects"] == dit["data"]["subjects"] + 3
-    assert "--subject-prefix pre" in mae["command"][0] and "--data '$RUN/volumes-mae'" in mae["command"][2]
+    assert "--subject-prefix pre" in mae["command"][0]
+    # two candidates (seeds 2025 and 7), chosen on 40 validation subjects; the card shows both and the rule
+    sel = mae["selection"]
+    assert [c["name"] for c in sel["candidates"]] == ["mae-s2025", "mae-s7"] and sel["kept"] in ("mae-s2025", "mae-s7")
+    assert sel["validation"]["set"].startswith("40 synthetic subjects drawn with seed 9001") and "shortfall" in sel["rule"]
+    assert set(sel["raw"]) == {"brain_age", "disease"}
+    kept_seed = sel["kept"].removeprefix("mae-s")
+    assert json.loads((zoo / "mae" / "config.json").read_text())["train"]["seed"] == int(kept_seed)
+    assert any("--subject-prefix val" in c for c in mae["command"])
+    assert any("--data '$RUN/volumes-mae'" in c and f"--seed {kept_seed} " in c for c in mae["command"])
+    assert mae["command"][-1].startswith("python -m g3n_pipeline.mae_select --raw '$RUN/mae-val/probe-raw'")
+    md = (zoo / "mae" / "card.md").read_text()
+    assert "chosen among 2 candidates" in md and f"{sel['kept']} |" in md and "<- kept" in md
     with pytest.raises(ValueError, match="mae_extra_seed must differ"):
         zoo_build.ZooConfig(mae_extra_subjects=3, mae_extra_seed=2025)
+    with pytest.raises(ValueError, match="mae_val_seed"):
+        zoo_build.ZooConfig(mae_seeds=[1, 2], mae_val_seed=2025)
+    with pytest.raises(ValueError, match="repeats a seed"):
+        zoo_build.ZooConfig(mae_seeds=[1, 1])
     # Table 5 in kind beside the baseline: both tokenizers, scored on the held-out split
     t5 = json.loads((zoo / "autoencoderkl" / "table5.json").read_text())
     assert [r["tokenizer"] for r in t5["results"]["rows"]] == ["MAE-CNN c=32", "AutoencoderKL"]
@@ -103,7 +119,8 @@ def test_only_runs_the_stages_of_the_named_models(tmp_path):
     names = lambda only: [st.name for st in zoo_build.build_zoo_stages(cfg, only, zoo)]  # noqa: E731
     assert names(None) == names(set(zoo_build.MODELS))
     assert names({"mae", "mae-cnn", "dit", "bridge"}) == [
-        "synth", "cohort", "mae-data", "mae", "tokenizer", "tokenizer-decoder", "tokenizers", "dit", "bridge"]
+        "synth", "cohort", "mae-data", "mae-val", "mae-s2025", "mae-s7", "mae", "tokenizer", "tokenizer-decoder",
+        "tokenizers", "dit", "bridge"]
     assert names({"autoencoderkl"}) == ["synth", "cohort", "tokenizer-baseline", "tokenizer-baseline-2", "tokenizers"]
     table5 = {st.name: st for st in zoo_build.build_zoo_stages(cfg, {"mae", "mae-cnn"}, zoo)}["tokenizers"]
     argv = table5.commands(cfg.run_dir)[0]

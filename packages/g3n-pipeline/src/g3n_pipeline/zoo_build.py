@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from g3n_shards import atomic_write_bytes
 
+from . import mae_select
 from .demo import DemoConfig, build_stages
 from .demo_inputs import zoo_file as zoo_file  # re-exported: zoo_build.zoo_file was public
 from .runner import Stage, StageFailed, config_data, run_stages
@@ -45,6 +46,8 @@ COHORT_STAGES = ("synth", "real", "cohort")
 MAE_DATA = "volumes-mae"
 #: the extra subjects' ID prefix (pre00000, ...): their keys must not collide with the cohort's syn00000, ...
 MAE_EXTRA_PREFIX = "pre"
+#: the validation subjects' ID prefix (val00000, ...), when the MAE is chosen among seeds (ZooConfig.mae_seeds)
+MAE_VAL_PREFIX = "val"
 #: the shipped models, by name
 MODELS = ("mae", "mae-cnn", "autoencoderkl", "dit", "bridge")
 #: the stages each model needs besides the cohort's (and mae-data with the MAE): `--only` runs no others
@@ -75,6 +78,14 @@ class ZooConfig(BaseModel):
         f"mae_extra_seed, named {MAE_EXTRA_PREFIX}00000, ...; 0: the train split alone")
     mae_extra_seed: int = Field(4242, description="seed of the extra subjects (must differ from seed: the same seed "
                                 "would draw the cohort's own subjects again, its test split among them)")
+    mae_seeds: list[int] = Field(
+        default_factory=list, description="train one MAE candidate per seed (each its own resumable stage, mae-s<SEED>) "
+        "and keep the one the probe panel scores best on a validation set of new synthetic subjects (mae_select.py); "
+        "empty: one MAE, trained with seed")
+    mae_val_subjects: int = Field(200, ge=40, description="synthetic subjects of the validation set the MAE candidates "
+                                  "are chosen on (with mae_seeds)")
+    mae_val_seed: int = Field(9001, description="seed of the validation subjects (named val00000, ...): it must differ "
+                              "from seed and mae_extra_seed, so that no model trained on them")
     tokenizer_config: str = Field("tokenizer-mae-cnn.yaml", description="MAE-CNN training config (g3n_pipeline/zoo/)")
     tokenizer_epochs: int | None = Field(None, ge=1, description="override the config's max_epochs")
     tokenizer_steps_per_epoch: int | None = Field(None, ge=1, description="override the config's steps_per_epoch")
@@ -97,6 +108,13 @@ class ZooConfig(BaseModel):
         if self.mae_extra_subjects and self.mae_extra_seed == self.seed:
             raise ValueError(f"mae_extra_seed must differ from seed ({self.seed}): the same seed draws the demo "
                              "cohort's subjects again, test split included")
+        if self.mae_seeds:
+            if len(set(self.mae_seeds)) != len(self.mae_seeds):
+                raise ValueError(f"mae_seeds repeats a seed: {self.mae_seeds}")
+            trained = {self.seed, *([self.mae_extra_seed] if self.mae_extra_subjects else [])}
+            if self.mae_val_seed in trained:
+                raise ValueError(f"mae_val_seed ({self.mae_val_seed}) must differ from seed and mae_extra_seed: the "
+                                 "validation subjects would be subjects a model trained on")
         return self
 
 
@@ -159,12 +177,20 @@ def build_zoo_stages(cfg: ZooConfig, only: Collection[str] | None = None, zoo: P
                 ["g3n_shards.cli", "merge", s(r / MAE_DATA), s(r / "volumes-train"), s(r / "volumes-extra"),
                  "--overwrite"]]))
     mae_data = MAE_DATA if cfg.mae_extra_subjects else "volumes-train"
+
+    def train_mae(r: Path, folder: str, mae_seed: int) -> list[list[str]]:
+        return [["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / mae_data), "--run-dir", s(r / folder),
+                 "--steps", str(cfg.mae_steps), "--warmup", str(min(cfg.mae_warmup, cfg.mae_steps)), "--engine", "torch",
+                 "--seed", str(mae_seed), "--no-tensorboard", "--norm-pix-loss", "--log-every", "50", "--ckpt-every",
+                 "500", "--keep-last", "2", "--resume"],
+                ["g3n_mae.cli", "export", s(r / folder), s(r / folder / "export")]]
+
+    if not cfg.mae_seeds:
+        stages.append(Stage("mae", "3D MAE pretraining, tiny preset (g3n-mae train, export)", ["mae/export"],
+                            lambda r: train_mae(r, "mae", cfg.seed)))
+    else:
+        stages += mae_candidate_stages(cfg, train_mae, demo.workers)
     stages += [
-        Stage("mae", "3D MAE pretraining, tiny preset (g3n-mae train, export)", ["mae/export"], lambda r: [
-            ["g3n_mae.cli", "train", "--preset", "tiny", "--data", s(r / mae_data), "--run-dir", s(r / "mae"),
-             "--steps", str(cfg.mae_steps), "--warmup", str(min(cfg.mae_warmup, cfg.mae_steps)), "--engine", "torch", "--seed", seed, "--no-tensorboard",
-             "--norm-pix-loss", "--log-every", "50", "--ckpt-every", "500", "--keep-last", "2", "--resume"],
-            ["g3n_mae.cli", "export", s(r / "mae"), s(r / "mae" / "export")]]),
         Stage("tokenizer", "MAE-CNN tokenizer, tiny preset (g3n-tokenizer train, encode)",
               ["tokenizer/tokenizer.safetensors", "latents-train"], lambda r: [
             train_tokenizer(r, "tokenizer", "mae-cnn", cfg.tokenizer_config),
@@ -204,7 +230,52 @@ def build_zoo_stages(cfg: ZooConfig, only: Collection[str] | None = None, zoo: P
     ]
     if only is not None:
         need = {*COHORT_STAGES, *(st for m in only for st in MODEL_STAGES[m])}
-        stages = [st for st in stages if st.name in need or (st.name == "mae-data" and "mae" in need)]
+        stages = [st for st in stages if st.name in need or (st.name.startswith("mae-") and "mae" in need)]
+    return stages
+
+
+def mae_candidate_folders(cfg: ZooConfig) -> list[str]:
+    """The run folders of the MAE candidates (``mae-s<SEED>``), one per seed of ``mae_seeds``."""
+    return [f"mae-s{seed}" for seed in cfg.mae_seeds]
+
+
+def mae_candidate_stages(cfg: ZooConfig, train_mae: Callable[[Path, str, int], list[list[str]]],
+                         workers: int) -> list[Stage]:
+    """With ``mae_seeds``: the validation set and the raw voxels' probe panel on it (``mae-val``), one
+    stage per candidate (train, export, encode the validation set, probe panel: ``mae-s<SEED>``), and
+    the ``mae`` stage that keeps the best by mae_select.py's rule in ``mae/export``."""
+    from g3n_mae.config import preset as mae_preset
+
+    s = str
+    width = mae_preset("tiny").model.embed_dim  # the raw voxels are reduced to the encoder's width, as in the demo
+    tasks = ",".join(t for t, _, _ in mae_select.TASKS.values())
+    stages = [Stage(
+        "mae-val", f"the MAE candidates' validation set: {cfg.mae_val_subjects} new synthetic subjects (seed "
+        f"{cfg.mae_val_seed}), and the raw voxels' probe panel on it (g3n-data synth, g3n-eval raw-features, g3n-probe run)",
+        ["mae-val/volumes", "mae-val/probe-raw"], lambda r: [
+            ["g3n_data.cli", "synth", "--out", s(r / "mae-val" / "volumes"), "--subjects", str(cfg.mae_val_subjects),
+             "--seed", str(cfg.mae_val_seed), "--subject-prefix", MAE_VAL_PREFIX, "--geometry", "demo",
+             "--workers", str(workers), "--overwrite"],
+            ["g3n_eval.cli", "raw-features", "--volumes", s(r / "mae-val" / "volumes"), "--out",
+             s(r / "mae-val" / "raw-voxels")],
+            ["g3n_probe.cli", "run", s(r / "mae-val" / "raw-voxels"), "--out", s(r / "mae-val" / "probe-raw"),
+             "--name", f"raw voxels (PCA {width})", "--pca", str(width), "--tasks", tasks, "--quiet"]],
+        owns=["mae-val"])]
+    for seed, folder in zip(cfg.mae_seeds, mae_candidate_folders(cfg)):
+        stages.append(Stage(
+            folder, f"MAE candidate, seed {seed}: pretraining as the mae stage, then the probe panel on the validation "
+            "set (g3n-mae train, export, encode; g3n-probe run)", [f"{folder}/export", f"{folder}/probe-val"],
+            lambda r, folder=folder, seed=seed: [
+                *train_mae(r, folder, seed),
+                ["g3n_mae.cli", "encode", s(r / folder / "export"), "--volumes", s(r / "mae-val" / "volumes"),
+                 "--out", s(r / folder / "tokens-val"), "--store", "mean", "--overwrite"],
+                ["g3n_probe.cli", "run", s(r / folder / "tokens-val"), "--out", s(r / folder / "probe-val"),
+                 "--name", f"MAE seed {seed}", "--tasks", tasks, "--quiet"]]))
+    stages.append(Stage(
+        "mae", f"the MAE kept: of {len(cfg.mae_seeds)} candidates, the best on the validation set beside the raw voxels "
+        "(g3n_pipeline.mae_select)", ["mae/export", "mae/selection.json"], lambda r: [
+            ["g3n_pipeline.mae_select", "--raw", s(r / "mae-val" / "probe-raw"), "--out", s(r / "mae"),
+             *(s(r / f) for f in mae_candidate_folders(cfg))]]))
     return stages
 
 

@@ -20,7 +20,8 @@ from g3n_shards import ShardSet, atomic_write_bytes, file_sha256
 
 from . import train_split
 from .runner import Stage, StageFailed
-from .zoo_build import MAE_DATA, MAE_EXTRA_PREFIX, MODELS, UPSTREAM, ZooConfig, build_zoo_stages, tokenizer_folders
+from .zoo_build import (MAE_DATA, MAE_EXTRA_PREFIX, MAE_VAL_PREFIX, MODELS, UPSTREAM, ZooConfig, build_zoo_stages,
+                        mae_candidate_folders, tokenizer_folders)
 
 
 def machine_description() -> str:
@@ -125,6 +126,16 @@ def _data(run: Path, cfg: ZooConfig, name: str = "volumes-train") -> dict[str, A
             "subjects": len({(m.cohort, m.subject) for m in metas.values()})}
 
 
+def _selection(run: Path, cfg: ZooConfig) -> dict[str, Any]:
+    """The MAE's selection record (mae/selection.json) with the validation set it was made on."""
+    ss = ShardSet.open(run / "mae-val" / "volumes")
+    metas = ss.metadata()
+    return {"validation": {"set": f"{cfg.mae_val_subjects} synthetic subjects drawn with seed {cfg.mae_val_seed} "
+                           f"({MAE_VAL_PREFIX}00000, ...): no model trained on them, none is in the demo's test split",
+                           "digest": ss.digest, "volumes": len(metas)},
+            **json.loads((run / "mae" / "selection.json").read_text())}
+
+
 def _write_card(folder: Path, card: dict[str, Any]) -> None:
     from g3n_zoo import INTENDED_USE
 
@@ -145,10 +156,21 @@ def _write_card(folder: Path, card: dict[str, Any]) -> None:
              f"- weights: {card['weights']['dtype']} (largest relative round-trip error of a tensor "
              f"{card['weights']['max_relative_roundtrip_error']:.1e}; kept in fp32, their values too small for fp16: "
              f"{', '.join(card['weights']['kept_fp32']) or 'none'})",
+             *(_selection_lines(card["selection"]) if card.get("selection") else []),
              "- config: `config.json`", "",
              "Rebuild every shipped model from scratch with `uv run g3n-zoo-build --pack` (hours on CPU). This model's "
              "commands in that run (`$RUN` = its run folder):", "", "```", *card["command"], "```", ""]
     atomic_write_bytes(folder / "card.md", "\n".join(lines).encode())
+
+
+def _selection_lines(sel: dict[str, Any]) -> list[str]:
+    """The card's account of how the MAE was chosen: the rule, then one line per candidate."""
+    from .mae_select import table
+
+    return [f"- chosen among {len(sel['candidates'])} candidates (one seed each) on a validation set, "
+            f"{sel['validation']['set']}; {sel['validation']['volumes']} volumes, digest "
+            f"`{sel['validation']['digest']}`. Rule: {sel['rule']}", "", "  ```",
+            *(f"  {line}" for line in table(sel)), "  ```", ""]
 
 
 def _tail_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
@@ -228,12 +250,13 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
     entries: dict[str, ModelEntry] = {}
 
     def card(name: str, title: str, stage_pkg: str, load: str, stage: str | tuple[str, ...], steps: int,
-             minutes: float | None, final: dict, weights: dict, trained_on: dict[str, Any] | None = None) -> None:
+             minutes: float | None, final: dict, weights: dict, trained_on: dict[str, Any] | None = None,
+             **extra: Any) -> None:
         _write_card(staging / name, {
             "name": name, "title": title, "stage": stage_pkg, "load": load, "data": trained_on or data,
             "training": {"steps": steps, "wall_minutes": minutes, "machine": machine, "built": built, "final": final},
             "weights": weights, "command": [c for st in ((stage,) if isinstance(stage, str) else stage)
-                                            for c in _command(stages[st], run)]})
+                                            for c in _command(stages[st], run)], **extra})
 
     def want(name: str) -> bool:
         return only is None or name in only
@@ -255,10 +278,13 @@ def pack(cfg: ZooConfig, dest: Path, only: set[str] | None = None) -> Path:
         card("mae", f"3D MAE, {mcfg.get('preset') or 'custom'} preset ({'x'.join(map(str, m['img_size']))} voxels, "
              f"{'x'.join(map(str, m['patch_size']))} patches, {grid[0] * grid[1] * grid[2]} tokens, width "
              f"{m['embed_dim']}, depth {m['depth']})", "g3n-mae", "model.safetensors",
-             ("mae-data", "mae") if cfg.mae_extra_subjects else "mae", mcfg["train"]["total_steps"],
+             (*(["mae-data"] if cfg.mae_extra_subjects else []),
+              *(["mae-val", *mae_candidate_folders(cfg)] if cfg.mae_seeds else []), "mae"),
+             mcfg["train"]["total_steps"],
              _rate_minutes(run / "mae" / "metrics.jsonl", mcfg["train"]["batch_size"], "volumes_per_s"),
              _tail_metrics(run / "mae" / "metrics.jsonl", ("loss",)), w,
-             trained_on=_data(run, cfg, MAE_DATA) if cfg.mae_extra_subjects else None)
+             trained_on=_data(run, cfg, MAE_DATA) if cfg.mae_extra_subjects else None,
+             **({"selection": _selection(run, cfg)} if cfg.mae_seeds else {}))
 
     def tokenizer(name: str, title: Callable[[dict], str]) -> None:
         """A tokenizer: the best epoch by validation loss of its last training stage (each later
