@@ -3,9 +3,11 @@
 The models are trained on the demo cohort's **train split only** (the same synthetic cohort, IXI
 volumes, seed and subject-level split as `g3n-demo`), each with the stage's own command, for as
 long as they need on a CPU (hours). The MAE may pretrain on more: `mae_extra_subjects` adds
-synthetic subjects drawn with another seed (new subjects, never the demo's test split). The run
-folder works like the demo's: each stage leaves a marker, a re-run skips finished stages, and a
-killed trainer resumes from its last checkpoint.
+synthetic subjects drawn with another seed (new subjects, never the demo's test split), and
+`mae_seeds` trains one MAE per seed and keeps the best on a validation set of new subjects
+(mae_select.py), as one seed's brain age is a draw. The run folder works like the demo's: each
+stage leaves a marker, a re-run skips finished stages, and a killed trainer resumes from its last
+checkpoint.
 
     cohort (as g3n-demo) ─▶ volumes-train ─▶ mae ─▶ tokenizer (MAE-CNN) ─▶ latents-train ─▶ dit
                                    │                    │                         └──▶ bridge
