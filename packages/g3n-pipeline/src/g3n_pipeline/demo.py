@@ -133,10 +133,19 @@ def _lr(flag: str, value: float | None) -> list[str]:
     return [flag, repr(value)] if value is not None else []
 
 
+def raw_voxel_baseline(volumes: Path, out: Path, tasks: str) -> list[list[str]]:
+    """The encoder's raw-voxel baseline: downsampled voxels (``out/raw-voxels``) through the probe
+    panel (``out/probe-raw``), reduced by PCA in each fold to the tiny encoder's width, so both
+    probes see as many features."""
+    width = mae_preset("tiny").model.embed_dim
+    return [["g3n_eval.cli", "raw-features", "--volumes", str(volumes), "--out", str(out / "raw-voxels")],
+            ["g3n_probe.cli", "run", str(out / "raw-voxels"), "--out", str(out / "probe-raw"),
+             "--name", f"raw voxels (PCA {width})", "--pca", str(width), "--tasks", tasks]]
+
+
 def build_stages(cfg: DemoConfig) -> list[Stage]:
     s = str  # paths become command-line strings
     w = str(cfg.workers)
-    width = mae_preset("tiny").model.embed_dim  # the raw-voxel baseline is reduced to the encoder's width
     # the shipped models each training stage starts from (checked against the zoo's manifest)
     init = {} if cfg.from_scratch else {name: shipped(name) for name in ("mae", "mae-cnn", "dit", "bridge")}
     table5 = None if cfg.from_scratch else shipped_table5()
@@ -175,9 +184,7 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
         Stage("baselines", "the encoder's baselines through the same probes: raw voxels (g3n-eval raw-features, "
               "PCA in each fold) and the MAE at random initialisation", ["baselines/probe-raw", "baselines/probe-random"],
               lambda r: [
-            ["g3n_eval.cli", "raw-features", "--volumes", s(r / "volumes"), "--out", s(r / "baselines" / "raw-voxels")],
-            ["g3n_probe.cli", "run", s(r / "baselines" / "raw-voxels"), "--out", s(r / "baselines" / "probe-raw"),
-             "--name", f"raw voxels (PCA {width})", "--pca", str(width), "--tasks", BASELINE_TASKS],
+            *raw_voxel_baseline(r / "volumes", r / "baselines", BASELINE_TASKS),
             ["g3n_mae.cli", "untrained", s(r / "baselines" / "mae-random.safetensors"), "--preset", "tiny",
              "--seed", str(cfg.seed)],
             ["g3n_mae.cli", "encode", s(r / "baselines" / "mae-random.safetensors"), "--volumes", s(r / "volumes"),

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from g3n_shards import atomic_write_bytes
 
 from . import mae_select
-from .demo import DemoConfig, build_stages
+from .demo import DemoConfig, build_stages, raw_voxel_baseline
 from .demo_inputs import zoo_file as zoo_file  # re-exported: zoo_build.zoo_file was public
 from .runner import Stage, StageFailed, config_data, run_stages
 
@@ -246,10 +246,7 @@ def mae_candidate_stages(cfg: ZooConfig, train_mae: Callable[[Path, str, int], l
     """With ``mae_seeds``: the validation set and the raw voxels' probe panel on it (``mae-val``), one
     stage per candidate (train, export, encode the validation set, probe panel: ``mae-s<SEED>``), and
     the ``mae`` stage that keeps the best by mae_select.py's rule in ``mae/export``."""
-    from g3n_mae.config import preset as mae_preset
-
     s = str
-    width = mae_preset("tiny").model.embed_dim  # the raw voxels are reduced to the encoder's width, as in the demo
     tasks = ",".join(t for t, _, _ in mae_select.TASKS.values())
     stages = [Stage(
         "mae-val", f"the MAE candidates' validation set: {cfg.mae_val_subjects} new synthetic subjects (seed "
@@ -258,10 +255,7 @@ def mae_candidate_stages(cfg: ZooConfig, train_mae: Callable[[Path, str, int], l
             ["g3n_data.cli", "synth", "--out", s(r / "mae-val" / "volumes"), "--subjects", str(cfg.mae_val_subjects),
              "--seed", str(cfg.mae_val_seed), "--subject-prefix", MAE_VAL_PREFIX, "--geometry", "demo",
              "--workers", str(workers), "--overwrite"],
-            ["g3n_eval.cli", "raw-features", "--volumes", s(r / "mae-val" / "volumes"), "--out",
-             s(r / "mae-val" / "raw-voxels")],
-            ["g3n_probe.cli", "run", s(r / "mae-val" / "raw-voxels"), "--out", s(r / "mae-val" / "probe-raw"),
-             "--name", f"raw voxels (PCA {width})", "--pca", str(width), "--tasks", tasks, "--quiet"]],
+            *raw_voxel_baseline(r / "mae-val" / "volumes", r / "mae-val", tasks)],
         owns=["mae-val"])]
     for seed, folder in zip(cfg.mae_seeds, mae_candidate_folders(cfg)):
         stages.append(Stage(
